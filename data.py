@@ -1,0 +1,147 @@
+"""Training data: the embedded default corpus, text/directory/.bin inputs, and deterministic batches.
+
+Default corpus: the running interpreter's standard-library Python source, byte-level tokenized
+(vocab 256), split into train/validation by file (a stable hash of the relative path), cached as
+uint16 token files. Every batch is a pure function of (seed, step, split): the global batch is drawn
+from one generator and each rank slices its rows, so resume is exact and DP sharding reproduces the
+single-process global batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+BYTE_VOCAB = 256
+VAL_EVERY = 50  # one file in ~50 goes to validation
+
+
+class DataError(ValueError):
+    """Bad --data input; reported as one line and exit code 2."""
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # token ids (uint16)
+    val: np.ndarray
+    vocab_size: int
+    description: str
+
+
+def _is_val_file(rel_path: str) -> bool:
+    return zlib.crc32(rel_path.encode()) % VAL_EVERY == 0
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MINIMAL_MOE_CACHE", Path.home() / ".cache" / "minimal_moe"))
+
+
+def _atomic_save(path: Path, tokens: np.ndarray) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tokens.astype(np.uint16).tofile(tmp)
+    os.replace(tmp, path)  # several ranks may build the cache at once; the last rename wins, intact
+
+
+def _tokenize_files(root: Path, files: list) -> tuple[np.ndarray, np.ndarray]:
+    train, val = [], []
+    for f in files:
+        data = f.read_bytes()
+        if not data:
+            continue
+        (val if _is_val_file(f.relative_to(root).as_posix()) else train).append(data + b"\n")
+    to_tokens = lambda parts: np.frombuffer(b"".join(parts), dtype=np.uint8).astype(np.uint16)
+    return to_tokens(train), to_tokens(val)
+
+
+def stdlib_corpus() -> Corpus:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+    tag = hashlib.sha1((str(root) + sys.version + str(len(files))).encode()).hexdigest()[:12]
+    cache = _cache_dir() / f"stdlib-{tag}"
+    train_bin, val_bin = cache / "train.bin", cache / "val.bin"
+    if not (train_bin.exists() and val_bin.exists()):
+        cache.mkdir(parents=True, exist_ok=True)
+        train, val = _tokenize_files(root, files)
+        _atomic_save(val_bin, val)
+        _atomic_save(train_bin, train)
+    train = np.memmap(train_bin, dtype=np.uint16, mode="r")
+    val = np.memmap(val_bin, dtype=np.uint16, mode="r")
+    return Corpus(train, val, BYTE_VOCAB, f"Python {sys.version.split()[0]} standard library source "
+                  f"({len(files)} files, {len(train):,} train / {len(val):,} val byte tokens, cache {cache})")
+
+
+def _split_tail(tokens: np.ndarray, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    n_val = max(1, int(len(tokens) * frac))
+    return tokens[:-n_val], tokens[-n_val:]
+
+
+def load_corpus(path: Optional[str], vocab_size: Optional[int] = None) -> Corpus:
+    """path None: the standard-library corpus. A directory holding train.bin (and val.bin) or a single
+    .bin file: nanoGPT's uint16 tokens. Any other file, or a directory of text files: bytes."""
+    if path is None:
+        return stdlib_corpus()
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"--data {path}: no such file or directory (give a text file, a directory of text "
+                        f"files, or a uint16 .bin token file)")
+    if p.is_dir() and (p / "train.bin").is_file():
+        train = np.memmap(p / "train.bin", dtype=np.uint16, mode="r")
+        val = np.memmap(p / "val.bin", dtype=np.uint16, mode="r") if (p / "val.bin").is_file() else None
+        if val is None:
+            train, val = _split_tail(train)
+        corpus = Corpus(train, val, 0, f"uint16 tokens from {p}")
+    elif p.is_file() and p.suffix == ".bin":
+        if p.stat().st_size < 2 or p.stat().st_size % 2:
+            raise DataError(f"--data {path}: a .bin file must hold uint16 tokens (even, non-zero size)")
+        train, val = _split_tail(np.memmap(p, dtype=np.uint16, mode="r"))
+        corpus = Corpus(train, val, 0, f"uint16 tokens from {p}")
+    elif p.is_file():
+        data = np.frombuffer(p.read_bytes(), dtype=np.uint8).astype(np.uint16)
+        train, val = _split_tail(data)
+        corpus = Corpus(train, val, BYTE_VOCAB, f"bytes of {p}")
+    else:
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts))
+        train, val = _tokenize_files(p, files)
+        if len(val) == 0 or len(train) == 0:  # too few files to split by file: split the bytes
+            train, val = _split_tail(np.concatenate([train, val]))
+        corpus = Corpus(train, val, BYTE_VOCAB, f"bytes of {len(files)} files under {p}")
+    if len(corpus.train) == 0:
+        raise DataError(f"--data {path}: no data found (empty file or directory)")
+    if corpus.vocab_size == 0:  # token file: the vocabulary is the flag, or what the tokens need
+        needed = int(max(corpus.train.max(), corpus.val.max())) + 1
+        if vocab_size is not None and vocab_size < needed:
+            raise DataError(f"--vocab-size {vocab_size} is smaller than the largest token id + 1 ({needed}) in --data {path}")
+        corpus.vocab_size = vocab_size or ((needed + 63) // 64) * 64
+    return corpus
+
+
+def check_lengths(corpus: Corpus, seq_len: int, data_flag: Optional[str]) -> None:
+    for name, split in (("train", corpus.train), ("validation", corpus.val)):
+        if len(split) < seq_len + 2:
+            raise DataError(f"--data {data_flag or '(default corpus)'}: the {name} split has {len(split)} tokens, "
+                            f"fewer than --max-seq-length {seq_len} + 2")
+
+
+def batch_offsets(n_tokens: int, seq_len: int, global_batch: int, seed: int, step: int, split: str) -> torch.Tensor:
+    """Start offsets of the `global_batch` sequences of one step: a pure function of its arguments."""
+    split_id = 0 if split == "train" else 1
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step * 2 + split_id) % (2 ** 63))
+    return torch.randint(0, n_tokens - seq_len - 1, (global_batch,), generator=gen)
+
+
+def get_batch(tokens: np.ndarray, offsets: torch.Tensor, seq_len: int, device: torch.device):
+    """(inputs, targets) int64 [len(offsets), seq_len] on `device`."""
+    idx = offsets.numpy()[:, None] + np.arange(seq_len + 1)[None, :]
+    rows = torch.from_numpy(tokens[idx].astype(np.int64))
+    x, y = rows[:, :-1], rows[:, 1:]
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous(), y.contiguous()

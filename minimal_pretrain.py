@@ -1,0 +1,409 @@
+"""Minimal MoE pretraining: flags and the training loop.
+
+    python minimal_pretrain.py                       # one CPU or GPU, embedded default corpus
+    torchrun --nproc_per_node=8 minimal_pretrain.py --tensor-parallel-size 2 --pipeline-parallel-size 2
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from data import DataError, batch_offsets, check_lengths, get_batch, load_corpus
+from model import GPT, ModelConfig, count_parameters
+from moe_stats import StatsLayout, moe_metrics, pack_step_stats, reset_stats
+from parallel import (DataParallelGrads, LayoutError, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
+                      clip_grads_, destroy_topology, env_world_size, full_state_dict, grad_norm, init_topology,
+                      run_forward_only, run_schedule, stage_layer_ids)
+from run_log import RunLog, SinkError, check_sinks, console_line
+
+
+class ConfigError(ValueError):
+    """A bad flag value; reported as one line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Train a GPT-style Mixture-of-Experts model with hand-rolled DP/TP/EP/PP.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size; ignored by byte-level corpora (256), defaults to the tokens' need for .bin data")
+    m.add_argument("--hidden-size", type=int, default=128, help="model width d_model")
+    m.add_argument("--intermediate-size", type=int, default=512, help="dense SwiGLU FFN width")
+    m.add_argument("--num-layers", type=int, default=4, help="transformer layers")
+    m.add_argument("--num-attention-heads", type=int, default=4, help="query heads")
+    m.add_argument("--num-key-value-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
+    m.add_argument("--max-seq-length", type=int, default=128, help="sequence length of training samples")
+    m.add_argument("--dropout", type=float, default=0.0, help="dropout on embeddings, attention and residual branches")
+    e = p.add_argument_group("mixture of experts")
+    e.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (0 = dense model)")
+    e.add_argument("--num-experts-per-token", type=int, default=2, help="top-k experts per token")
+    e.add_argument("--moe-layer-interval", type=int, default=1,
+                   help="every N-th layer is MoE: layers N-1, 2N-1, ... (1 = all layers)")
+    e.add_argument("--expert-intermediate-size", type=int, default=None,
+                   help="expert SwiGLU FFN width (default: --intermediate-size)")
+    e.add_argument("--router-aux-loss-coef", type=float, default=0.01, help="Switch load-balancing loss coefficient")
+    e.add_argument("--router-z-loss-coef", type=float, default=0.001, help="router z-loss coefficient")
+    e.add_argument("--no-router-normalize-topk", dest="router_normalize_topk", action="store_false",
+                   help="use the raw softmax probabilities of the top-k experts as combine weights")
+    e.add_argument("--moe-expert-impl", choices=["auto", "grouped", "loop"], default="auto",
+                   help="expert GEMMs: torch._grouped_mm, a per-expert loop (syncs with the host), or auto")
+    t = p.add_argument_group("training")
+    t.add_argument("--micro-batch-size", type=int, default=None,
+                   help="sequences per microbatch per DP rank (default 8, or derived from --num-microbatches)")
+    t.add_argument("--global-batch-size", type=int, default=32, help="sequences per optimizer step, all DP ranks")
+    t.add_argument("--num-microbatches", type=int, default=None,
+                   help="microbatches per step per DP rank (gradient accumulation / pipeline microbatches); "
+                        "default global / (micro * DP)")
+    t.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
+    t.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate")
+    t.add_argument("--min-lr", type=float, default=3e-4, help="learning rate at the end of the cosine decay")
+    t.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps")
+    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
+    t.add_argument("--seed", type=int, default=1337, help="seed of initialisation, data order and dropout")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    t.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    t.add_argument("--data", default=None,
+                   help="text file, directory of text files, or uint16 .bin tokens (default: embedded stdlib corpus)")
+    par = p.add_argument_group("parallelism (under torchrun)")
+    par.add_argument("--tensor-parallel-size", type=int, default=1, help="TP size; expert parallelism uses the same group")
+    par.add_argument("--pipeline-parallel-size", type=int, default=1, help="PP stages")
+    par.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"], default="1f1b", help="pipeline schedule")
+    par.add_argument("--ddp-bucket-size-mb", type=float, default=25.0, help="DP gradient all-reduce bucket size")
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--log-interval", type=int, default=1, help="steps between log lines")
+    lg.add_argument("--eval-interval", type=int, default=100, help="steps between validation runs (0 = only at the end)")
+    lg.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (0 = no evaluation)")
+    lg.add_argument("--output-dir", default=None, help="run directory for config.json and metrics.jsonl (default runs/<time>)")
+    lg.add_argument("--moe-metrics", choices=["off", "brief", "detailed"], default="brief",
+                    help="MoE load statistics: off, the summary, or also per-layer metrics and the count matrix")
+    lg.add_argument("--moe-detailed-every", type=int, default=0,
+                    help="in brief mode, log the detailed MoE metrics every N steps (0 = never)")
+    lg.add_argument("--moe-histogram-every", type=int, default=50, help="expert-load histogram every N steps (wandb/TB)")
+    lg.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    lg.add_argument("--wandb-project", default="minimal-moe", help="wandb project")
+    lg.add_argument("--tensorboard", action="store_true", help="log to TensorBoard under <output-dir>/tensorboard")
+    lg.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def validate(args: argparse.Namespace, world_size: int) -> None:
+    """Every check that needs no work done; raises ConfigError/LayoutError naming the flag."""
+    def positive(*names):
+        for n in names:
+            v = getattr(args, n)
+            if v is not None and v <= 0:
+                raise ConfigError(f"--{n.replace('_', '-')} must be positive, got {v}")
+
+    def non_negative(*names):
+        for n in names:
+            v = getattr(args, n)
+            if v < 0:
+                raise ConfigError(f"--{n.replace('_', '-')} must be >= 0, got {v}")
+
+    positive("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads",
+             "max_seq_length", "micro_batch_size", "global_batch_size", "num_microbatches", "max_steps",
+             "learning_rate", "log_interval", "moe_layer_interval", "ddp_bucket_size_mb",
+             "expert_intermediate_size", "vocab_size")
+    non_negative("num_experts", "warmup_steps", "weight_decay", "grad_clip", "min_lr", "eval_interval",
+                 "eval_iters", "moe_detailed_every", "moe_histogram_every", "router_aux_loss_coef",
+                 "router_z_loss_coef")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ConfigError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.min_lr > args.learning_rate:
+        raise ConfigError(f"--min-lr {args.min_lr} must not exceed --learning-rate {args.learning_rate}")
+    if args.hidden_size % args.num_attention_heads:
+        raise ConfigError(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
+                          f"{args.num_attention_heads}")
+    if (args.hidden_size // args.num_attention_heads) % 2:
+        raise ConfigError(f"head size --hidden-size / --num-attention-heads = "
+                          f"{args.hidden_size // args.num_attention_heads} must be even (rotary embeddings)")
+    if args.num_attention_heads % args.num_key_value_heads:
+        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
+                          f"--num-key-value-heads {args.num_key_value_heads}")
+    if args.num_experts > 0:
+        if not 1 <= args.num_experts_per_token <= args.num_experts:
+            raise ConfigError(f"--num-experts-per-token must be between 1 and --num-experts {args.num_experts}, "
+                              f"got {args.num_experts_per_token}")
+        if args.moe_layer_interval > args.num_layers:
+            raise ConfigError(f"--moe-layer-interval {args.moe_layer_interval} exceeds --num-layers "
+                              f"{args.num_layers}: no layer would be MoE (use --num-experts 0 for a dense model)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    dp = check_layout(world_size, tp, pp)
+    if args.num_attention_heads % tp:
+        raise LayoutError(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
+                          f"--tensor-parallel-size {tp}")
+    if args.num_key_value_heads % tp:
+        raise LayoutError(f"--num-key-value-heads {args.num_key_value_heads} must be divisible by "
+                          f"--tensor-parallel-size {tp}")
+    if args.intermediate_size % tp:
+        raise LayoutError(f"--intermediate-size {args.intermediate_size} must be divisible by "
+                          f"--tensor-parallel-size {tp}")
+    if args.num_experts % tp:
+        raise LayoutError(f"--num-experts {args.num_experts} must be divisible by --tensor-parallel-size {tp} "
+                          f"(expert parallelism is tied to TP)")
+    if args.vocab_size is not None and args.vocab_size % tp:
+        raise LayoutError(f"--vocab-size {args.vocab_size} must be divisible by --tensor-parallel-size {tp}")
+    if args.num_layers < pp:
+        raise LayoutError(f"--num-layers {args.num_layers} must be at least --pipeline-parallel-size {pp}")
+
+    # Batch arithmetic: global = micro * microbatches * DP.
+    gbs, mbs, m = args.global_batch_size, args.micro_batch_size, args.num_microbatches
+    if gbs % dp:
+        raise ConfigError(f"--global-batch-size {gbs} must be divisible by the data-parallel size {dp}")
+    per_dp = gbs // dp
+    if mbs is None and m is None:
+        mbs = min(8, per_dp)
+    if mbs is None:
+        if per_dp % m:
+            raise ConfigError(f"--num-microbatches {m} must divide --global-batch-size / DP = {per_dp}")
+        mbs = per_dp // m
+    if per_dp % mbs:
+        raise ConfigError(f"--micro-batch-size {mbs} must divide --global-batch-size / DP = {per_dp} "
+                          f"(valid: {', '.join(str(d) for d in range(1, per_dp + 1) if per_dp % d == 0)})")
+    if m is not None and m != per_dp // mbs:
+        raise ConfigError(f"--num-microbatches {m} disagrees with --global-batch-size {gbs} / (--micro-batch-size "
+                          f"{mbs} x DP {dp}) = {per_dp // mbs}")
+    args.micro_batch_size, args.num_microbatches = mbs, per_dp // mbs
+    check_sinks(args.wandb, args.tensorboard)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    validate(args, env_world_size())
+    return args
+
+
+def model_config(args, vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_key_value_heads, max_seq_length=args.max_seq_length, dropout=args.dropout,
+        num_experts=args.num_experts, num_experts_per_token=args.num_experts_per_token,
+        moe_layer_interval=args.moe_layer_interval, expert_intermediate_size=args.expert_intermediate_size,
+        router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
+        router_normalize_topk=args.router_normalize_topk, moe_expert_impl=args.moe_expert_impl)
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warm-up to the peak, then cosine decay to --min-lr at --max-steps."""
+    if step < args.warmup_steps:
+        return args.learning_rate * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (args.learning_rate - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# Dense bf16 peak FLOP/s by GPU name (first match wins).
+PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
+
+
+def flops_per_token(cfg: ModelConfig, active_params: int) -> float:
+    """6 * (active parameters except the embedding table) + 12 * layers * d_model * seq_len (attention)."""
+    return 6 * (active_params - cfg.vocab_size * cfg.hidden_size) + 12 * cfg.num_layers * cfg.hidden_size * cfg.max_seq_length
+
+
+@dataclass
+class TrainResult:
+    losses: list = field(default_factory=list)  # LM loss of every optimizer step (rank 0)
+    records: list = field(default_factory=list)  # logged records (rank 0)
+    val_loss: Optional[float] = None
+    state_dict: Optional[dict] = None  # full unsharded parameters at the end (rank 0, if asked for)
+
+
+def train(args: argparse.Namespace, return_state: bool = False) -> TrainResult:
+    device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    topo = init_topology(args.tensor_parallel_size, args.pipeline_parallel_size, device_type)
+    try:
+        return _train(args, topo, precision, return_state)
+    finally:
+        destroy_topology()
+
+
+def _train(args, topo: Topology, precision: str, return_state: bool) -> TrainResult:
+    is_main = topo.rank == 0
+    say = print if is_main else (lambda *a, **k: None)
+    corpus = load_corpus(args.data, args.vocab_size)
+    check_lengths(corpus, args.max_seq_length, args.data)
+    if corpus.vocab_size % topo.tp:
+        raise LayoutError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
+    cfg = model_config(args, corpus.vocab_size)
+    layer_ids = stage_layer_ids(cfg.num_layers, topo.pp, topo.pp_rank)
+    model = GPT(cfg, topo, layer_ids, first=topo.is_first_stage, last=topo.is_last_stage)
+    model.init_weights(args.seed)
+    model.to(topo.device)
+    torch.manual_seed(args.seed + 100 * topo.pp_rank)  # dropout; TP ranks of a stage share it
+    if args.compile:
+        for blk in model.layers.values():
+            blk.compile()
+
+    total, active = count_parameters(cfg)
+    m, mbs, T = args.num_microbatches, args.micro_batch_size, args.max_seq_length
+    say(f"data: {corpus.description}")
+    say(f"topology: {topo.describe()}, {precision}, device {topo.device}")
+    say(f"layers: {cfg.layer_pattern()}  (M = MoE with {cfg.num_experts} experts, top-{cfg.num_experts_per_token}; D = dense)")
+    say(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token")
+    if topo.pp > 1:
+        say("pipeline stages: " + "; ".join(f"stage {s}: layers {stage_layer_ids(cfg.num_layers, topo.pp, s)}"
+                                            for s in range(topo.pp)) + f"; schedule {args.pipeline_schedule}")
+    say(f"batch: global {args.global_batch_size} = micro {mbs} x {m} microbatches x DP {topo.dp}, "
+        f"{args.global_batch_size * T:,} tokens per step")
+
+    params = [p for p in model.parameters()]
+    dp_grads = DataParallelGrads(params, topo, args.ddp_bucket_size_mb)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=topo.device.type == "cuda")
+    autocast = torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    comm = PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None
+    moe_layers = model.moe_layers()
+    layout = StatsLayout(cfg.moe_layer_ids() if args.moe_metrics != "off" else [], cfg.num_experts, m, topo.dp)
+    peak = peak_flops(topo.device, precision)
+    fpt = flops_per_token(cfg, active)
+    tokens_per_step = args.global_batch_size * T
+
+    run_log = None
+    if is_main:
+        out_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        run_log = RunLog(out_dir, {**vars(args), "model": cfg.to_dict(), "world_size": topo.world_size},
+                         args.wandb, args.wandb_project, args.tensorboard, args.moe_histogram_every)
+        say(f"logging to {out_dir}/metrics.jsonl")
+
+    def rank_batch(split: str, tokens, step: int):
+        offsets = batch_offsets(len(tokens), T, args.global_batch_size, args.seed, step, split)
+        per_dp = args.global_batch_size // topo.dp
+        mine = offsets[topo.dp_rank * per_dp:(topo.dp_rank + 1) * per_dp]
+        x, y = get_batch(tokens, mine, T, topo.device)
+        return x.split(mbs), y.split(mbs)
+
+    def evaluate() -> float:
+        model.eval()
+        total_loss = torch.zeros(2, device=topo.device)
+        with torch.no_grad(), autocast:
+            for it in range(args.eval_iters):
+                xs, ys = rank_batch("val", corpus.val, it)
+
+                def fwd(i, h):
+                    out, _ = model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
+                    if topo.is_last_stage:
+                        total_loss[0] += out.float()
+                        total_loss[1] += 1
+                    return out.float()
+                run_forward_only(m, fwd, comm, topo)
+        all_reduce_(total_loss, topo.pp_group)
+        all_reduce_(total_loss, topo.dp_group)
+        model.train()
+        return (total_loss[0] / total_loss[1]).item()
+
+    result = TrainResult()
+    progress = None
+    if is_main and not args.no_progress:
+        from tqdm import tqdm
+        progress = tqdm(total=args.max_steps, desc="train", dynamic_ncols=True, leave=False)
+    emit = progress.write if progress is not None else print
+    model.train()
+    last_log_time, last_log_step = time.perf_counter(), -1
+    for step in range(args.max_steps):
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        dp_grads.zero_grad()
+        reset_stats(moe_layers, enabled=args.moe_metrics != "off")
+        xs, ys = rank_batch("train", corpus.train, step)
+        lm_loss_sum = torch.zeros((), device=topo.device)
+
+        def forward(i, h):
+            nonlocal lm_loss_sum
+            with autocast:
+                out, moe_loss = model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
+            if topo.is_last_stage:
+                lm_loss_sum = lm_loss_sum + out.detach()
+                return out, (out + moe_loss) / m
+            return out.float(), moe_loss / m
+
+        def before_backward(i):
+            dp_grads.sync = i == m - 1  # all-reduce buckets during the last backward only
+
+        events = run_schedule(args.pipeline_schedule, m, StepFunctions(forward, before_backward), comm, topo)
+        dp_grads.finish()
+        norm = grad_norm(params, topo)
+        clip_grads_(params, norm, args.grad_clip)
+        optimizer.step()
+
+        if step % args.log_interval == 0 or step == args.max_steps - 1:
+            detailed = args.moe_metrics == "detailed" or (
+                args.moe_detailed_every > 0 and step % args.moe_detailed_every == 0)
+            flat = pack_step_stats(layout, moe_layers, lm_loss_sum if topo.is_last_stage else None, topo, events)
+            if is_main:
+                now = time.perf_counter()
+                tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_step = now, step
+                lm = layout.split(flat)["lm"].tolist()
+                metrics = moe_metrics(layout, flat, detailed)
+                rec = {"step": step, "loss": lm[0] / max(lm[1], 1),
+                       "aux_loss": metrics.get("moe/aux_loss_mean"), "z_loss": metrics.get("moe/z_loss_mean"),
+                       "lr": lr, "grad_norm": norm.item(), "tokens_per_sec": tps,
+                       "mfu": tps * fpt / (peak * topo.world_size) if peak else None, **metrics}
+                counts = layout.split(flat)["counts"].cpu().numpy() if run_log.wants_histogram(step) and layout.L else None
+                run_log.log(rec, counts)
+                result.records.append(rec)
+                result.losses.append(rec["loss"])
+                emit(console_line(rec))
+        if progress is not None:
+            progress.update(1)
+        if args.eval_iters > 0 and ((args.eval_interval > 0 and (step + 1) % args.eval_interval == 0)
+                                    or step == args.max_steps - 1):
+            val = evaluate()
+            result.val_loss = val
+            if is_main:
+                run_log.log({"step": step, "val_loss": val})
+                emit(f"step {step:>5d} | val loss {val:.4f}")
+            last_log_time = time.perf_counter()  # evaluation time is not training throughput
+    if progress is not None:
+        progress.close()
+    if return_state:
+        result.state_dict = full_state_dict(model, topo)
+    if run_log is not None:
+        run_log.close()
+    return result
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        train(args)
+    except (ConfigError, LayoutError, DataError, SinkError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""GPT-style decoder (RoPE, RMSNorm, GQA, SwiGLU) with dense or MoE feed-forward layers.
+
+A GPT instance is one pipeline stage: it holds the layers it is given (keyed by their global index, so
+parameter names are the same under every layout), the embedding if it is the first stage and the final
+norm, LM head and loss if it is the last. All splitting across TP ranks lives in the parallel layers.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_layers import SparseMoE
+from parallel import (ColumnParallelLinear, RowParallelLinear, Topology, VocabParallelEmbedding, full_shape,
+                      shard_of, vocab_parallel_cross_entropy)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_seq_length: int = 128
+    dropout: float = 0.0
+    num_experts: int = 8
+    num_experts_per_token: int = 2
+    moe_layer_interval: int = 1
+    expert_intermediate_size: Optional[int] = None  # None: same as intermediate_size
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    router_normalize_topk: bool = True
+    moe_expert_impl: str = "auto"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def expert_ffn_size(self) -> int:
+        return self.expert_intermediate_size or self.intermediate_size
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Every N-th layer is MoE: layers N-1, 2N-1, ... counting from 0."""
+        return self.num_experts > 0 and (i + 1) % self.moe_layer_interval == 0
+
+    def moe_layer_ids(self) -> list:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    def layer_pattern(self) -> str:
+        return " ".join("M" if self.is_moe_layer(i) else "D" for i in range(self.num_layers))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight.init_ones = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [b, h, T, hd]; rotates the two halves of each head."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention; heads and kv heads are split over TP ranks."""
+
+    def __init__(self, cfg: ModelConfig, topo: Topology, out_init_std: float):
+        super().__init__()
+        hd = cfg.head_dim
+        self.local_heads = cfg.num_attention_heads // topo.tp
+        self.local_kv_heads = cfg.num_key_value_heads // topo.tp
+        self.head_dim, self.dropout = hd, cfg.dropout
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd,
+                              cfg.num_key_value_heads * hd], topo)
+        self.proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, topo, out_init_std)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.local_heads * hd, self.local_kv_heads * hd, self.local_kv_heads * hd], -1)
+        q = q.view(b, t, self.local_heads, hd).transpose(1, 2)
+        k = k.view(b, t, self.local_kv_heads, hd).transpose(1, 2)
+        v = v.view(b, t, self.local_kv_heads, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.local_kv_heads != self.local_heads)
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.local_heads * hd))
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward, split over TP (column-parallel gate/up, row-parallel down)."""
+
+    def __init__(self, cfg: ModelConfig, topo: Topology, out_init_std: float):
+        super().__init__()
+        f = cfg.intermediate_size
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, [f, f], topo)
+        self.down = RowParallelLinear(f, cfg.hidden_size, topo, out_init_std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up), None
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, topo: Topology):
+        super().__init__()
+        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaling of residual projections
+        self.attn_norm = RMSNorm(cfg.hidden_size)
+        self.attn = Attention(cfg, topo, out_std)
+        self.ffn_norm = RMSNorm(cfg.hidden_size)
+        if cfg.is_moe_layer(layer_id):
+            self.ffn = SparseMoE(cfg.hidden_size, cfg.expert_ffn_size, cfg.num_experts, cfg.num_experts_per_token,
+                                 topo, cfg.router_aux_loss_coef, cfg.router_z_loss_coef, cfg.router_normalize_topk,
+                                 out_init_std=out_std, expert_impl=cfg.moe_expert_impl)
+        else:
+            self.ffn = MLP(cfg, topo, out_std)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin))
+        y, moe_loss = self.ffn(self.ffn_norm(x))
+        return x + self.drop(y), moe_loss
+
+
+class GPT(nn.Module):
+    """One pipeline stage of the model (the whole model when there is one stage)."""
+
+    def __init__(self, cfg: ModelConfig, topo: Topology, layer_ids: Optional[Sequence[int]] = None,
+                 first: bool = True, last: bool = True):
+        super().__init__()
+        self.cfg, self.topo, self.first, self.last = cfg, topo, first, last
+        layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
+        if first:
+            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, topo)
+            self.embed_drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, topo) for i in layer_ids})
+        if last:
+            self.norm = RMSNorm(cfg.hidden_size)
+            self.lm_head = ColumnParallelLinear(cfg.hidden_size, [cfg.vocab_size], topo)
+        cos, sin = rope_tables(cfg.max_seq_length, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def moe_layers(self) -> dict:
+        """{global layer index: SparseMoE} for the MoE layers of this stage."""
+        return {int(i): blk.ffn for i, blk in self.layers.items() if isinstance(blk.ffn, SparseMoE)}
+
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """First stage: x is token ids [b, T]; otherwise the hidden states [b, T, d].
+        Returns (hidden, moe_loss) or, on the last stage, (mean LM loss, moe_loss)."""
+        h = self.embed_drop(self.embed(x)) if self.first else x
+        moe_loss = torch.zeros((), device=h.device)
+        for blk in self.layers.values():
+            h, layer_loss = blk(h, self.rope_cos, self.rope_sin)
+            if layer_loss is not None:
+                moe_loss = moe_loss + layer_loss
+        if not self.last:
+            return h, moe_loss
+        logits = self.lm_head(self.norm(h))
+        loss = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), self.topo).mean()
+        return loss, moe_loss
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Each parameter's full tensor is drawn from a generator seeded by (seed, parameter name), and
+        this rank keeps its shard: initialisation does not depend on the layout."""
+        for name, p in self.named_parameters():
+            if getattr(p, "init_ones", False):
+                p.fill_(1.0)
+                continue
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            full = torch.empty(full_shape(p)).normal_(0.0, p.init_std, generator=gen)
+            p.copy_(shard_of(full, p, self.topo.tp_rank, self.topo.tp))
+
+
+def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameter counts of the full model, built on the meta device."""
+    with torch.device("meta"):
+        model = GPT(cfg, Topology())
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    if cfg.num_experts:
+        for moe in model.moe_layers().values():
+            expert_params = sum(p.numel() for p in moe.experts.parameters())
+            inactive += expert_params * (cfg.num_experts - cfg.num_experts_per_token) // cfg.num_experts
+    return total, total - inactive

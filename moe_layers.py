@@ -1,0 +1,220 @@
+"""Mixture-of-Experts layers: TopKRouter, stacked experts, SparseMoE (no-drop) and the router losses.
+
+Expert parallelism is tied to tensor parallelism: TP rank r owns experts [r*E/TP, (r+1)*E/TP) in full.
+The router is replicated; every rank routes all tokens, runs its local experts on the tokens sent to
+them, and one all-reduce over the TP group adds the partial outputs. The forward pass never reads a
+device value back to the host (on the grouped-GEMM path): counts and group offsets stay on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parallel import Topology, all_reduce_grad_tp, copy_to_tp, mark_sharded, reduce_from_tp
+
+
+# --------------------------------------------------------------------------------------------------
+# Router
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class RouterOutput:
+    indices: torch.Tensor  # [T, k] expert ids
+    weights: torch.Tensor  # [T, k] combine weights (fp32)
+    probs: torch.Tensor    # [T, E] softmax over all experts (fp32)
+    logits: torch.Tensor   # [T, E] fp32
+
+
+class TopKRouter(nn.Module):
+    """Linear router in fp32, softmax over experts, top-k, optionally renormalised top-k weights."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_topk: bool = True,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.num_experts, self.top_k, self.normalize_topk = num_experts, top_k, normalize_topk
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.weight.init_std = init_std
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        probs = logits.softmax(dim=-1)
+        weights, indices = probs.topk(self.top_k, dim=-1)
+        if self.normalize_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(indices, weights, probs, logits)
+
+
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch-style aux loss E * sum_i f_i * P_i, with f_i the fraction of the T*k assignments routed to
+    expert i (no gradient) and P_i the mean router probability of expert i."""
+    num_tokens, num_experts = probs.shape
+    f = counts / (num_tokens * top_k)
+    p = probs.mean(dim=0)
+    return num_experts * (f * p).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of logsumexp(logits)^2 (ST-MoE)."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Experts
+# --------------------------------------------------------------------------------------------------
+def grouped_mm_available(x: torch.Tensor, *dims: int) -> bool:
+    """torch._grouped_mm runs on the CPU (any float dtype) and on CUDA for bf16 on sm90+ with
+    16-byte aligned rows."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(x.device)
+        return major >= 9 and x.dtype == torch.bfloat16 and all(d % 8 == 0 for d in dims)
+    return False
+
+
+class GroupedExperts(nn.Module):
+    """The local experts' SwiGLU FFNs as stacked weights: w_gate_up [E, d, 2f], w_down [E, f, d].
+
+    forward(x, ends) takes tokens sorted by local expert, ends[e] being the exclusive end row of expert
+    e's group (int32, on the device). Rows at and after ends[-1] belong to no local expert: their
+    outputs are zero.
+    """
+
+    def __init__(self, num_experts: int, num_local: int, hidden_size: int, ffn_size: int,
+                 init_std: float = 0.02, out_init_std: float = 0.02, impl: str = "auto"):
+        super().__init__()
+        if impl not in ("auto", "grouped", "loop"):
+            raise ValueError(f"expert impl must be auto, grouped or loop, got {impl}")
+        self.num_local, self.hidden_size, self.ffn_size, self.impl = num_local, hidden_size, ffn_size, impl
+        # Sharded over the EP (= TP) group along the expert dimension.
+        self.w_gate_up = mark_sharded(nn.Parameter(torch.empty(num_local, hidden_size, 2 * ffn_size)), 0, [num_experts])
+        self.w_down = mark_sharded(nn.Parameter(torch.empty(num_local, ffn_size, hidden_size)), 0, [num_experts])
+        self.w_gate_up.init_std, self.w_down.init_std = init_std, out_init_std
+
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        if self.impl == "loop":
+            return False
+        ok = grouped_mm_available(x, self.hidden_size, self.ffn_size)
+        if self.impl == "grouped" and not ok:
+            raise RuntimeError(f"torch._grouped_mm is not available for {x.dtype} on {x.device}")
+        return ok
+
+    def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype)
+        valid = (torch.arange(x.shape[0], device=x.device) < ends[-1]).unsqueeze(-1)
+        # Rows past the last group are never written by the grouped GEMM: mask them in and out so
+        # neither values nor gradients of those rows are garbage.
+        x = torch.where(valid, x, 0.0)
+        if self.use_grouped(x):
+            h = torch._grouped_mm(x, w1, offs=ends)
+            gate, up = h.chunk(2, dim=-1)
+            out = torch._grouped_mm(F.silu(gate) * up, w2, offs=ends)
+        else:
+            out = self._loop(x, ends, w1, w2)
+        return torch.where(valid, out, 0.0)
+
+    @staticmethod
+    def _loop(x, ends, w1, w2):
+        """Reference path, one matmul pair per expert. It reads the group boundaries back to the host."""
+        bounds = [0] + ends.tolist()
+        outs = []
+        for e in range(w1.shape[0]):
+            rows = x[bounds[e]:bounds[e + 1]]
+            gate, up = (rows @ w1[e]).chunk(2, dim=-1)
+            outs.append((F.silu(gate) * up) @ w2[e])
+        outs.append(x.new_zeros(x.shape[0] - bounds[-1], w2.shape[-1]))
+        return torch.cat(outs, dim=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# SparseMoE
+# --------------------------------------------------------------------------------------------------
+class SparseMoE(nn.Module):
+    """No-drop top-k MoE: every token is processed by exactly its k experts.
+
+    sort the T*k assignments by expert -> gather -> grouped GEMM -> unsort -> weighted sum over k.
+
+    forward returns (output, loss) where loss = aux_coef * aux + z_coef * z for this layer. Per step
+    statistics (token counts per expert, per-microbatch counts, the losses, router entropy) are
+    accumulated on the device in `self.stats` while training; the trainer resets and reads them.
+    """
+
+    def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, topo: Topology,
+                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001, normalize_topk: bool = True,
+                 init_std: float = 0.02, out_init_std: float = 0.02, expert_impl: str = "auto"):
+        super().__init__()
+        if num_experts % topo.ep:
+            raise ValueError(f"num experts {num_experts} not divisible by the EP size {topo.ep}")
+        self.topo = topo
+        self.num_experts, self.top_k = num_experts, top_k
+        self.num_local = num_experts // topo.ep
+        self.first_local = topo.ep_rank * self.num_local
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.router = TopKRouter(hidden_size, num_experts, top_k, normalize_topk, init_std)
+        self.experts = GroupedExperts(num_experts, self.num_local, hidden_size, ffn_size, init_std,
+                                      out_init_std, expert_impl)
+        self.stats = MoEStepStats(num_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        num_tokens, k, E = x.shape[0], self.top_k, self.num_experts
+
+        r = self.router(x)
+        flat_expert = r.indices.reshape(-1)  # [T*k]
+        counts = torch.zeros(E, device=x.device, dtype=torch.float32)
+        counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.float32))
+
+        aux = load_balancing_loss(r.probs, counts, k)
+        z = router_z_loss(r.logits)
+        if self.training and self.stats.enabled:
+            self.stats.record(counts, aux, z, r.probs)
+
+        # Local experts first: key = (expert - first_local) mod E puts this rank's experts at 0..L-1.
+        key = (flat_expert - self.first_local) % E
+        order = torch.argsort(key, stable=True)
+        token_of_row = order // k
+        local_counts = torch.roll(counts, -self.first_local)[: self.num_local]
+        ends = torch.cumsum(local_counts, 0).to(torch.int32)
+
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x_in = copy_to_tp(x, self.topo).to(dtype)
+        y_sorted = self.experts(x_in[token_of_row], ends)  # [T*k, d]; non-local rows are zero
+
+        inverse = torch.empty_like(order)
+        inverse.scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        y = y_sorted[inverse].view(num_tokens, k, -1)
+        weights = all_reduce_grad_tp(r.weights, self.topo)
+        out = (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+        out = reduce_from_tp(out, self.topo)
+        loss = self.aux_loss_coef * aux + self.z_loss_coef * z
+        return out.view(shape), loss
+
+
+class MoEStepStats:
+    """Device-side accumulators for one optimizer step of one MoE layer (no host sync)."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.enabled = True  # --moe-metrics off turns recording off
+        self.reset()
+
+    def reset(self) -> None:
+        self.microbatch_counts: list = []  # one [E] tensor per microbatch, in forward order
+        self.loss_sums: Optional[torch.Tensor] = None  # sum over microbatches of [aux, z, entropy]
+
+    def record(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, probs: torch.Tensor) -> None:
+        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
+        vals = torch.stack([aux.detach(), z.detach(), entropy.detach()])
+        self.loss_sums = vals if self.loss_sums is None else self.loss_sums + vals
+        self.microbatch_counts.append(counts.detach())
+
+    @property
+    def num_microbatches(self) -> int:
+        return len(self.microbatch_counts)
