@@ -3,8 +3,8 @@
 Default corpus: the running interpreter's standard-library Python source, byte-level tokenized
 (vocab 256), split into train/validation by file (a stable hash of the relative path), cached as
 uint16 token files. Every batch is a pure function of (seed, step, split): the global batch is drawn
-from one generator and each rank slices its rows, so resume is exact and DP sharding reproduces the
-single-process global batch.
+from one generator and each rank slices its rows, so a run is reproducible step by step and DP
+sharding reproduces the single-process global batch.
 """
 from __future__ import annotations
 

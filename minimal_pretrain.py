@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -17,6 +18,7 @@ import torch
 
 from data import DataError, batch_offsets, check_lengths, get_batch, load_corpus
 from model import GPT, ModelConfig, count_parameters
+from moe_layers import grouped_mm_available
 from moe_stats import StatsLayout, moe_metrics, pack_step_stats, reset_stats
 from parallel import (DataParallelGrads, LayoutError, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
                       clip_grads_, destroy_topology, env_world_size, full_state_dict, grad_norm, init_topology,
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert GEMMs: torch._grouped_mm, a per-expert loop (syncs with the host), or auto")
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, default=None,
-                   help="sequences per microbatch per DP rank (default 8, or derived from --num-microbatches)")
+                   help="sequences per microbatch per DP rank (default min(8, global/DP), or derived from --num-microbatches)")
     t.add_argument("--global-batch-size", type=int, default=32, help="sequences per optimizer step, all DP ranks")
     t.add_argument("--num-microbatches", type=int, default=None,
                    help="microbatches per step per DP rank (gradient accumulation / pipeline microbatches); "
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-lr", type=float, default=3e-4, help="learning rate at the end of the cosine decay")
     t.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps")
     t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    t.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    t.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
+    t.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     t.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
     t.add_argument("--seed", type=int, default=1337, help="seed of initialisation, data order and dropout")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
@@ -122,6 +127,10 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     non_negative("num_experts", "warmup_steps", "weight_decay", "grad_clip", "min_lr", "eval_interval",
                  "eval_iters", "moe_detailed_every", "moe_histogram_every", "router_aux_loss_coef",
                  "router_z_loss_coef")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    positive("adam_eps")
     if not 0.0 <= args.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.min_lr > args.learning_rate:
@@ -159,8 +168,6 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     if args.num_experts % tp:
         raise LayoutError(f"--num-experts {args.num_experts} must be divisible by --tensor-parallel-size {tp} "
                           f"(expert parallelism is tied to TP)")
-    if args.vocab_size is not None and args.vocab_size % tp:
-        raise LayoutError(f"--vocab-size {args.vocab_size} must be divisible by --tensor-parallel-size {tp}")
     if args.num_layers < pp:
         raise LayoutError(f"--num-layers {args.num_layers} must be at least --pipeline-parallel-size {pp}")
 
@@ -211,7 +218,7 @@ def lr_at(step: int, args) -> float:
 
 
 # Dense bf16 peak FLOP/s by GPU name (first match wins).
-PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
+PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
 
 
 def peak_flops(device: torch.device, precision: str) -> Optional[float]:
@@ -228,7 +235,7 @@ def flops_per_token(cfg: ModelConfig, active_params: int) -> float:
 
 @dataclass
 class TrainResult:
-    losses: list = field(default_factory=list)  # LM loss of every optimizer step (rank 0)
+    losses: list = field(default_factory=list)  # LM loss of every logged step (rank 0)
     records: list = field(default_factory=list)  # logged records (rank 0)
     val_loss: Optional[float] = None
     state_dict: Optional[dict] = None  # full unsharded parameters at the end (rank 0, if asked for)
@@ -238,13 +245,14 @@ def train(args: argparse.Namespace, return_state: bool = False) -> TrainResult:
     device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
     topo = init_topology(args.tensor_parallel_size, args.pipeline_parallel_size, device_type)
-    try:
-        return _train(args, topo, precision, return_state)
-    finally:
-        destroy_topology()
+    with contextlib.ExitStack() as cleanup:  # closes the run log even when training fails
+        try:
+            return _train(args, topo, precision, return_state, cleanup)
+        finally:
+            destroy_topology()
 
 
-def _train(args, topo: Topology, precision: str, return_state: bool) -> TrainResult:
+def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: contextlib.ExitStack) -> TrainResult:
     is_main = topo.rank == 0
     say = print if is_main else (lambda *a, **k: None)
     corpus = load_corpus(args.data, args.vocab_size)
@@ -252,11 +260,16 @@ def _train(args, topo: Topology, precision: str, return_state: bool) -> TrainRes
     if corpus.vocab_size % topo.tp:
         raise LayoutError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
     cfg = model_config(args, corpus.vocab_size)
+    if cfg.num_experts and args.moe_expert_impl == "grouped":
+        probe = torch.empty(0, device=topo.device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        if not grouped_mm_available(probe, cfg.hidden_size, cfg.expert_ffn_size):
+            raise ConfigError(f"--moe-expert-impl grouped: torch._grouped_mm does not run {precision} on {topo.device} "
+                              f"with these sizes (use auto or loop)")
     layer_ids = stage_layer_ids(cfg.num_layers, topo.pp, topo.pp_rank)
     model = GPT(cfg, topo, layer_ids, first=topo.is_first_stage, last=topo.is_last_stage)
     model.init_weights(args.seed)
     model.to(topo.device)
-    torch.manual_seed(args.seed + 100 * topo.pp_rank)  # dropout; TP ranks of a stage share it
+    torch.manual_seed(args.seed + 100 * topo.pp_rank + 10_007 * topo.dp_rank)  # dropout; TP ranks share it
     if args.compile:
         for blk in model.layers.values():
             blk.compile()
@@ -279,7 +292,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool) -> TrainRes
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                  lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                                   fused=topo.device.type == "cuda")
     autocast = torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     comm = PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None
@@ -294,6 +307,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool) -> TrainRes
         out_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         run_log = RunLog(out_dir, {**vars(args), "model": cfg.to_dict(), "world_size": topo.world_size},
                          args.wandb, args.wandb_project, args.tensorboard, args.moe_histogram_every)
+        cleanup.callback(run_log.close)
         say(f"logging to {out_dir}/metrics.jsonl")
 
     def rank_batch(split: str, tokens, step: int):
@@ -329,7 +343,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool) -> TrainRes
         progress = tqdm(total=args.max_steps, desc="train", dynamic_ncols=True, leave=False)
     emit = progress.write if progress is not None else print
     model.train()
-    last_log_time, last_log_step = time.perf_counter(), -1
+    last_log_time, last_log_step, eval_seconds = time.perf_counter(), -1, 0.0
     for step in range(args.max_steps):
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
@@ -363,8 +377,8 @@ def _train(args, topo: Topology, precision: str, return_state: bool) -> TrainRes
             flat = pack_step_stats(layout, moe_layers, lm_loss_sum if topo.is_last_stage else None, topo, events)
             if is_main:
                 now = time.perf_counter()
-                tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_step = now, step
+                tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time - eval_seconds, 1e-9)
+                last_log_time, last_log_step, eval_seconds = now, step, 0.0
                 lm = layout.split(flat)["lm"].tolist()
                 metrics = moe_metrics(layout, flat, detailed)
                 rec = {"step": step, "loss": lm[0] / max(lm[1], 1),
@@ -380,18 +394,17 @@ def _train(args, topo: Topology, precision: str, return_state: bool) -> TrainRes
             progress.update(1)
         if args.eval_iters > 0 and ((args.eval_interval > 0 and (step + 1) % args.eval_interval == 0)
                                     or step == args.max_steps - 1):
+            eval_start = time.perf_counter()
             val = evaluate()
             result.val_loss = val
             if is_main:
                 run_log.log({"step": step, "val_loss": val})
                 emit(f"step {step:>5d} | val loss {val:.4f}")
-            last_log_time = time.perf_counter()  # evaluation time is not training throughput
+            eval_seconds += time.perf_counter() - eval_start  # evaluation time is not training throughput
     if progress is not None:
         progress.close()
     if return_state:
         result.state_dict = full_state_dict(model, topo)
-    if run_log is not None:
-        run_log.close()
     return result
 
 

@@ -66,16 +66,25 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 # Experts
 # --------------------------------------------------------------------------------------------------
 def grouped_mm_available(x: torch.Tensor, *dims: int) -> bool:
-    """torch._grouped_mm runs on the CPU (any float dtype) and on CUDA for bf16 on sm90+ with
-    16-byte aligned rows."""
-    if not hasattr(torch, "_grouped_mm"):
+    """torch._grouped_mm needs rows of a multiple of 16 bytes; it runs on the CPU (float dtypes) and on
+    CUDA for bf16 on sm90+."""
+    if not hasattr(torch, "_grouped_mm") or any(d * x.element_size() % 16 for d in dims):
         return False
     if x.device.type == "cpu":
         return True
     if x.device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(x.device)
-        return major >= 9 and x.dtype == torch.bfloat16 and all(d % 8 == 0 for d in dims)
+        return major >= 9 and x.dtype == torch.bfloat16
     return False
+
+
+def _grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    gate, up = torch._grouped_mm(x, w1, offs=ends).chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, w2, offs=ends)
+
+
+# torch.compile's meta kernel for _grouped_mm accepts bf16 only; other dtypes run it eagerly.
+_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
 
 
 class GroupedExperts(nn.Module):
@@ -112,9 +121,7 @@ class GroupedExperts(nn.Module):
         # neither values nor gradients of those rows are garbage.
         x = torch.where(valid, x, 0.0)
         if self.use_grouped(x):
-            h = torch._grouped_mm(x, w1, offs=ends)
-            gate, up = h.chunk(2, dim=-1)
-            out = torch._grouped_mm(F.silu(gate) * up, w2, offs=ends)
+            out = (_grouped_swiglu if x.dtype == torch.bfloat16 else _grouped_swiglu_eager)(x, w1, w2, ends)
         else:
             out = self._loop(x, ends, w1, w2)
         return torch.where(valid, out, 0.0)

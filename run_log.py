@@ -59,7 +59,11 @@ class RunLog:
         if use_wandb:
             import wandb
             self.wandb = wandb
-            wandb.init(project=wandb_project, config=config, dir=output_dir)
+            try:
+                wandb.init(project=wandb_project, config=config, dir=output_dir)
+            except Exception as e:  # e.g. no login and no WANDB_MODE=offline
+                raise SinkError(f"--wandb: wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                f"run `wandb login` or set WANDB_MODE=offline") from None
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
