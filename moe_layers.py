@@ -179,9 +179,12 @@ class SparseMoE(nn.Module):
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.float32))
 
         aux = load_balancing_loss(r.probs, counts, k)
-        z = router_z_loss(r.logits)
+        lse = torch.logsumexp(r.logits, dim=-1)
+        z = lse.pow(2).mean()  # router_z_loss, keeping logsumexp for the entropy below
         if self.training and self.stats.enabled:
-            self.stats.record(counts, aux, z, r.probs)
+            with torch.no_grad():  # entropy -sum p log p = logsumexp(logits) - sum p * logits
+                entropy = (lse - (r.probs * r.logits).sum(-1)).mean()
+            self.stats.record(counts, aux, z, entropy)
 
         # Local experts first: key = (expert - first_local) mod E puts this rank's experts at 0..L-1.
         key = (flat_expert - self.first_local) % E
@@ -205,23 +208,37 @@ class SparseMoE(nn.Module):
 
 
 class MoEStepStats:
-    """Device-side accumulators for one optimizer step of one MoE layer (no host sync)."""
+    """Device-side record of one optimizer step of one MoE layer (no host sync). Row i of `rows` holds
+    microbatch i's per-expert token counts followed by its [aux, z, entropy]. The trainer points `rows`
+    at a slice of one buffer shared by every MoE layer of the stage (moe_stats.attach_stats_buffer), so
+    the logging step reads all layers with a handful of batched ops; standalone, it grows its own."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self.enabled = True  # --moe-metrics off turns recording off
-        self.reset()
+        self.rows: Optional[torch.Tensor] = None
+        self.num_microbatches = 0
 
     def reset(self) -> None:
-        self.microbatch_counts: list = []  # one [E] tensor per microbatch, in forward order
-        self.loss_sums: Optional[torch.Tensor] = None  # sum over microbatches of [aux, z, entropy]
+        self.num_microbatches = 0
 
-    def record(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, probs: torch.Tensor) -> None:
-        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
-        vals = torch.stack([aux.detach(), z.detach(), entropy.detach()])
-        self.loss_sums = vals if self.loss_sums is None else self.loss_sums + vals
-        self.microbatch_counts.append(counts.detach())
+    @torch.no_grad()
+    def record(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, entropy: torch.Tensor) -> None:
+        i = self.num_microbatches
+        if self.rows is None or i >= self.rows.shape[0]:
+            grown = counts.new_zeros(max(2 * i, 1), self.num_experts + 3)
+            if self.rows is not None:
+                grown[:i] = self.rows[:i]
+            self.rows = grown
+        torch.cat([counts, aux.reshape(1), z.reshape(1), entropy.reshape(1)], out=self.rows[i])
+        self.num_microbatches = i + 1
 
     @property
-    def num_microbatches(self) -> int:
-        return len(self.microbatch_counts)
+    def microbatch_counts(self) -> torch.Tensor:
+        """[microbatches, E] token counts of this step so far."""
+        return self.rows[: self.num_microbatches, : self.num_experts]
+
+    @property
+    def loss_sums(self) -> torch.Tensor:
+        """Sum over this step's microbatches of [aux, z, entropy]."""
+        return self.rows[: self.num_microbatches, self.num_experts:].sum(0)

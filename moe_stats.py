@@ -9,6 +9,7 @@ over the DP group sums the replicas. TP/EP ranks share the replicated router, so
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -65,40 +66,56 @@ def in_flight_matrix(events: Sequence[tuple], num_microbatches: int) -> torch.Te
     return torch.tensor(rows)
 
 
+@functools.lru_cache(maxsize=8)
+def _in_flight_on(events: tuple, num_microbatches: int, device: str) -> torch.Tensor:
+    return in_flight_matrix(events, num_microbatches).to(device)  # the schedule repeats every step
+
+
 def overload_factors(mb_counts: torch.Tensor, ep: int, in_flight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mb_counts [m, E] of one layer. Returns (per-microbatch overload [m], cumulative overload scalar):
-    tokens on the busiest EP rank over the balanced T*k/EP; and the peak over the step's event order of
-    the tokens held on the busiest rank over the peak of the balanced held count."""
-    m, E = mb_counts.shape
-    per_rank = mb_counts.view(m, ep, E // ep).sum(-1)  # [m, ep]
-    balanced = mb_counts.sum(-1) / ep  # [m]
-    overload = per_rank.max(-1).values / balanced.clamp_min(1e-9)
-    a = in_flight.to(mb_counts.device)
-    cum = (a @ per_rank).max() / (a @ balanced).max().clamp_min(1e-9)
+    """mb_counts [..., m, E] (any leading layer dims). Returns (per-microbatch overload [..., m],
+    cumulative overload [...]): tokens on the busiest EP rank over the balanced T*k/EP; and the peak over
+    the step's event order of the tokens held on the busiest rank over the peak of the balanced count."""
+    *lead, m, E = mb_counts.shape
+    per_rank = mb_counts.reshape(*lead, m, ep, E // ep).sum(-1)  # [..., m, ep]
+    balanced = mb_counts.sum(-1) / ep  # [..., m]
+    overload = per_rank.amax(-1) / balanced.clamp_min(1e-9)
+    a = in_flight.to(mb_counts)
+    cum = (a @ per_rank).amax(dim=(-2, -1)) / (a @ balanced.unsqueeze(-1)).amax(dim=(-2, -1)).clamp_min(1e-9)
     return overload, cum
 
 
-def pack_step_stats(layout: StatsLayout, moe_layers: dict, lm_loss_sum: Optional[torch.Tensor], topo: Topology,
-                    events: Sequence[tuple]) -> torch.Tensor:
-    """This rank's share of the step statistics, reduced over PP then DP (two collectives in all)."""
+def attach_stats_buffer(moe_layers: dict, num_microbatches: int, device: torch.device) -> Optional[torch.Tensor]:
+    """One [local MoE layers, m, E + 3] buffer that every local MoE layer records into (rows in order of
+    global layer id)."""
+    if not moe_layers:
+        return None
+    ids = sorted(moe_layers)
+    E = moe_layers[ids[0]].stats.num_experts
+    buf = torch.zeros(len(ids), num_microbatches, E + 3, device=device)
+    for j, layer_id in enumerate(ids):
+        moe_layers[layer_id].stats.rows = buf[j]
+    return buf
+
+
+def pack_step_stats(layout: StatsLayout, moe_layers: dict, stats_buffer: Optional[torch.Tensor],
+                    lm_loss_sum: Optional[torch.Tensor], topo: Topology, events: Sequence[tuple]) -> torch.Tensor:
+    """This rank's share of the step statistics, reduced over PP then DP (two collectives in all).
+    A fixed number of batched ops whatever the number of layers: the statistics cost stays flat."""
     flat = torch.zeros(layout.numel(), device=topo.device, dtype=torch.float32)
     v = layout.split(flat)
     if lm_loss_sum is not None:
         v["lm"][0] = lm_loss_sum.detach().float()
         v["lm"][1] = layout.num_microbatches
-    in_flight = None
-    for row, layer_id in enumerate(layout.moe_layer_ids):
-        moe = moe_layers.get(layer_id)
-        if moe is None or moe.stats.num_microbatches == 0:
-            continue
-        mb_counts = torch.stack(moe.stats.microbatch_counts)  # [m, E]
-        v["counts"][row] = mb_counts.sum(0)
-        v["losses"][row] = moe.stats.loss_sums
-        if in_flight is None:
-            in_flight = in_flight_matrix(events, mb_counts.shape[0])
+    if layout.L and stats_buffer is not None:
+        E = layout.num_experts
+        rows = torch.tensor([layout.moe_layer_ids.index(l) for l in sorted(moe_layers)], device=topo.device)
+        mb_counts = stats_buffer[..., :E]  # [local layers, m, E]
+        v["counts"].index_copy_(0, rows, mb_counts.sum(1))
+        v["losses"].index_copy_(0, rows, stats_buffer[..., E:].sum(1))
+        in_flight = _in_flight_on(tuple(events), layout.num_microbatches, str(topo.device))
         overload, cum = overload_factors(mb_counts, topo.ep, in_flight)
-        v["overload"][topo.dp_rank, row, : overload.numel()] = overload
-        v["cum_overload"][topo.dp_rank, row] = cum
+        v["overload"][topo.dp_rank].index_copy_(0, rows, overload)
+        v["cum_overload"][topo.dp_rank].index_copy_(0, rows, cum)
     all_reduce_(flat, topo.pp_group)
     all_reduce_(flat, topo.dp_group)
     return flat
