@@ -700,7 +700,10 @@ def test_no_host_sync_in_grouped_forward():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    assert out.shape == x.shape and torch.isfinite(out.float()).all# ==================================================================================================
+    assert out.shape == x.shape and torch.isfinite(out.float()).all() and torch.isfinite(loss)
+
+
+# ==================================================================================================
 # Distributed equivalence: real processes, gloo, CPU. Each layout must reproduce the single process on
 # the same global batch: every step's loss and gradient norm and the final (gathered) parameters
 # within 1e-5 relative in fp32.
@@ -756,7 +759,7 @@ def _dist_worker(argv_json: str, out_path: str) -> None:
     result = minimal_pretrain.train(args, return_state=True)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"losses": result.losses, "grad_norms": [r["grad_norm"] for r in result.records],
-                    "state": result.state_dict}, out_path)
+                    "state": result.state_dict, "records": result.records}, out_path)
 
 
 def _launch(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> dict:
@@ -898,6 +901,196 @@ def test_ep_router_gradient_check_detects_missing_all_reduce(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# MoE load statistics under parallel layouts: the logged moe/* metrics describe the global batch, so
+# every layout must log what the single process logs. Only the overload factors depend on the layout:
+# they measure the busiest EP rank, so they are exactly 1 when EP = 1 and >= 1 under EP.
+# --------------------------------------------------------------------------------------------------
+OVERLOAD_KEYS = ("moe/avg_overload_factor", "moe/max_overload_factor", "moe/max_cum_overload_factor")
+METRIC_LAYOUTS = [  # (id, world size, extra flags, expert-parallel size)
+    ("dp2", 2, [], 1),
+    ("pp2-1f1b", 2, ["--pipeline-parallel-size", "2", "--pipeline-schedule", "1f1b"], 1),
+    ("tp2-ep2", 2, ["--tensor-parallel-size", "2"], 2),
+]
+_METRICS_REFERENCE = {}
+
+
+def _metrics_argv(moe: str, flags: list) -> list:
+    argv = _base_argv(moe)
+    argv[argv.index("--moe-metrics") + 1] = "detailed"
+    return argv + flags
+
+
+def _metrics_reference(tmp_path_factory) -> list:
+    """The single-process run of the 'mixed' model with detailed MoE metrics, computed once."""
+    if "mixed" not in _METRICS_REFERENCE:
+        _METRICS_REFERENCE["mixed"] = _launch(1, _metrics_argv("mixed", []), tmp_path_factory.mktemp("ref_metrics"))
+    return _METRICS_REFERENCE["mixed"]["records"]
+
+
+def _close(a, b) -> bool:
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def _check_counts_are_global(rec: dict) -> None:
+    """Independent of the reference: 'mixed' has MoE layers 1 and 3 with 4 experts, and every layer routes
+    each token of the global batch (8 sequences x 16 tokens) to top-2 experts."""
+    counts = rec["moe/counts"]
+    assert sorted(counts) == ["1", "3"] and all(len(c) == 4 for c in counts.values()), counts
+    for layer, c in counts.items():
+        assert sum(c) == 8 * 16 * 2, f"step {rec['step']} layer {layer}: {sum(c)} routed tokens, expected 256: {c}"
+
+
+def _util_items(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k.startswith("moe_expert_utilization/")}
+
+
+@pytest.mark.parametrize("world_size,flags,ep", [l[1:] for l in METRIC_LAYOUTS], ids=[l[0] for l in METRIC_LAYOUTS])
+def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_path_factory):
+    ref = _metrics_reference(tmp_path_factory)
+    got = _launch(world_size, _metrics_argv("mixed", flags), tmp_path)["records"]
+    assert [r["step"] for r in ref] == [r["step"] for r in got] == [0, 1, 2]
+    for r, g in zip(ref, got):
+        step = r["step"]
+        _check_counts_are_global(r)
+        _check_counts_are_global(g)
+        for key in ("loss", "aux_loss", "z_loss"):
+            assert g[key] is not None and _close(g[key], r[key]), f"step {step} {key}: got {g[key]}, single {r[key]}"
+        # The reference's overload factors: EP = 1, so every token is on the one rank.
+        for key in OVERLOAD_KEYS:
+            assert r[key] == 1.0, f"single process, step {step}: {key} = {r[key]}, expected exactly 1.0"
+        moe_keys = {k for k in r if k.startswith("moe/")} - set(OVERLOAD_KEYS)
+        assert len(moe_keys) >= 20 and "moe/counts" in moe_keys and "moe/layer_3/cv" in moe_keys, sorted(moe_keys)
+        assert {k for k in g if k.startswith("moe/")} - set(OVERLOAD_KEYS) == moe_keys
+        assert g["moe/counts"] == r["moe/counts"], f"step {step}: counts {g['moe/counts']} vs single {r['moe/counts']}"
+        for key in sorted(moe_keys - {"moe/counts"}):
+            assert _close(g[key], r[key]), f"step {step} {key}: got {g[key]}, single {r[key]}"
+        # Top/bottom-5 utilisation: values must agree; the key set only where the ranking has no ties.
+        ru, gu = _util_items(r), _util_items(g)
+        assert len(ru) >= 5 and len(gu) == len(ru), (ru, gu)
+        assert all(_close(a, b) for a, b in zip(sorted(gu.values()), sorted(ru.values()))), (gu, ru)
+        for key in ru.keys() & gu.keys():
+            assert _close(gu[key], ru[key]), f"step {step} {key}: got {gu[key]}, single {ru[key]}"
+        all_util = sorted(u for c in r["moe/counts"].values() for u in np.array(c) / (sum(c) / len(c)))
+        if all(b - a > 1e-6 for a, b in zip(all_util, all_util[1:])):
+            assert gu.keys() == ru.keys(), (sorted(gu), sorted(ru))
+        # Overload factors of this layout.
+        if ep == 1:
+            for key in OVERLOAD_KEYS:
+                assert g[key] == 1.0, f"EP = 1, step {step}: {key} = {g[key]}, expected exactly 1.0"
+        else:
+            for key in OVERLOAD_KEYS:
+                assert 1.0 <= g[key] <= ep + 1e-6, f"EP = {ep}, step {step}: {key} = {g[key]}"
+            assert g["moe/avg_overload_factor"] <= g["moe/max_overload_factor"] + 1e-9
+            # The busiest microbatch is at least as overloaded as the step's summed counts are.
+            step_level = max(max(sum(c[i * 4 // ep:(i + 1) * 4 // ep]) for i in range(ep)) / (sum(c) / ep)
+                             for c in g["moe/counts"].values())
+            assert g["moe/max_overload_factor"] >= step_level - 1e-6, (g["moe/max_overload_factor"], step_level)
+    if ep > 1:
+        assert any(g[key] > 1.0 for g in got for key in OVERLOAD_KEYS), [[g[k] for k in OVERLOAD_KEYS] for g in got]
+        assert any(g["moe/max_overload_factor"] > 1.0 for g in got), [g["moe/max_overload_factor"] for g in got]
+
+
+# --------------------------------------------------------------------------------------------------
+# The statistics of a logging step cost one collective per group (PP, then DP), not one per MoE layer
+# or per metric: count the collectives issued while pack_step_stats runs on every rank.
+# --------------------------------------------------------------------------------------------------
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+                "all_to_all_single", "gather", "scatter", "barrier", "batch_isend_irecv")  # send/irecv...: P2POp checks their identity
+
+
+def _collective_count_worker(argv_json: str, out_path: str) -> None:
+    import inspect
+    import torch.distributed as dist
+    import minimal_pretrain
+    import moe_stats
+    calls = []  # one entry per pack_step_stats call
+    inside = [False]
+
+    def ranks_of(group):
+        return None if group is None else sorted(dist.get_process_group_ranks(group))
+
+    def counting(name, real):
+        sig = inspect.signature(real)
+
+        def wrapper(*a, **kw):
+            if inside[0]:
+                if name == "all_reduce":
+                    calls[-1]["all_reduce"].append(ranks_of(sig.bind(*a, **kw).arguments.get("group")))
+                else:
+                    calls[-1]["other"].append(name)
+            return real(*a, **kw)
+        return wrapper
+
+    for name in _COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, counting(name, getattr(dist, name)))
+    real_pack = moe_stats.pack_step_stats
+    pack_sig = inspect.signature(real_pack)
+
+    def counting_pack(*a, **kw):
+        bound = pack_sig.bind(*a, **kw).arguments
+        topo = bound["topo"]
+        calls.append({"all_reduce": [], "other": [], "pp": ranks_of(topo.pp_group), "dp": ranks_of(topo.dp_group),
+                      "L": bound["layout"].L, "local_layers": len(bound["moe_layers"])})
+        inside[0] = True
+        try:
+            return real_pack(*a, **kw)
+        finally:
+            inside[0] = False
+
+    moe_stats.pack_step_stats = minimal_pretrain.pack_step_stats = counting_pack
+    rank = int(os.environ["RANK"])
+    result = minimal_pretrain.train(minimal_pretrain.parse_args(json.loads(argv_json)))
+    torch.save({"calls": calls, "records": result.records if rank == 0 else None}, f"{out_path}.{rank}")
+
+
+def _launch_collective_count(tmp: Path, argv: list, world_size: int, timeout: int = 180) -> list:
+    port = _free_port()
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import {MODULE} as t; "
+            f"t._collective_count_worker(sys.argv[1], sys.argv[2])")
+    argv_json = json.dumps(argv + ["--output-dir", str(tmp / "run")])
+    procs = [subprocess.Popen([sys.executable, "-c", code, argv_json, str(tmp / "c")],
+                              env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                                       WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1"),
+                              cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world_size)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+    return [torch.load(tmp / f"c.{r}") for r in range(world_size)]
+
+
+def test_one_collective_per_group_per_log_step(tmp_path):
+    argv = _base_argv("mixed") + ["--moe-layer-interval", "1", "--pipeline-parallel-size", "2"]  # 4 MoE layers
+    argv[argv.index("--moe-metrics") + 1] = "detailed"
+    results = _launch_collective_count(tmp_path, argv, world_size=4)  # DP2 x PP2
+    recs = results[0]["records"]
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    for rec in recs:  # the statistics are really there: 4 layers of counts, dozens of metrics
+        assert sorted(rec["moe/counts"]) == ["0", "1", "2", "3"]
+        assert all(sum(c) == 8 * 16 * 2 for c in rec["moe/counts"].values()), rec["moe/counts"]
+        assert sum(k.startswith("moe") for k in rec) >= 30
+    dp_groups, pp_groups = set(), set()
+    for rank, res in enumerate(results):
+        calls = res["calls"]
+        assert len(calls) == 3, f"rank {rank}: pack_step_stats ran {len(calls)} times in 3 logged steps"
+        for step, c in enumerate(calls):
+            assert c["L"] == 4 and c["local_layers"] == 2, c
+            assert c["pp"] is not None and c["dp"] is not None and len(c["pp"]) == len(c["dp"]) == 2, c
+            assert rank in c["pp"] and rank in c["dp"] and c["pp"] != c["dp"], c
+            assert len(c["all_reduce"]) == 2, (f"rank {rank} step {step}: {len(c['all_reduce'])} all_reduce calls "
+                                               f"inside pack_step_stats, expected 2 (one per group): {c}")
+            assert sorted(c["all_reduce"]) == sorted([c["pp"], c["dp"]]), f"rank {rank} step {step}: {c}"
+            assert c["other"] == [], f"rank {rank} step {step}: other collectives {c['other']}"
+            dp_groups.add(tuple(c["dp"]))
+            pp_groups.add(tuple(c["pp"]))
+    assert len(dp_groups) == len(pp_groups) == 2  # two DP groups and two PP groups over the 4 ranks
+
+
+# --------------------------------------------------------------------------------------------------
 # Refused layouts: one clear line, exit code 2, before any process group is started.
 # --------------------------------------------------------------------------------------------------
 REFUSED = [
@@ -930,9 +1123,6 @@ def test_refused_layout_from_the_command_line(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--tensor-parallel-size" in r.stderr
-
-
-() and torch.isfinite(loss)
 
 
 if __name__ == "__main__":
