@@ -156,18 +156,13 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
 
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     dp = check_layout(world_size, tp, pp)
-    if args.num_attention_heads % tp:
-        raise LayoutError(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
-                          f"--tensor-parallel-size {tp}")
-    if args.num_key_value_heads % tp:
-        raise LayoutError(f"--num-key-value-heads {args.num_key_value_heads} must be divisible by "
-                          f"--tensor-parallel-size {tp}")
-    if args.intermediate_size % tp:
-        raise LayoutError(f"--intermediate-size {args.intermediate_size} must be divisible by "
-                          f"--tensor-parallel-size {tp}")
-    if args.num_experts % tp:
-        raise LayoutError(f"--num-experts {args.num_experts} must be divisible by --tensor-parallel-size {tp} "
-                          f"(expert parallelism is tied to TP)")
+    for flag, value in (("--num-attention-heads", args.num_attention_heads),
+                        ("--num-key-value-heads", args.num_key_value_heads),
+                        ("--intermediate-size", args.intermediate_size),
+                        ("--num-experts", args.num_experts)):
+        if value % tp:
+            why = " (expert parallelism is tied to TP)" if flag == "--num-experts" else ""
+            raise LayoutError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}{why}")
     if args.num_layers < pp:
         raise LayoutError(f"--num-layers {args.num_layers} must be at least --pipeline-parallel-size {pp}")
 

@@ -7,7 +7,7 @@ group. With world size 1 every group is None and every collective below is a no-
 """
 from __future__ import annotations
 
-import math
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -107,28 +107,21 @@ def init_topology(tp: int, pp: int, device_type: str) -> Topology:
     topo = Topology(world_size=world_size, rank=rank, tp=tp, pp=pp, dp=dp, device=device,
                     tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp))
 
-    def rank_of(p: int, d: int, t: int) -> int:
-        return p * dp * tp + d * tp + t
+    def rank_of(pp: int, dp: int, tp: int) -> int:
+        return pp * topo.dp * topo.tp + dp * topo.tp + tp
 
-    # Every rank must create every group, in the same order.
-    for p in range(pp):
-        for d in range(dp):
-            ranks = [rank_of(p, d, t) for t in range(tp)]
-            g = dist.new_group(ranks) if tp > 1 else None
+    # Every rank must create every group, in the same order: for each axis, one group per fixed value of
+    # the other two coordinates, holding the ranks that differ only along that axis.
+    sizes = {"pp": pp, "dp": dp, "tp": tp}
+    for axis in ("tp", "dp", "pp"):
+        others = [a for a in sizes if a != axis]
+        for fixed in itertools.product(*(range(sizes[a]) for a in others)):
+            ranks = [rank_of(**dict(zip(others, fixed)), **{axis: i}) for i in range(sizes[axis])]
+            group = dist.new_group(ranks) if sizes[axis] > 1 else None
             if rank in ranks:
-                topo.tp_group = g
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [rank_of(p, d, t) for d in range(dp)]
-            g = dist.new_group(ranks) if dp > 1 else None
-            if rank in ranks:
-                topo.dp_group = g
-    for d in range(dp):
-        for t in range(tp):
-            ranks = [rank_of(p, d, t) for p in range(pp)]
-            g = dist.new_group(ranks) if pp > 1 else None
-            if rank in ranks:
-                topo.pp_group, topo.pp_ranks = g, ranks
+                setattr(topo, f"{axis}_group", group)
+                if axis == "pp":
+                    topo.pp_ranks = ranks
     # A first collective on each group, so later point-to-point calls find the communicators ready.
     for g in (topo.tp_group, topo.dp_group, topo.pp_group):
         if g is not None:
