@@ -182,9 +182,7 @@ class SparseMoE(nn.Module):
         lse = torch.logsumexp(r.logits, dim=-1)
         z = lse.pow(2).mean()  # router_z_loss, keeping logsumexp for the entropy below
         if self.training and self.stats.enabled:
-            with torch.no_grad():  # entropy -sum p log p = logsumexp(logits) - sum p * logits
-                entropy = (lse - (r.probs * r.logits).sum(-1)).mean()
-            self.stats.record(counts, aux, z, entropy)
+            self.stats.record(counts, aux, z, lse, r)
 
         # Local experts first: key = (expert - first_local) mod E puts this rank's experts at 0..L-1.
         key = (flat_expert - self.first_local) % E
@@ -223,7 +221,10 @@ class MoEStepStats:
         self.num_microbatches = 0
 
     @torch.no_grad()
-    def record(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, entropy: torch.Tensor) -> None:
+    def record(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, lse: torch.Tensor,
+               router: RouterOutput) -> None:
+        """Everything the statistics cost per microbatch; lse = logsumexp(router logits) per token."""
+        entropy = (lse - (router.probs * router.logits).sum(-1)).mean()  # -sum p ln p, reusing lse
         i = self.num_microbatches
         if self.rows is None or i >= self.rows.shape[0]:
             grown = counts.new_zeros(max(2 * i, 1), self.num_experts + 3)
