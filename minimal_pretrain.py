@@ -19,7 +19,7 @@ import torch
 from data import DataError, batch_offsets, check_lengths, get_batch, load_corpus
 from model import GPT, ModelConfig, count_parameters
 from moe_layers import grouped_mm_available
-from moe_stats import StatsLayout, attach_stats_buffer, moe_metrics, pack_step_stats, reset_stats
+from moe_stats import StatsLayout, moe_metrics, pack_step_stats, reset_stats
 from parallel import (DataParallelGrads, LayoutError, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
                       clip_grads_, destroy_topology, env_world_size, full_state_dict, grad_norm, init_topology,
                       run_forward_only, run_schedule, stage_layer_ids)
@@ -293,7 +293,6 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
     comm = PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None
     moe_layers = model.moe_layers()
     layout = StatsLayout(cfg.moe_layer_ids() if args.moe_metrics != "off" else [], cfg.num_experts, m, topo.dp)
-    stats_buffer = attach_stats_buffer(moe_layers, m, topo.device) if args.moe_metrics != "off" else None
     peak = peak_flops(topo.device, precision)
     fpt = flops_per_token(cfg, active)
     tokens_per_step = args.global_batch_size * T
@@ -370,8 +369,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
         if step % args.log_interval == 0 or step == args.max_steps - 1:
             detailed = args.moe_metrics == "detailed" or (
                 args.moe_detailed_every > 0 and step % args.moe_detailed_every == 0)
-            flat = pack_step_stats(layout, moe_layers, stats_buffer, lm_loss_sum if topo.is_last_stage else None,
-                                   topo, events)
+            flat = pack_step_stats(layout, moe_layers, lm_loss_sum if topo.is_last_stage else None, topo, events)
             if is_main:
                 now = time.perf_counter()
                 tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time - eval_seconds, 1e-9)

@@ -166,7 +166,7 @@ class SparseMoE(nn.Module):
         self.router = TopKRouter(hidden_size, num_experts, top_k, normalize_topk, init_std)
         self.experts = GroupedExperts(num_experts, self.num_local, hidden_size, ffn_size, init_std,
                                       out_init_std, expert_impl)
-        self.stats = MoEStepStats(num_experts)
+        self.stats = MoEStepStats(num_experts, top_k)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -206,40 +206,48 @@ class SparseMoE(nn.Module):
 
 
 class MoEStepStats:
-    """Device-side record of one optimizer step of one MoE layer (no host sync). Row i of `rows` holds
-    microbatch i's per-expert token counts followed by its [aux, z, entropy]. The trainer points `rows`
-    at a slice of one buffer shared by every MoE layer of the stage (moe_stats.attach_stats_buffer), so
-    the logging step reads all layers with a handful of batched ops; standalone, it grows its own."""
+    """Device-side record of one optimizer step of one MoE layer (no host sync, next to no work).
 
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
+    Per microbatch, `record` keeps references to small tensors the forward already made (the [E] expert
+    counts, aux, z) plus two new scalars, sum_t logsumexp_t and sum_t sum_e p_te * logit_te (two
+    kernels); the router entropy is derived from those. Stacking and every reduction happen once,
+    batched over all layers, at the logging step (`summarize`, moe_stats.pack_step_stats)."""
+
+    def __init__(self, num_experts: int, top_k: int):
+        self.num_experts, self.top_k = num_experts, top_k
         self.enabled = True  # --moe-metrics off turns recording off
-        self.rows: Optional[torch.Tensor] = None
-        self.num_microbatches = 0
+        self.reset()
 
     def reset(self) -> None:
-        self.num_microbatches = 0
+        self.counts: list = []   # one [E] tensor per microbatch
+        self.scalars: list = []  # 4 per microbatch: aux, z, sum logsumexp, sum p * logits
 
     @torch.no_grad()
     def record(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, lse: torch.Tensor,
                router: RouterOutput) -> None:
-        """Everything the statistics cost per microbatch; lse = logsumexp(router logits) per token."""
-        entropy = (lse - (router.probs * router.logits).sum(-1)).mean()  # -sum p ln p, reusing lse
-        i = self.num_microbatches
-        if self.rows is None or i >= self.rows.shape[0]:
-            grown = counts.new_zeros(max(2 * i, 1), self.num_experts + 3)
-            if self.rows is not None:
-                grown[:i] = self.rows[:i]
-            self.rows = grown
-        torch.cat([counts, aux.reshape(1), z.reshape(1), entropy.reshape(1)], out=self.rows[i])
-        self.num_microbatches = i + 1
+        """lse = logsumexp(router logits) per token (already computed for the z-loss)."""
+        self.counts.append(counts)
+        self.scalars += [aux.detach(), z.detach(), lse.sum(), torch.dot(router.probs.reshape(-1), router.logits.reshape(-1))]
+
+    @property
+    def num_microbatches(self) -> int:
+        return len(self.counts)
+
+    @staticmethod
+    def summarize(counts: torch.Tensor, scalars: torch.Tensor, top_k: int) -> torch.Tensor:
+        """counts [..., m, E], scalars [..., m, 4] -> per-microbatch [aux, z, entropy] [..., m, 3].
+        Mean router entropy -sum_e p ln p = mean_t(logsumexp_t - sum_e p_te * logit_te); T = sum(c) / k."""
+        tokens = (counts.sum(-1) / top_k).clamp_min(1)
+        entropy = (scalars[..., 2] - scalars[..., 3]) / tokens
+        return torch.stack([scalars[..., 0], scalars[..., 1], entropy], dim=-1)
 
     @property
     def microbatch_counts(self) -> torch.Tensor:
         """[microbatches, E] token counts of this step so far."""
-        return self.rows[: self.num_microbatches, : self.num_experts]
+        return torch.stack(self.counts)
 
     @property
     def loss_sums(self) -> torch.Tensor:
         """Sum over this step's microbatches of [aux, z, entropy]."""
-        return self.rows[: self.num_microbatches, self.num_experts:].sum(0)
+        scalars = torch.stack(self.scalars).view(-1, 4)
+        return self.summarize(self.microbatch_counts, scalars, self.top_k).sum(0)

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from moe_layers import MoEStepStats
 from parallel import Topology, all_reduce_
 
 
@@ -84,21 +85,8 @@ def overload_factors(mb_counts: torch.Tensor, ep: int, in_flight: torch.Tensor) 
     return overload, cum
 
 
-def attach_stats_buffer(moe_layers: dict, num_microbatches: int, device: torch.device) -> Optional[torch.Tensor]:
-    """One [local MoE layers, m, E + 3] buffer that every local MoE layer records into (rows in order of
-    global layer id)."""
-    if not moe_layers:
-        return None
-    ids = sorted(moe_layers)
-    E = moe_layers[ids[0]].stats.num_experts
-    buf = torch.zeros(len(ids), num_microbatches, E + 3, device=device)
-    for j, layer_id in enumerate(ids):
-        moe_layers[layer_id].stats.rows = buf[j]
-    return buf
-
-
-def pack_step_stats(layout: StatsLayout, moe_layers: dict, stats_buffer: Optional[torch.Tensor],
-                    lm_loss_sum: Optional[torch.Tensor], topo: Topology, events: Sequence[tuple]) -> torch.Tensor:
+def pack_step_stats(layout: StatsLayout, moe_layers: dict, lm_loss_sum: Optional[torch.Tensor], topo: Topology,
+                    events: Sequence[tuple]) -> torch.Tensor:
     """This rank's share of the step statistics, reduced over PP then DP (two collectives in all).
     A fixed number of batched ops whatever the number of layers: the statistics cost stays flat."""
     flat = torch.zeros(layout.numel(), device=topo.device, dtype=torch.float32)
@@ -106,12 +94,16 @@ def pack_step_stats(layout: StatsLayout, moe_layers: dict, stats_buffer: Optiona
     if lm_loss_sum is not None:
         v["lm"][0] = lm_loss_sum.detach().float()
         v["lm"][1] = layout.num_microbatches
-    if layout.L and stats_buffer is not None:
-        E = layout.num_experts
-        rows = torch.tensor([layout.moe_layer_ids.index(l) for l in sorted(moe_layers)], device=topo.device)
-        mb_counts = stats_buffer[..., :E]  # [local layers, m, E]
+    if layout.L and moe_layers:
+        ids = sorted(moe_layers)
+        stats = [moe_layers[l].stats for l in ids]
+        rows = torch.tensor([layout.moe_layer_ids.index(l) for l in ids], device=topo.device)
+        shape = (len(ids), layout.num_microbatches)
+        mb_counts = torch.stack([c for s in stats for c in s.counts]).view(*shape, layout.num_experts)
+        scalars = torch.stack([x for s in stats for x in s.scalars]).view(*shape, 4)
+        mb_losses = MoEStepStats.summarize(mb_counts, scalars, stats[0].top_k)  # [local layers, m, 3]
         v["counts"].index_copy_(0, rows, mb_counts.sum(1))
-        v["losses"].index_copy_(0, rows, stats_buffer[..., E:].sum(1))
+        v["losses"].index_copy_(0, rows, mb_losses.sum(1))
         in_flight = _in_flight_on(tuple(events), layout.num_microbatches, str(topo.device))
         overload, cum = overload_factors(mb_counts, topo.ep, in_flight)
         v["overload"][topo.dp_rank].index_copy_(0, rows, overload)
