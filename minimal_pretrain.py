@@ -374,13 +374,15 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
                 now = time.perf_counter()
                 tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time - eval_seconds, 1e-9)
                 last_log_time, last_log_step, eval_seconds = now, step, 0.0
-                lm = layout.split(flat)["lm"].tolist()
-                metrics = moe_metrics(layout, flat, detailed)
+                host = flat.double().cpu()  # the one device-to-host transfer of the logging step
+                parts = layout.split(host)
+                lm = parts["lm"].tolist()
+                metrics = moe_metrics(layout, host, detailed)
                 rec = {"step": step, "loss": lm[0] / max(lm[1], 1),
                        "aux_loss": metrics.get("moe/aux_loss_mean"), "z_loss": metrics.get("moe/z_loss_mean"),
                        "lr": lr, "grad_norm": norm.item(), "tokens_per_sec": tps,
                        "mfu": tps * fpt / (peak * topo.world_size) if peak else None, **metrics}
-                counts = layout.split(flat)["counts"].cpu().numpy() if run_log.wants_histogram(step) and layout.L else None
+                counts = parts["counts"].numpy() if run_log.wants_histogram(step) and layout.L else None
                 run_log.log(rec, counts)
                 result.records.append(rec)
                 result.losses.append(rec["loss"])

@@ -57,9 +57,10 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -
     return num_experts * (f * p).sum()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """mean over tokens of logsumexp(logits)^2 (ST-MoE)."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+def router_z_loss(logits: torch.Tensor, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """mean over tokens of logsumexp(logits)^2 (ST-MoE); pass lse if the logsumexp is already computed."""
+    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
+    return lse.pow(2).mean()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,8 +180,8 @@ class SparseMoE(nn.Module):
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.float32))
 
         aux = load_balancing_loss(r.probs, counts, k)
-        lse = torch.logsumexp(r.logits, dim=-1)
-        z = lse.pow(2).mean()  # router_z_loss, keeping logsumexp for the entropy below
+        lse = torch.logsumexp(r.logits, dim=-1)  # shared by the z-loss and the entropy statistics
+        z = router_z_loss(r.logits, lse)
         if self.training and self.stats.enabled:
             self.stats.record(counts, aux, z, lse, r)
 

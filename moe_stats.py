@@ -118,7 +118,7 @@ def _pct(values: np.ndarray, q: float) -> float:
 
 
 def moe_metrics(layout: StatsLayout, flat: torch.Tensor, detailed: bool = False, top_n: int = 5) -> dict:
-    """Host-side metrics from the reduced statistics (one transfer to the host)."""
+    """Host-side metrics from the reduced statistics (moved to the host once, if not there already)."""
     v = {k: t.numpy() for k, t in layout.split(flat.detach().double().cpu()).items()}  # one transfer
     n_mb = layout.num_microbatches * layout.dp
     out = {}

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import batch_offsets, get_batch, load_corpus  # noqa: E402
 from minimal_pretrain import lr_at, model_config, parse_args  # noqa: E402
 from model import GPT  # noqa: E402
-from parallel import Topology, clip_grads_  # noqa: E402
+from parallel import Topology, clip_grads_, grad_norm  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,8 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=device)
     corpus = load_corpus(args.data, args.vocab_size)
     cfg = model_config(args, corpus.vocab_size)
-    model = GPT(cfg, Topology(device=device))
+    topo = Topology(device=device)  # world-1 view: DDP, not our groups, does the communication
+    model = GPT(cfg, topo)
     model.init_weights(args.seed)
     model.to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local], bucket_cap_mb=args.ddp_bucket_size_mb,
@@ -65,8 +66,7 @@ def main() -> None:
                 ((loss + moe_loss) / m).backward()
             loss_sum += loss.detach()
         # Same global-norm clip as the trainer (DP ranks hold identical averaged gradients).
-        norm = torch.stack([p.grad.float().pow(2).sum() for p in params]).sum().sqrt()
-        clip_grads_(params, norm, args.grad_clip)
+        clip_grads_(params, grad_norm(params, topo), args.grad_clip)
         opt.step()
         if step % args.log_interval == 0 or step == args.max_steps - 1:
             dist.all_reduce(loss_sum)
