@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from data import DataError, batch_offsets, check_lengths, get_batch, load_corpus
 from model import GPT, ModelConfig, count_parameters
 from moe_layers import grouped_mm_available
-from moe_stats import StatsLayout, moe_metrics, pack_step_stats, reset_stats
+from moe_stats import StatsLayout, StepStats, moe_metrics, pack_step_stats
 from parallel import (DataParallelGrads, LayoutError, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
                       clip_grads_, destroy_topology, env_world_size, full_state_dict, grad_norm, init_topology,
                       run_forward_only, run_schedule, stage_layer_ids)
@@ -291,7 +292,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
                                   fused=topo.device.type == "cuda")
     autocast = torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     comm = PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None
-    moe_layers = model.moe_layers()
+    step_stats = StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=args.moe_metrics != "off")
     layout = StatsLayout(cfg.moe_layer_ids() if args.moe_metrics != "off" else [], cfg.num_experts, m, topo.dp)
     peak = peak_flops(topo.device, precision)
     fpt = flops_per_token(cfg, active)
@@ -344,7 +345,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
         for group in optimizer.param_groups:
             group["lr"] = lr
         dp_grads.zero_grad()
-        reset_stats(moe_layers, enabled=args.moe_metrics != "off")
+        step_stats.reset()
         xs, ys = rank_batch("train", corpus.train, step)
         lm_loss_sum = torch.zeros((), device=topo.device)
 
@@ -352,6 +353,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
             nonlocal lm_loss_sum
             with autocast:
                 out, moe_loss = model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
+            step_stats.end_microbatch()
             if topo.is_last_stage:
                 lm_loss_sum = lm_loss_sum + out.detach()
                 return out, (out + moe_loss) / m
@@ -369,20 +371,21 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
         if step % args.log_interval == 0 or step == args.max_steps - 1:
             detailed = args.moe_metrics == "detailed" or (
                 args.moe_detailed_every > 0 and step % args.moe_detailed_every == 0)
-            flat = pack_step_stats(layout, moe_layers, lm_loss_sum if topo.is_last_stage else None, topo, events)
+            flat = pack_step_stats(layout, step_stats, lm_loss_sum if topo.is_last_stage else None, topo, events)
             if is_main:
                 now = time.perf_counter()
                 tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time - eval_seconds, 1e-9)
                 last_log_time, last_log_step, eval_seconds = now, step, 0.0
-                host = flat.double().cpu()  # the one device-to-host transfer of the logging step
-                parts = layout.split(host)
+                # The one device-to-host transfer of the logging step: the statistics and the grad norm.
+                host = torch.cat([flat, norm.detach().float().view(1)]).cpu().numpy().astype(np.float64)
+                parts = layout.split(host[:-1])
                 lm = parts["lm"].tolist()
-                metrics = moe_metrics(layout, host, detailed)
+                metrics = moe_metrics(layout, host[:-1], detailed)
                 rec = {"step": step, "loss": lm[0] / max(lm[1], 1),
                        "aux_loss": metrics.get("moe/aux_loss_mean"), "z_loss": metrics.get("moe/z_loss_mean"),
-                       "lr": lr, "grad_norm": norm.item(), "tokens_per_sec": tps,
+                       "lr": lr, "grad_norm": float(host[-1]), "tokens_per_sec": tps,
                        "mfu": tps * fpt / (peak * topo.world_size) if peak else None, **metrics}
-                counts = parts["counts"].numpy() if run_log.wants_histogram(step) and layout.L else None
+                counts = parts["counts"] if run_log.wants_histogram(step) and layout.L else None
                 run_log.log(rec, counts)
                 result.records.append(rec)
                 result.losses.append(rec["loss"])

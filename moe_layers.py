@@ -8,7 +8,7 @@ device value back to the host (on the grouped-GEMM path): counts and group offse
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,16 @@ class RouterOutput:
     weights: torch.Tensor  # [T, k] combine weights (fp32)
     probs: torch.Tensor    # [T, E] softmax over all experts (fp32)
     logits: torch.Tensor   # [T, E] fp32
+
+
+class RoutingRecord(NamedTuple):
+    """What one training forward of a SparseMoE leaves for the step statistics: references to tensors
+    the forward made anyway, no copies and no kernels. moe_stats.StepStats folds the records of all
+    layers at once after each microbatch's forward."""
+    counts: torch.Tensor  # [E] assignments per expert (fp32, no gradient)
+    aux: torch.Tensor     # load-balancing loss (scalar)
+    z: torch.Tensor       # router z-loss (scalar)
+    probs: torch.Tensor   # [T, E] router probabilities (fp32), for the entropy
 
 
 class TopKRouter(nn.Module):
@@ -57,10 +67,9 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -
     return num_experts * (f * p).sum()
 
 
-def router_z_loss(logits: torch.Tensor, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """mean over tokens of logsumexp(logits)^2 (ST-MoE); pass lse if the logsumexp is already computed."""
-    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
-    return lse.pow(2).mean()
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of logsumexp(logits)^2 (ST-MoE)."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,9 +157,9 @@ class SparseMoE(nn.Module):
 
     sort the T*k assignments by expert -> gather -> grouped GEMM -> unsort -> weighted sum over k.
 
-    forward returns (output, loss) where loss = aux_coef * aux + z_coef * z for this layer. Per step
-    statistics (token counts per expert, per-microbatch counts, the losses, router entropy) are
-    accumulated on the device in `self.stats` while training; the trainer resets and reads them.
+    forward returns (output, loss) where loss = aux_coef * aux + z_coef * z for this layer. A training
+    forward also leaves `last_routing` (counts, losses, probabilities: references, no copies) for the
+    step statistics of moe_stats.StepStats.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, topo: Topology,
@@ -167,7 +176,10 @@ class SparseMoE(nn.Module):
         self.router = TopKRouter(hidden_size, num_experts, top_k, normalize_topk, init_std)
         self.experts = GroupedExperts(num_experts, self.num_local, hidden_size, ffn_size, init_std,
                                       out_init_std, expert_impl)
-        self.stats = MoEStepStats(num_experts, top_k)
+        # Statistics: while record_routing is set, a training forward leaves its RoutingRecord here (the
+        # last microbatch's only: moe_stats.StepStats takes it after each microbatch).
+        self.record_routing = True
+        self.last_routing: Optional[RoutingRecord] = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -180,10 +192,9 @@ class SparseMoE(nn.Module):
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.float32))
 
         aux = load_balancing_loss(r.probs, counts, k)
-        lse = torch.logsumexp(r.logits, dim=-1)  # shared by the z-loss and the entropy statistics
-        z = router_z_loss(r.logits, lse)
-        if self.training and self.stats.enabled:
-            self.stats.record(counts, aux, z, lse, r)
+        z = router_z_loss(r.logits)
+        if self.training and self.record_routing:
+            self.last_routing = RoutingRecord(counts, aux, z, r.probs)  # read without autograd
 
         # Local experts first: key = (expert - first_local) mod E puts this rank's experts at 0..L-1.
         key = (flat_expert - self.first_local) % E
@@ -204,51 +215,3 @@ class SparseMoE(nn.Module):
         out = reduce_from_tp(out, self.topo)
         loss = self.aux_loss_coef * aux + self.z_loss_coef * z
         return out.view(shape), loss
-
-
-class MoEStepStats:
-    """Device-side record of one optimizer step of one MoE layer (no host sync, next to no work).
-
-    Per microbatch, `record` keeps references to small tensors the forward already made (the [E] expert
-    counts, aux, z) plus two new scalars, sum_t logsumexp_t and sum_t sum_e p_te * logit_te (two
-    kernels); the router entropy is derived from those. Stacking and every reduction happen once,
-    batched over all layers, at the logging step (`summarize`, moe_stats.pack_step_stats)."""
-
-    def __init__(self, num_experts: int, top_k: int):
-        self.num_experts, self.top_k = num_experts, top_k
-        self.enabled = True  # --moe-metrics off turns recording off
-        self.reset()
-
-    def reset(self) -> None:
-        self.counts: list = []   # one [E] tensor per microbatch
-        self.scalars: list = []  # 4 per microbatch: aux, z, sum logsumexp, sum p * logits
-
-    @torch.no_grad()
-    def record(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, lse: torch.Tensor,
-               router: RouterOutput) -> None:
-        """lse = logsumexp(router logits) per token (already computed for the z-loss)."""
-        self.counts.append(counts)
-        self.scalars += [aux.detach(), z.detach(), lse.sum(), torch.dot(router.probs.reshape(-1), router.logits.reshape(-1))]
-
-    @property
-    def num_microbatches(self) -> int:
-        return len(self.counts)
-
-    @staticmethod
-    def summarize(counts: torch.Tensor, scalars: torch.Tensor, top_k: int) -> torch.Tensor:
-        """counts [..., m, E], scalars [..., m, 4] -> per-microbatch [aux, z, entropy] [..., m, 3].
-        Mean router entropy -sum_e p ln p = mean_t(logsumexp_t - sum_e p_te * logit_te); T = sum(c) / k."""
-        tokens = (counts.sum(-1) / top_k).clamp_min(1)
-        entropy = (scalars[..., 2] - scalars[..., 3]) / tokens
-        return torch.stack([scalars[..., 0], scalars[..., 1], entropy], dim=-1)
-
-    @property
-    def microbatch_counts(self) -> torch.Tensor:
-        """[microbatches, E] token counts of this step so far."""
-        return torch.stack(self.counts)
-
-    @property
-    def loss_sums(self) -> torch.Tensor:
-        """Sum over this step's microbatches of [aux, z, entropy]."""
-        scalars = torch.stack(self.scalars).view(-1, 4)
-        return self.summarize(self.microbatch_counts, scalars, self.top_k).sum(0)

@@ -1,11 +1,13 @@
 """MoE load statistics: device-side collection, one packed all-reduce per group, host-side metrics.
 
-Each SparseMoE accumulates, on the device and without host syncs, the per-expert token counts of every
-microbatch of the step plus its aux loss, z-loss and router entropy (moe_layers.MoEStepStats). At a
-logging step `pack_step_stats` writes everything this rank knows into one flat tensor laid out over
-the *global* MoE layers; one all-reduce over the PP group fills in the other stages' layers, and one
-over the DP group sums the replicas. TP/EP ranks share the replicated router, so they are not reduced.
-`moe_metrics` then turns the packed numbers into the logged metrics on the host. Formulas: MOE_GUIDE.md.
+Each SparseMoE forward leaves references to its expert counts, aux loss, z-loss and router
+probabilities (moe_layers.RoutingRecord). After each microbatch's forward, `StepStats.end_microbatch`
+folds those of all local MoE layers at once, on the device and without a host sync, into a handful of
+small tensors (the cost does not grow with the number of layers). At a logging step `pack_step_stats`
+writes everything this rank knows into one flat tensor laid out over the *global* MoE layers; one
+all-reduce over the PP group fills in the other stages' layers, and one over the DP group sums the
+replicas. TP/EP ranks share the replicated router, so they are not reduced. `moe_metrics` then turns
+the packed numbers into the logged metrics on the host. Formulas: MOE_GUIDE.md.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from moe_layers import MoEStepStats
 from parallel import Topology, all_reduce_
 
 
@@ -41,16 +42,14 @@ class StatsLayout:
     def numel(self) -> int:
         return sum(self.sizes().values())
 
-    def split(self, flat: torch.Tensor) -> dict:
+    def split(self, flat):
+        """Views of each block of a flat torch tensor or numpy array."""
+        L, E, m, dp = self.L, self.num_experts, self.num_microbatches, self.dp
+        shapes = {"lm": (2,), "counts": (L, E), "losses": (L, 3), "overload": (dp, L, m), "cum_overload": (dp, L)}
         out, off = {}, 0
         for name, n in self.sizes().items():
-            out[name] = flat[off:off + n]
+            out[name] = flat[off:off + n].reshape(shapes[name])
             off += n
-        L, E, m, dp = self.L, self.num_experts, self.num_microbatches, self.dp
-        out["counts"] = out["counts"].view(L, E)
-        out["losses"] = out["losses"].view(L, 3)
-        out["overload"] = out["overload"].view(dp, L, m)
-        out["cum_overload"] = out["cum_overload"].view(dp, L)
         return out
 
 
@@ -85,85 +84,144 @@ def overload_factors(mb_counts: torch.Tensor, ep: int, in_flight: torch.Tensor) 
     return overload, cum
 
 
-def pack_step_stats(layout: StatsLayout, moe_layers: dict, lm_loss_sum: Optional[torch.Tensor], topo: Topology,
-                    events: Sequence[tuple]) -> torch.Tensor:
+class StepStats:
+    """This rank's MoE statistics of one optimizer step, for all its MoE layers at once.
+
+    The trainer calls `end_microbatch` after every microbatch's forward (the routing records are then
+    still alive for the backward anyway) and `reset` at the start of each step. Per microbatch and layer
+    it keeps references to the [E] counts and the two losses, and one [L] tensor of router entropy
+    summed over the microbatch's tokens. L = this rank's MoE layers, in global layer order."""
+
+    def __init__(self, moe_layers: dict, top_k: int, enabled: bool = True):
+        self.layer_ids = sorted(moe_layers)
+        self.layers = [moe_layers[i] for i in self.layer_ids]
+        self.top_k, self.enabled = top_k, enabled
+        for moe in self.layers:
+            moe.record_routing = enabled
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts: list = []   # [E] per microbatch and layer, microbatch-major
+        self.losses: list = []   # per microbatch: L aux losses, then L z-losses (scalars)
+        self.entropy: list = []  # per microbatch [L]: sum over tokens of -sum_e p ln p
+        for moe in self.layers:
+            moe.last_routing = None
+
+    @property
+    def num_microbatches(self) -> int:
+        return len(self.entropy)
+
+    @torch.no_grad()
+    def end_microbatch(self) -> None:
+        """Take the routing records the last forward left in every layer; the entropy needs the [T, E]
+        probabilities, so it is reduced now, for all layers at once (three kernels)."""
+        if not (self.enabled and self.layers):
+            return
+        records = [moe.last_routing for moe in self.layers]
+        if any(r is None for r in records):
+            raise RuntimeError("StepStats.end_microbatch: a MoE layer ran no training forward since the last call")
+        for moe in self.layers:
+            moe.last_routing = None
+        self.counts += [r.counts for r in records]
+        self.losses += [r.aux for r in records] + [r.z for r in records]
+        # -p ln p with 0 ln 0 = 0, written over the stacked copy of the probabilities (one [L, T, E] buffer).
+        probs = torch.stack([r.probs for r in records])
+        self.entropy.append(torch.special.entr(probs, out=probs).sum(dim=(1, 2)))
+
+    @torch.no_grad()
+    def per_microbatch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts [L, m, E], losses [L, m, 3] = aux, z, mean router entropy) of this step so far."""
+        m, L = self.num_microbatches, len(self.layers)
+        counts = torch.stack(self.counts).view(m, L, -1).transpose(0, 1)
+        assignments = counts.sum(-1).clamp_min(1)  # [L, m] = tokens * k
+        entropy = torch.stack(self.entropy, dim=1) * self.top_k / assignments
+        aux_z = torch.stack(self.losses).view(m, 2, L).permute(2, 0, 1)  # [L, m, 2]
+        return counts, torch.cat([aux_z, entropy.unsqueeze(-1)], dim=-1)
+
+
+def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_loss_sum: Optional[torch.Tensor],
+                    topo: Topology, events: Sequence[tuple]) -> torch.Tensor:
     """This rank's share of the step statistics, reduced over PP then DP (two collectives in all).
     A fixed number of batched ops whatever the number of layers: the statistics cost stays flat."""
     flat = torch.zeros(layout.numel(), device=topo.device, dtype=torch.float32)
     v = layout.split(flat)
     if lm_loss_sum is not None:
-        v["lm"][0] = lm_loss_sum.detach().float()
+        v["lm"][0] = lm_loss_sum.detach()
         v["lm"][1] = layout.num_microbatches
-    if layout.L and moe_layers:
-        ids = sorted(moe_layers)
-        stats = [moe_layers[l].stats for l in ids]
-        rows = torch.tensor([layout.moe_layer_ids.index(l) for l in ids], device=topo.device)
-        shape = (len(ids), layout.num_microbatches)
-        mb_counts = torch.stack([c for s in stats for c in s.counts]).view(*shape, layout.num_experts)
-        scalars = torch.stack([x for s in stats for x in s.scalars]).view(*shape, 4)
-        mb_losses = MoEStepStats.summarize(mb_counts, scalars, stats[0].top_k)  # [local layers, m, 3]
-        v["counts"].index_copy_(0, rows, mb_counts.sum(1))
-        v["losses"].index_copy_(0, rows, mb_losses.sum(1))
-        in_flight = _in_flight_on(tuple(events), layout.num_microbatches, str(topo.device))
-        overload, cum = overload_factors(mb_counts, topo.ep, in_flight)
-        v["overload"][topo.dp_rank].index_copy_(0, rows, overload)
-        v["cum_overload"][topo.dp_rank].index_copy_(0, rows, cum)
+    if layout.L and step_stats is not None and step_stats.layers:
+        if step_stats.num_microbatches != layout.num_microbatches:
+            raise RuntimeError(f"pack_step_stats: {step_stats.num_microbatches} microbatches recorded, "
+                               f"expected {layout.num_microbatches}")
+        # A stage's MoE layers are a contiguous run of the global ones (stages own contiguous layers).
+        first = layout.moe_layer_ids.index(step_stats.layer_ids[0])
+        rows = slice(first, first + len(step_stats.layer_ids))
+        assert layout.moe_layer_ids[rows] == step_stats.layer_ids, (layout.moe_layer_ids, step_stats.layer_ids)
+        mb_counts, mb_losses = step_stats.per_microbatch()  # [L, m, E], [L, m, 3]
+        v["counts"][rows] = mb_counts.sum(1)
+        v["losses"][rows] = mb_losses.sum(1)
+        if topo.ep > 1:
+            in_flight = _in_flight_on(tuple(events), layout.num_microbatches, str(topo.device))
+            overload, cum = overload_factors(mb_counts, topo.ep, in_flight)
+            v["overload"][topo.dp_rank, rows] = overload
+            v["cum_overload"][topo.dp_rank, rows] = cum
+        else:  # one EP rank holds every token: 1.0 by definition
+            v["overload"][topo.dp_rank, rows] = 1.0
+            v["cum_overload"][topo.dp_rank, rows] = 1.0
     all_reduce_(flat, topo.pp_group)
     all_reduce_(flat, topo.dp_group)
     return flat
 
 
-def _pct(values: np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q)) if values.size else 0.0
+def _sorted_percentiles(sorted_values: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """Percentiles of already sorted values, with numpy's default linear interpolation."""
+    pos = np.asarray(qs, dtype=np.float64) / 100 * (sorted_values.size - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, sorted_values.size - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def moe_metrics(layout: StatsLayout, flat: torch.Tensor, detailed: bool = False, top_n: int = 5) -> dict:
-    """Host-side metrics from the reduced statistics (moved to the host once, if not there already)."""
-    v = {k: t.numpy() for k, t in layout.split(flat.detach().double().cpu()).items()}  # one transfer
-    n_mb = layout.num_microbatches * layout.dp
-    out = {}
+def moe_metrics(layout: StatsLayout, flat, detailed: bool = False, top_n: int = 5) -> dict:
+    """Host-side metrics from the reduced statistics (a numpy array, or a tensor moved to the host here).
+    It runs at every logging step while the GPU may wait, so it is one sort of the utilisations and a
+    few row reductions, whatever the number of layers."""
     if layout.L == 0:
-        return out
+        return {}
+    if isinstance(flat, torch.Tensor):
+        flat = flat.detach().cpu().double().numpy()
+    v = layout.split(np.asarray(flat, dtype=np.float64))
     c = v["counts"]  # [L, E]
-    losses = v["losses"] / n_mb  # per-layer means over microbatches and DP ranks
-    mean = c.mean(axis=1)
-    cv = c.std(axis=1) / np.maximum(mean, 1e-12)
-    ideal = c.sum(axis=1, keepdims=True) / layout.num_experts
-    util = c / np.maximum(ideal, 1e-12)
-    out["moe/aux_loss_mean"] = float(losses[:, 0].mean())
-    out["moe/z_loss_mean"] = float(losses[:, 1].mean())
-    out["moe/router_entropy_mean"] = float(losses[:, 2].mean())
-    out["moe/cv_mean"] = float(cv.mean())
-    out["moe/cv_median"] = float(np.median(cv))
-    out["moe/cv_min"] = float(cv.min())
-    out["moe/cv_max"] = float(cv.max())
+    L, E = c.shape
+    losses = v["losses"] / (layout.num_microbatches * layout.dp)  # per-layer means over microbatches and DP ranks
+    loss_means = losses.mean(axis=0)
+    mean = c.mean(axis=1, keepdims=True)
+    cv = np.sqrt(((c - mean) ** 2).mean(axis=1)) / np.maximum(mean[:, 0], 1e-12)  # population std / mean
+    util = c / np.maximum(mean, 1e-12)  # mean = sum_e c / E = the ideal count
     flat_u = util.reshape(-1)
-    for name, q in (("min", 0), ("p25", 25), ("median", 50), ("p75", 75), ("max", 100)):
-        out[f"moe/expert_utilization_{name}"] = _pct(flat_u, q)
-    out["moe/dead_experts"] = int((c == 0).sum())
     order = np.argsort(flat_u, kind="stable")
-    picks = list(order[::-1][:top_n]) + list(order[:top_n])
-    for idx in picks:
-        l, e = divmod(int(idx), layout.num_experts)
-        out[f"moe_expert_utilization/layer_{layout.moe_layer_ids[l]}_expert_{e}"] = float(flat_u[idx])
-    out["moe/load_std"] = float(c.std())
-    out["moe/load_min"] = float(c.min())
-    out["moe/load_max"] = float(c.max())
-    out["moe/load_imbalance"] = float(c.max() / max(c.min(), 1.0))
-    overload = v["overload"]  # [dp, L, m]
-    out["moe/avg_overload_factor"] = float(overload.mean())
-    out["moe/max_overload_factor"] = float(overload.max())
-    out["moe/max_cum_overload_factor"] = float(v["cum_overload"].max())
+    u_sorted = flat_u[order]
+    u_pct = _sorted_percentiles(u_sorted, (0, 25, 50, 75, 100))
+    cv_sorted = np.sort(cv)
+    c_min, c_max = float(c.min()), float(c.max())
+    out = {"moe/aux_loss_mean": float(loss_means[0]), "moe/z_loss_mean": float(loss_means[1]),
+           "moe/router_entropy_mean": float(loss_means[2]),
+           "moe/cv_mean": float(cv.mean()), "moe/cv_median": float(_sorted_percentiles(cv_sorted, (50,))[0]),
+           "moe/cv_min": float(cv_sorted[0]), "moe/cv_max": float(cv_sorted[-1])}
+    for name, value in zip(("min", "p25", "median", "p75", "max"), u_pct.tolist()):
+        out[f"moe/expert_utilization_{name}"] = value
+    out["moe/dead_experts"] = int(np.count_nonzero(c == 0))
+    ids = layout.moe_layer_ids
+    for idx in order[::-1][:top_n].tolist() + order[:top_n].tolist():
+        out[f"moe_expert_utilization/layer_{ids[idx // E]}_expert_{idx % E}"] = float(flat_u[idx])
+    out.update({"moe/load_std": float(c.std()), "moe/load_min": c_min, "moe/load_max": c_max,
+                "moe/load_imbalance": c_max / max(c_min, 1.0),
+                "moe/avg_overload_factor": float(v["overload"].mean()),
+                "moe/max_overload_factor": float(v["overload"].max()),
+                "moe/max_cum_overload_factor": float(v["cum_overload"].max())})
     if detailed:
-        for row, layer_id in enumerate(layout.moe_layer_ids):
+        util_max = util.max(axis=1)
+        for row, layer_id in enumerate(ids):
             out[f"moe/layer_{layer_id}/cv"] = float(cv[row])
             out[f"moe/layer_{layer_id}/aux_loss"] = float(losses[row, 0])
-            out[f"moe/layer_{layer_id}/utilization_max"] = float(util[row].max())
-        out["moe/counts"] = {str(layer_id): [int(x) for x in c[row]] for row, layer_id in enumerate(layout.moe_layer_ids)}
+            out[f"moe/layer_{layer_id}/utilization_max"] = float(util_max[row])
+        out["moe/counts"] = {str(layer_id): row for layer_id, row in zip(ids, c.astype(np.int64).tolist())}
     return out
-
-
-def reset_stats(moe_layers: dict, enabled: bool = True) -> None:
-    for moe in moe_layers.values():
-        moe.stats.reset()
-        moe.stats.enabled = enabled

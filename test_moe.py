@@ -30,7 +30,8 @@ import minimal_pretrain  # noqa: E402
 from data import DataError, batch_offsets, get_batch, load_corpus  # noqa: E402
 from model import GPT, MLP, ModelConfig, count_parameters  # noqa: E402
 from moe_layers import SparseMoE, TopKRouter, load_balancing_loss, router_z_loss  # noqa: E402
-from moe_stats import StatsLayout, in_flight_matrix, moe_metrics, overload_factors  # noqa: E402
+from moe_stats import (StatsLayout, StepStats, in_flight_matrix, moe_metrics, overload_factors,  # noqa: E402
+                       pack_step_stats)
 from parallel import Topology  # noqa: E402
 
 
@@ -275,10 +276,18 @@ def test_sparse_moe_loss_is_weighted_aux_plus_z():
     lse = (mx + np.log(np.exp(logits - mx).sum(1, keepdims=True)))[:, 0]
     z = np.mean(lse ** 2)
     assert loss.item() == pytest.approx(aux_coef * aux + z_coef * z, rel=1e-5)
-    # The per-step statistics recorded in training mode hold the same counts.
-    assert moe.stats.num_microbatches == 1
-    np.testing.assert_array_equal(moe.stats.microbatch_counts[0].numpy(), counts)
-    np.testing.assert_allclose(moe.stats.loss_sums[:2].numpy(), [aux, z], rtol=1e-5)
+    # The step statistics folded from this training forward hold the same counts and losses, and the
+    # router entropy mean_t(-sum_e p ln p).
+    stats = StepStats({0: moe}, top_k=2)
+    moe(x)
+    stats.end_microbatch()
+    assert stats.num_microbatches == 1 and moe.last_routing is None
+    mb_counts, mb_losses = stats.per_microbatch()
+    np.testing.assert_array_equal(mb_counts[0, 0].numpy(), counts)
+    entropy = np.mean(-(probs * np.log(probs)).sum(1))
+    np.testing.assert_allclose(mb_losses[0, 0].numpy(), [aux, z, entropy], rtol=1e-5)
+    with pytest.raises(RuntimeError, match="no training forward"):
+        stats.end_microbatch()  # nothing ran since: refused rather than counted twice
 
 
 # --------------------------------------------------------------------------------------------------
@@ -632,6 +641,44 @@ def test_moe_metrics_imbalance_without_dead_experts():
     assert m["moe/load_min"] == 2.0
 
 
+def _stats_torch_calls(num_layers: int) -> tuple[int, int]:
+    """torch-level calls made by the statistics of one step (2 microbatches) of a GPT with num_layers
+    MoE layers: (calls in StepStats.end_microbatch, calls in pack_step_stats)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model = GPT(tiny_cfg(num_layers=num_layers, moe_layer_interval=1), Topology())
+    model.init_weights(0)
+    stats = StepStats(model.moe_layers(), top_k=2)
+    fold_calls = 0
+    for i in range(2):
+        model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+        Count.n = 0
+        with Count():
+            stats.end_microbatch()
+        fold_calls = Count.n
+    layout = StatsLayout(model.cfg.moe_layer_ids(), 4, 2, 1)
+    Count.n = 0
+    with Count():
+        pack_step_stats(layout, stats, torch.tensor(1.0), Topology(), GPIPE)
+    return fold_calls, Count.n
+
+
+def test_statistics_cost_does_not_grow_with_layers():
+    """The host cost of the statistics is their number of torch calls: the same for 2 and for 8 MoE
+    layers (per microbatch and per logging step), since both are batched over the layers."""
+    fold2, pack2 = _stats_torch_calls(2)
+    fold8, pack8 = _stats_torch_calls(8)
+    assert fold2 == fold8 and pack2 == pack8, (fold2, fold8, pack2, pack8)
+    assert fold8 < 20 and pack8 < 40, (fold8, pack8)
+
+
 # --------------------------------------------------------------------------------------------------
 # 10. Overload factors
 # --------------------------------------------------------------------------------------------------
@@ -676,7 +723,7 @@ def test_cumulative_overload_can_cancel_when_held_together():
 
 
 # --------------------------------------------------------------------------------------------------
-# 11. No host-device sync in the grouped MoE forward (CUDA only)
+# 11. No host-device sync in the grouped MoE forward and its statistics (CUDA only)
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs can only be detected on CUDA")
 @pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype feature")
@@ -692,15 +739,19 @@ def test_no_host_sync_in_grouped_forward():
     x = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
     if not moe.experts.use_grouped(x):
         pytest.skip("torch._grouped_mm is not available for bf16 on this GPU")
+    stats = StepStats({0: moe}, top_k=2)
     moe(x)  # warm-up outside the sync check (lazy initialisation may sync)
+    stats.end_microbatch()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         out, loss = moe(x)
+        stats.end_microbatch()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert out.shape == x.shape and torch.isfinite(out.float()).all() and torch.isfinite(loss)
+    assert stats.num_microbatches == 2
 
 
 # ==================================================================================================
@@ -1032,7 +1083,7 @@ def _collective_count_worker(argv_json: str, out_path: str) -> None:
         bound = pack_sig.bind(*a, **kw).arguments
         topo = bound["topo"]
         calls.append({"all_reduce": [], "other": [], "pp": ranks_of(topo.pp_group), "dp": ranks_of(topo.dp_group),
-                      "L": bound["layout"].L, "local_layers": len(bound["moe_layers"])})
+                      "L": bound["layout"].L, "local_layers": len(bound["step_stats"].layers)})
         inside[0] = True
         try:
             return real_pack(*a, **kw)
