@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import sys
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     t.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    t.add_argument("--gc-interval", type=int, default=50,
+                   help="0: Python's automatic garbage collector; N: freeze the objects of set-up, turn automatic "
+                        "collection off while training and collect the young generations every N steps")
     t.add_argument("--data", default=None,
                    help="text file, directory of text files, or uint16 .bin tokens (default: embedded stdlib corpus)")
     par = p.add_argument_group("parallelism (under torchrun)")
@@ -127,7 +131,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
              "expert_intermediate_size", "vocab_size")
     non_negative("num_experts", "warmup_steps", "weight_decay", "grad_clip", "min_lr", "eval_interval",
                  "eval_iters", "moe_detailed_every", "moe_histogram_every", "router_aux_loss_coef",
-                 "router_z_loss_coef")
+                 "router_z_loss_coef", "gc_interval")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
@@ -237,6 +241,23 @@ class TrainResult:
     state_dict: Optional[dict] = None  # full unsharded parameters at the end (rank 0, if asked for)
 
 
+@contextlib.contextmanager
+def scheduled_gc():
+    """Python's automatic collector stops the host at unpredictable steps, each full pass walking every
+    object of the process. Instead: collect once, freeze what set-up built (model, optimizer, data) so no
+    pass walks it again, and leave collection to the training loop's schedule. Restored on exit."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
 def train(args: argparse.Namespace, return_state: bool = False) -> TrainResult:
     device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
@@ -339,13 +360,18 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
         progress = tqdm(total=args.max_steps, desc="train", dynamic_ncols=True, leave=False)
     emit = progress.write if progress is not None else print
     model.train()
+    if args.gc_interval:
+        cleanup.enter_context(scheduled_gc())
     last_log_time, last_log_step, eval_seconds = time.perf_counter(), -1, 0.0
     for step in range(args.max_steps):
+        if args.gc_interval and step % args.gc_interval == 0:
+            gc.collect(1)  # the young generations only: what the steps since the last collection left
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         dp_grads.zero_grad()
-        step_stats.reset()
+        log_step = step % args.log_interval == 0 or step == args.max_steps - 1
+        step_stats.reset(enabled=log_step and args.moe_metrics != "off")  # only a logging step's are read
         xs, ys = rank_batch("train", corpus.train, step)
         lm_loss_sum = torch.zeros((), device=topo.device)
 
@@ -368,7 +394,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
         clip_grads_(params, norm, args.grad_clip)
         optimizer.step()
 
-        if step % args.log_interval == 0 or step == args.max_steps - 1:
+        if log_step:
             detailed = args.moe_metrics == "detailed" or (
                 args.moe_detailed_every > 0 and step % args.moe_detailed_every == 0)
             flat = pack_step_stats(layout, step_stats, lm_loss_sum if topo.is_last_stage else None, topo, events)

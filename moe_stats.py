@@ -95,16 +95,18 @@ class StepStats:
     def __init__(self, moe_layers: dict, top_k: int, enabled: bool = True):
         self.layer_ids = sorted(moe_layers)
         self.layers = [moe_layers[i] for i in self.layer_ids]
-        self.top_k, self.enabled = top_k, enabled
-        for moe in self.layers:
-            moe.record_routing = enabled
-        self.reset()
+        self.top_k = top_k
+        self.reset(enabled)
 
-    def reset(self) -> None:
+    def reset(self, enabled: Optional[bool] = None) -> None:
+        """Start a step; `enabled` (if given) says whether this step records anything at all."""
+        if enabled is not None:
+            self.enabled = enabled
         self.counts: list = []   # [E] per microbatch and layer, microbatch-major
         self.losses: list = []   # per microbatch: L aux losses, then L z-losses (scalars)
         self.entropy: list = []  # per microbatch [L]: sum over tokens of -sum_e p ln p
         for moe in self.layers:
+            moe.record_routing = self.enabled
             moe.last_routing = None
 
     @property
@@ -148,7 +150,7 @@ def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_los
     if lm_loss_sum is not None:
         v["lm"][0] = lm_loss_sum.detach()
         v["lm"][1] = layout.num_microbatches
-    if layout.L and step_stats is not None and step_stats.layers:
+    if layout.L and step_stats is not None and step_stats.enabled and step_stats.layers:
         if step_stats.num_microbatches != layout.num_microbatches:
             raise RuntimeError(f"pack_step_stats: {step_stats.num_microbatches} microbatches recorded, "
                                f"expected {layout.num_microbatches}")

@@ -679,6 +679,43 @@ def test_statistics_cost_does_not_grow_with_layers():
     assert fold8 < 20 and pack8 < 40, (fold8, pack8)
 
 
+def test_statistics_recorded_at_logging_steps_only(tmp_path, monkeypatch):
+    """Steps between logging steps record nothing (their statistics would never be read): no fold and
+    no routing record kept alive; logging steps record every microbatch."""
+    import moe_stats
+    seen = []  # (step enabled?, layers holding a record) per end_microbatch call
+    real = moe_stats.StepStats.end_microbatch
+
+    def spy(self):
+        seen.append((self.enabled, sum(moe.last_routing is not None for moe in self.layers)))
+        return real(self)
+    monkeypatch.setattr(moe_stats.StepStats, "end_microbatch", spy)
+    argv = _base_argv("mixed") + ["--log-interval", "2", "--output-dir", str(tmp_path)]
+    argv[argv.index("--max-steps") + 1] = "5"
+    argv[argv.index("--moe-metrics") + 1] = "brief"
+    res = minimal_pretrain.train(minimal_pretrain.parse_args(argv))
+    assert [r["step"] for r in res.records] == [0, 2, 4]
+    assert all("moe/cv_mean" in r for r in res.records)
+    m = 4  # global batch 8 / micro batch 2
+    assert seen == [(step % 2 == 0, 2 if step % 2 == 0 else 0) for step in range(5) for _ in range(m)], seen
+
+
+def test_gc_interval_schedules_collection_and_restores_the_collector(tmp_path, monkeypatch):
+    """--gc-interval N: automatic collection off during training, young generations collected every N
+    steps; the collector is back to its previous state afterwards, even for an in-process caller."""
+    import gc
+    collects = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collects.append((generation, gc.isenabled())) or real_collect(generation))
+    argv = _base_argv("mixed") + ["--gc-interval", "2", "--output-dir", str(tmp_path)]
+    argv[argv.index("--max-steps") + 1] = "5"
+    assert gc.isenabled()
+    minimal_pretrain.train(minimal_pretrain.parse_args(argv))
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    # one full collection before freezing, then generation 1 at steps 0, 2, 4 with automatic collection off
+    assert collects == [(2, True), (1, False), (1, False), (1, False)], collects
+
+
 # --------------------------------------------------------------------------------------------------
 # 10. Overload factors
 # --------------------------------------------------------------------------------------------------

@@ -1,27 +1,34 @@
 """Cost of the MoE load statistics: step time with --moe-metrics detailed against off, on one GPU.
 
-    python bench/bench_moe_metrics.py [--repeats 3] [--steps 30] [--attribute-steps 15] [--modes off detailed]
-                                      [--batches large small] [--out bench_moe_metrics.json]
+    python bench/bench_moe_metrics.py [--batches large small] [--interleaved-steps 200] [--repeats 2]
+                                      [--steps 30] [--attribute-steps 15] [--gc-interval 0] [--out FILE.json]
 
 A model with 16 MoE layers (16 experts, top-2, d_model 768), logging every step: the worst case, as
-the statistics are then packed, reduced and read back at every step. Two batch sizes:
+the statistics are then recorded, packed, reduced and read back at every step. Two batch sizes:
 
 - large: 32 sequences of 2048 tokens per step (64k tokens). The GPU is the bottleneck, as in a real run.
 - small: 16 sequences of 1024 tokens per step (16k tokens). The host's kernel launches are the
   bottleneck, so every microsecond of Python the statistics add is a microsecond of step time.
 
-All runs are in one process and alternate between modes (off, detailed, off, detailed, ...) so that
-drift hits both. Each run drops its first steps as warm-up. Reported: the median step time per mode and
-the overhead against off with a 95% bootstrap interval.
+Three measurements per batch size, all in one process:
 
-Then, per batch, one more run per mode measures the host time spent inside the statistics code itself
-(StepStats.end_microbatch, pack_step_stats, moe_metrics, the log write), with a synchronize before each
-timed call so that the timer never counts a launch that waits for a full GPU queue. That host time, set
-against the median step, bounds what the statistics can add to a launch-bound step. Writes JSON.
+1. interleaved: one `--moe-metrics detailed` run in which the statistics are switched off at every other
+   step, in the order on, off, off, on (which cancels linear drift). An off step does exactly what
+   `--moe-metrics off` does: it records nothing, packs only the LM loss and computes no MoE metric. Each
+   step is timed from the start of one step to the start of the next, so it includes its own logging.
+   Drift between runs (about 2% on the large batch, 10% on the small one) cannot enter the comparison.
+   The overhead is the median, and the mean, over on-off-off-on blocks of (on - off) / off, each with a
+   95% bootstrap interval over blocks. Python garbage-collector pauses are counted per step too.
+2. separate: whole runs with --moe-metrics off and detailed, alternating; median step per mode.
+3. attribute: one more run per mode that times the host code of the statistics (StepStats.end_microbatch,
+   pack_step_stats, moe_metrics, the log write), with a synchronize before each timed call so that the
+   timer never counts a launch that waits for a full GPU queue. In a launch-bound step, host time added
+   is step time added: detailed minus off, over the median step, bounds the overhead there.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -45,106 +52,162 @@ MODEL = ["--hidden-size", "768", "--intermediate-size", "3072", "--num-layers", 
 BATCHES = {"large": ["--max-seq-length", "2048", "--global-batch-size", "32", "--micro-batch-size", "16"],
            "small": ["--max-seq-length", "1024", "--global-batch-size", "16", "--micro-batch-size", "8"]}
 WARMUP = 5
+ABBA = (True, False, False, True)
 
-host_seconds: dict = {}
-SYNC_BEFORE_TIMING = [False]
+# --- instrumentation, installed once: the real functions keep running, these only observe or switch ---
+state = {"sync": False, "interleave": False, "stats_on": [], "step_start": [], "host_s": {}, "gc": []}
+
+
+def gc_callback(phase: str, info: dict) -> None:
+    """Python garbage collections per step: (generation, seconds), to tell collector pauses from the rest."""
+    if phase == "start":
+        gc_callback.t0 = time.perf_counter()
+    elif state["gc"]:
+        state["gc"][-1].append((info["generation"], time.perf_counter() - gc_callback.t0))
 
 
 def timed(name: str, fn):
     def wrapper(*a, **k):
-        if SYNC_BEFORE_TIMING[0]:
+        if state["sync"]:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         try:
             return fn(*a, **k)
         finally:
-            host_seconds[name] = host_seconds.get(name, 0.0) + time.perf_counter() - t0
+            state["host_s"][name] = state["host_s"].get(name, 0.0) + time.perf_counter() - t0
     return wrapper
 
 
 def instrument() -> None:
-    """Time the statistics code in place (a perf_counter pair per call, well under a microsecond)."""
+    real_reset, real_metrics = moe_stats.StepStats.reset, minimal_pretrain.moe_metrics
+
+    def reset(self, enabled=None):
+        state["step_start"].append(time.perf_counter())
+        state["gc"].append([])
+        if state["interleave"] and enabled:  # the trainer wants statistics at this step: maybe switch off
+            enabled = ABBA[(len(state["step_start"]) - 1) % len(ABBA)]
+        state["stats_on"].append(bool(enabled))
+        return real_reset(self, enabled)
+
+    def metrics(layout, flat, detailed=False, top_n=5):
+        return real_metrics(layout, flat, detailed, top_n) if state["stats_on"][-1] else {}
+
+    moe_stats.StepStats.reset = reset
+    gc.callbacks.append(gc_callback)
+    minimal_pretrain.moe_metrics = timed("moe_metrics", metrics)
     moe_stats.StepStats.end_microbatch = timed("end_microbatch", moe_stats.StepStats.end_microbatch)
     minimal_pretrain.pack_step_stats = timed("pack_step_stats", minimal_pretrain.pack_step_stats)
-    minimal_pretrain.moe_metrics = timed("moe_metrics", minimal_pretrain.moe_metrics)
     run_log.RunLog.log = timed("log_write", run_log.RunLog.log)
 
 
-def one_run(batch: str, mode: str, steps: int) -> tuple[list, dict]:
+def one_run(batch: str, mode: str, steps: int, interleave: bool = False, sync: bool = False) -> dict:
     args = minimal_pretrain.parse_args(MODEL + BATCHES[batch] + ["--moe-metrics", mode, "--max-steps", str(steps),
                                                                   "--output-dir", tempfile.mkdtemp(prefix="bench_moe_")])
-    host_seconds.clear()
+    state.update(sync=sync, interleave=interleave, stats_on=[], step_start=[], host_s={}, gc=[])
     res = minimal_pretrain.train(args)
     tokens = args.global_batch_size * args.max_seq_length
-    step_ms = [1000 * tokens / r["tokens_per_sec"] for r in res.records[WARMUP:]]
-    return step_ms, {k: 1000 * v / steps for k, v in host_seconds.items()}
+    starts = state["step_start"]
+    return {"logged_step_ms": [1000 * tokens / r["tokens_per_sec"] for r in res.records[WARMUP:]],
+            "step_ms": [1000 * (b - a) for a, b in zip(starts, starts[1:])],  # start to start: step i with its logging
+            "stats_on": state["stats_on"][:-1], "gc": state["gc"][:-1],
+            "host_ms_per_step": {k: 1000 * v / steps for k, v in state["host_s"].items()}}
 
 
-def bootstrap_overhead(base: list, other: list, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of median(other) / median(base) - 1, resampling the steps of each mode."""
+def bootstrap(values: np.ndarray, n: int = 4000, seed: int = 0, stat=np.median) -> tuple[float, float]:
+    """95% interval of stat(values) (median by default), resampling values with replacement."""
     rng = np.random.default_rng(seed)
-    b, o = np.asarray(base), np.asarray(other)
-    ratios = [np.median(rng.choice(o, o.size)) / np.median(rng.choice(b, b.size)) - 1 for _ in range(n)]
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return 100 * lo, 100 * hi
+    meds = stat(rng.choice(values, (n, values.size)), axis=1)
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def interleaved(batch: str, steps: int) -> dict:
+    run = one_run(batch, "detailed", steps, interleave=True)
+    ms, on = np.array(run["step_ms"]), np.array(run["stats_on"])
+    first = (WARMUP // len(ABBA) + 1) * len(ABBA)  # whole blocks after the warm-up
+    blocks = [(ms[i:i + 4][on[i:i + 4]].mean(), ms[i:i + 4][~on[i:i + 4]].mean())
+              for i in range(first, len(ms) - 3, len(ABBA))]
+    rel = np.array([100 * (a / b - 1) for a, b in blocks])
+    gc_ms = np.array([1000 * sum(t for _, t in g) for g in run["gc"]])
+    return {"steps": steps, "blocks": len(blocks), "median_on_ms": float(np.median(ms[first:][on[first:]])),
+            "median_off_ms": float(np.median(ms[first:][~on[first:]])), "overhead_pct": float(np.median(rel)),
+            "overhead_ci95_pct": bootstrap(rel), "mean_overhead_pct": float(rel.mean()),
+            "mean_overhead_ci95_pct": bootstrap(rel, stat=np.mean), "block_overhead_pct": rel.tolist(),
+            "step_ms": ms.tolist(), "stats_on": on.tolist(), "gc": run["gc"],
+            "gc_ms_per_step": {"on": float(gc_ms[first:][on[first:]].mean()), "off": float(gc_ms[first:][~on[first:]].mean())}}
+
+
+def separate(batch: str, repeats: int, steps: int) -> dict:
+    per_mode = {"off": [], "detailed": []}
+    for _ in range(repeats):
+        for mode in per_mode:
+            per_mode[mode].append(one_run(batch, mode, steps)["logged_step_ms"])
+    med = {m: statistics.median(x for run in runs for x in run) for m, runs in per_mode.items()}
+    return {"repeats": repeats, "steps": steps, "median_step_ms": med,
+            "overhead_pct": 100 * (med["detailed"] / med["off"] - 1),
+            "run_medians_ms": {m: [statistics.median(r) for r in runs] for m, runs in per_mode.items()}}
+
+
+def attribute(batch: str, steps: int) -> dict:
+    host = {mode: one_run(batch, mode, steps, sync=True)["host_ms_per_step"] for mode in ("off", "detailed")}
+    return {"steps": steps, "host_ms_per_step": host,
+            "detailed_minus_off_ms": {k: v - host["off"].get(k, 0.0) for k, v in host["detailed"].items()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=30, help="steps per run (the first 5 are dropped)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per mode and batch size")
-    ap.add_argument("--attribute-steps", type=int, default=15, help="steps of the synchronised host-time runs (0: skip)")
     ap.add_argument("--batches", nargs="+", default=list(BATCHES), choices=list(BATCHES))
-    ap.add_argument("--modes", nargs="+", default=["off", "detailed"], choices=["off", "brief", "detailed"])
+    ap.add_argument("--interleaved-steps", type=int, default=200, help="steps of the interleaved run (0: skip)")
+    ap.add_argument("--repeats", type=int, default=2, help="separate runs per mode (0: skip)")
+    ap.add_argument("--steps", type=int, default=30, help="steps per separate run (the first 5 are dropped)")
+    ap.add_argument("--attribute-steps", type=int, default=15, help="steps per host-time run (0: skip)")
+    ap.add_argument("--gc-interval", type=int, default=0, help="passed to minimal_pretrain.py")
     ap.add_argument("--out", default="bench_moe_metrics.json")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_moe_metrics.py measures GPU step time: it needs a CUDA device")
-    if a.steps <= WARMUP + 1:
-        raise SystemExit(f"--steps must be more than {WARMUP + 1}")
+    for flag, value, least in (("--interleaved-steps", a.interleaved_steps, WARMUP + 4 * len(ABBA)),
+                               ("--steps", a.steps, WARMUP + 2), ("--attribute-steps", a.attribute_steps, 2)):
+        if value and value < least:
+            raise SystemExit(f"{flag} must be 0 or at least {least}")
     instrument()
-    result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "model_flags": MODEL,
-              "batches": {}, "date": time.strftime("%Y-%m-%d")}
+    MODEL.extend(["--gc-interval", str(a.gc_interval)])
+    result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "model_flags": MODEL, "batches": {}}
     for batch in a.batches:
-        steps = {m: [] for m in a.modes}
-        for _ in range(a.repeats):
-            for mode in a.modes:
-                steps[mode] += one_run(batch, mode, a.steps)[0]
-        host = {}
+        entry = result["batches"][batch] = {"flags": BATCHES[batch]}
+        if a.interleaved_steps:
+            entry["interleaved"] = interleaved(batch, a.interleaved_steps)
+        if a.repeats:
+            entry["separate"] = separate(batch, a.repeats, a.steps)
         if a.attribute_steps:
-            SYNC_BEFORE_TIMING[0] = True
-            host = {mode: one_run(batch, mode, a.attribute_steps)[1] for mode in a.modes}
-            SYNC_BEFORE_TIMING[0] = False
-        base = statistics.median(steps["off"]) if "off" in steps else None
-        entry = {"flags": BATCHES[batch], "step_ms": steps, "median_step_ms": {m: statistics.median(v) for m, v in steps.items()},
-                 "host_ms_per_step": host}
-        if base is not None:
-            entry["overhead_pct"] = {m: 100 * (statistics.median(v) / base - 1) for m, v in steps.items()}
-            entry["overhead_ci95_pct"] = {m: bootstrap_overhead(steps["off"], v) for m, v in steps.items() if m != "off"}
-        result["batches"][batch] = entry
-    print(f"\nGPU: {result['gpu']}, torch {result['torch']}; 16 MoE layers x 16 experts, logging every step")
-    print(f"{'batch':<7}{'mode':<10}{'median step ms':>15}{'overhead vs off':>17}{'95% interval':>20}"
-          f"{'stats host ms/step':>20}")
-    total = lambda e, mode: sum(e["host_ms_per_step"][mode].values()) if e["host_ms_per_step"] else float("nan")
-    for batch, e in result["batches"].items():
-        for mode in a.modes:
-            ci = e.get("overhead_ci95_pct", {}).get(mode)
-            ci_s = f"[{ci[0]:+.2f}%, {ci[1]:+.2f}%]" if ci else ""
-            oh = e.get("overhead_pct", {}).get(mode)
-            print(f"{batch:<7}{mode:<10}{e['median_step_ms'][mode]:>15.1f}{(f'{oh:+.2f}%' if oh is not None else ''):>17}"
-                  f"{ci_s:>20}{total(e, mode):>20.3f}")
-        if "off" in a.modes and e["host_ms_per_step"]:
-            for mode in a.modes:
-                if mode == "off":
-                    continue
-                parts = {k: e["host_ms_per_step"][mode][k] - e["host_ms_per_step"]["off"].get(k, 0.0)
-                         for k in e["host_ms_per_step"][mode]}
-                off_ms = e["median_step_ms"]["off"]
-                print(f"  {batch}/{mode}, host time in the statistics code, {mode} minus off: " + ", ".join(
-                    f"{k} {v:.3f} ms ({100 * v / off_ms:.2f}%)" for k, v in parts.items())
-                    + f"; total {sum(parts.values()):.3f} ms = {100 * sum(parts.values()) / off_ms:.2f}% of the step")
+            entry["attribute"] = attribute(batch, a.attribute_steps)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
+
+    print(f"\nGPU: {result['gpu']}, torch {result['torch']}; 16 MoE layers x 16 experts, logging every step")
+    print(f"{'batch':<7}{'measurement':<36}{'off ms':>9}{'detailed ms':>13}{'overhead':>10}{'95% interval':>20}")
+    for batch, e in result["batches"].items():
+        if "interleaved" in e:
+            i = e["interleaved"]
+            lo, hi = i["overhead_ci95_pct"]
+            print(f"{batch:<7}{'interleaved, median of ' + str(i['blocks']) + ' blocks':<36}{i['median_off_ms']:>9.1f}"
+                  f"{i['median_on_ms']:>13.1f}{i['overhead_pct']:>+9.2f}%{f'[{lo:+.2f}%, {hi:+.2f}%]':>20}")
+            lo, hi = i["mean_overhead_ci95_pct"]
+            print(f"{batch:<7}{'interleaved, mean of ' + str(i['blocks']) + ' blocks':<36}{'':>9}{'':>13}"
+                  f"{i['mean_overhead_pct']:>+9.2f}%{f'[{lo:+.2f}%, {hi:+.2f}%]':>20}"
+                  f"   (Python GC ms/step: on {i['gc_ms_per_step']['on']:.2f}, off {i['gc_ms_per_step']['off']:.2f})")
+        if "separate" in e:
+            s = e["separate"]
+            label = f"separate runs, {s['repeats']} per mode"
+            print(f"{batch:<7}{label:<36}{s['median_step_ms']['off']:>9.1f}{s['median_step_ms']['detailed']:>13.1f}"
+                  f"{s['overhead_pct']:>+9.2f}%")
+        if "attribute" in e:
+            d = e["attribute"]["detailed_minus_off_ms"]
+            base = (e.get("interleaved", {}).get("median_off_ms") or e.get("separate", {}).get("median_step_ms", {}).get("off"))
+            share = f" = {100 * sum(d.values()) / base:.2f}% of the step" if base else ""
+            print(f"  {batch}: host time in the statistics code, detailed minus off, per step: "
+                  + ", ".join(f"{k} {v:.3f} ms" for k, v in d.items()) + f"; total {sum(d.values()):.3f} ms{share}")
     print(f"wrote {a.out}")
 
 
