@@ -245,15 +245,18 @@ class TrainResult:
 def scheduled_gc():
     """Python's automatic collector stops the host at unpredictable steps, each full pass walking every
     object of the process. Instead: collect once, freeze what set-up built (model, optimizer, data) so no
-    pass walks it again, and leave collection to the training loop's schedule. Restored on exit."""
-    was_enabled = gc.isenabled()
+    pass walks it again, and leave collection to the training loop's schedule. Restored on exit (objects a
+    caller froze before are left frozen: then nothing is frozen or unfrozen here)."""
+    was_enabled, we_freeze = gc.isenabled(), gc.get_freeze_count() == 0
     gc.collect()
-    gc.freeze()
+    if we_freeze:
+        gc.freeze()
     gc.disable()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if we_freeze:
+            gc.unfreeze()
         if was_enabled:
             gc.enable()
 

@@ -30,8 +30,8 @@ class RouterOutput:
 
 class RoutingRecord(NamedTuple):
     """What one training forward of a SparseMoE leaves for the step statistics: references to tensors
-    the forward made anyway, no copies and no kernels. moe_stats.StepStats folds the records of all
-    layers at once after each microbatch's forward."""
+    the forward made anyway, no copies and no kernels (not even a detach). moe_stats.StepStats takes
+    the records of all layers right after each microbatch's forward and reads them without autograd."""
     counts: torch.Tensor  # [E] assignments per expert (fp32, no gradient)
     aux: torch.Tensor     # load-balancing loss (scalar)
     z: torch.Tensor       # router z-loss (scalar)
@@ -176,9 +176,9 @@ class SparseMoE(nn.Module):
         self.router = TopKRouter(hidden_size, num_experts, top_k, normalize_topk, init_std)
         self.experts = GroupedExperts(num_experts, self.num_local, hidden_size, ffn_size, init_std,
                                       out_init_std, expert_impl)
-        # Statistics: while record_routing is set, a training forward leaves its RoutingRecord here (the
-        # last microbatch's only: moe_stats.StepStats takes it after each microbatch).
-        self.record_routing = True
+        # Statistics: while record_routing is set (by moe_stats.StepStats, at logging steps), a training
+        # forward leaves its RoutingRecord here; StepStats takes it after each microbatch.
+        self.record_routing = False
         self.last_routing: Optional[RoutingRecord] = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +194,7 @@ class SparseMoE(nn.Module):
         aux = load_balancing_loss(r.probs, counts, k)
         z = router_z_loss(r.logits)
         if self.training and self.record_routing:
-            self.last_routing = RoutingRecord(counts, aux, z, r.probs)  # read without autograd
+            self.last_routing = RoutingRecord(counts, aux, z, r.probs)  # read without autograd, taken right after
 
         # Local experts first: key = (expert - first_local) mod E puts this rank's experts at 0..L-1.
         key = (flat_expert - self.first_local) % E

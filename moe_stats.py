@@ -157,7 +157,9 @@ def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_los
         # A stage's MoE layers are a contiguous run of the global ones (stages own contiguous layers).
         first = layout.moe_layer_ids.index(step_stats.layer_ids[0])
         rows = slice(first, first + len(step_stats.layer_ids))
-        assert layout.moe_layer_ids[rows] == step_stats.layer_ids, (layout.moe_layer_ids, step_stats.layer_ids)
+        if layout.moe_layer_ids[rows] != step_stats.layer_ids:
+            raise RuntimeError(f"pack_step_stats: local MoE layers {step_stats.layer_ids} are not a contiguous run "
+                               f"of {layout.moe_layer_ids}")
         mb_counts, mb_losses = step_stats.per_microbatch()  # [L, m, E], [L, m, 3]
         v["counts"][rows] = mb_counts.sum(1)
         v["losses"][rows] = mb_losses.sum(1)

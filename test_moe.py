@@ -9,6 +9,7 @@ host-device sync in the grouped MoE forward) is skipped without a GPU.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -276,12 +277,15 @@ def test_sparse_moe_loss_is_weighted_aux_plus_z():
     lse = (mx + np.log(np.exp(logits - mx).sum(1, keepdims=True)))[:, 0]
     z = np.mean(lse ** 2)
     assert loss.item() == pytest.approx(aux_coef * aux + z_coef * z, rel=1e-5)
+    # Outside a StepStats, a training forward records nothing.
+    assert moe.last_routing is None
     # The step statistics folded from this training forward hold the same counts and losses, and the
     # router entropy mean_t(-sum_e p ln p).
     stats = StepStats({0: moe}, top_k=2)
     moe(x)
     stats.end_microbatch()
     assert stats.num_microbatches == 1 and moe.last_routing is None
+    copy.deepcopy(moe)  # the record, which holds autograd outputs, is gone once taken
     mb_counts, mb_losses = stats.per_microbatch()
     np.testing.assert_array_equal(mb_counts[0, 0].numpy(), counts)
     entropy = np.mean(-(probs * np.log(probs)).sum(1))
@@ -714,6 +718,13 @@ def test_gc_interval_schedules_collection_and_restores_the_collector(tmp_path, m
     assert gc.isenabled() and gc.get_freeze_count() == 0
     # one full collection before freezing, then generation 1 at steps 0, 2, 4 with automatic collection off
     assert collects == [(2, True), (1, False), (1, False), (1, False)], collects
+    # Objects the caller froze stay frozen.
+    gc.freeze()
+    try:
+        minimal_pretrain.train(minimal_pretrain.parse_args(argv))
+        assert gc.isenabled() and gc.get_freeze_count() > 0  # (freed frozen objects may lower the count)
+    finally:
+        gc.unfreeze()
 
 
 # --------------------------------------------------------------------------------------------------
