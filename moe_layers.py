@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parallel import Topology, all_reduce_grad_tp, copy_to_tp, mark_sharded, reduce_from_tp
+from profiling import phase
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,32 +187,35 @@ class SparseMoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         num_tokens, k, E = x.shape[0], self.top_k, self.num_experts
 
-        r = self.router(x)
-        flat_expert = r.indices.reshape(-1)  # [T*k]
-        counts = torch.zeros(E, device=x.device, dtype=torch.float32)
-        counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.float32))
-
-        aux = load_balancing_loss(r.probs, counts, k)
-        z = router_z_loss(r.logits)
+        with phase("moe/router"):
+            r = self.router(x)
+            flat_expert = r.indices.reshape(-1)  # [T*k]
+            counts = torch.zeros(E, device=x.device, dtype=torch.float32)
+            counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.float32))
+            aux = load_balancing_loss(r.probs, counts, k)
+            z = router_z_loss(r.logits)
         if self.training and self.record_routing:
             self.last_routing = RoutingRecord(counts, aux, z, r.probs)  # read without autograd, taken right after
 
-        # Local experts first: key = (expert - first_local) mod E puts this rank's experts at 0..L-1.
-        key = (flat_expert - self.first_local) % E
-        order = torch.argsort(key, stable=True)
-        token_of_row = order // k
-        local_counts = torch.roll(counts, -self.first_local)[: self.num_local]
-        ends = torch.cumsum(local_counts, 0).to(torch.int32)
+        with phase("moe/permute"):
+            # Local experts first: key = (expert - first_local) mod E puts this rank's experts at 0..L-1.
+            key = (flat_expert - self.first_local) % E
+            order = torch.argsort(key, stable=True)
+            token_of_row = order // k
+            local_counts = torch.roll(counts, -self.first_local)[: self.num_local]
+            ends = torch.cumsum(local_counts, 0).to(torch.int32)
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            x_in = copy_to_tp(x, self.topo).to(dtype)
+            x_sorted = x_in[token_of_row]  # [T*k, d]
+        with phase("moe/experts"):
+            y_sorted = self.experts(x_sorted, ends)  # [T*k, d]; non-local rows are zero
 
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x_in = copy_to_tp(x, self.topo).to(dtype)
-        y_sorted = self.experts(x_in[token_of_row], ends)  # [T*k, d]; non-local rows are zero
-
-        inverse = torch.empty_like(order)
-        inverse.scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        y = y_sorted[inverse].view(num_tokens, k, -1)
-        weights = all_reduce_grad_tp(r.weights, self.topo)
-        out = (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
-        out = reduce_from_tp(out, self.topo)
+        with phase("moe/unpermute_combine"):
+            inverse = torch.empty_like(order)
+            inverse.scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            y = y_sorted[inverse].view(num_tokens, k, -1)
+            weights = all_reduce_grad_tp(r.weights, self.topo)
+            out = (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+            out = reduce_from_tp(out, self.topo)
         loss = self.aux_loss_coef * aux + self.z_loss_coef * z
         return out.view(shape), loss
