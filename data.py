@@ -123,6 +123,27 @@ def load_corpus(path: Optional[str], vocab_size: Optional[int] = None) -> Corpus
     return corpus
 
 
+class ByteCodec:
+    """Text <-> token ids of the byte-level corpora (vocabulary 256). Decoding uses UTF-8 with
+    replacement, since a sampled byte sequence need not be valid UTF-8."""
+    vocab_size = BYTE_VOCAB
+
+    def encode(self, text: str) -> list:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def text_codec(data_path: Optional[str]):
+    """The encoder/decoder (`.encode(str) -> list[int]`, `.decode(ids) -> str`) of the tokens that
+    `load_corpus(data_path)` yields. The byte-level corpora (default, text files, directories) use bytes."""
+    p = Path(data_path) if data_path is not None else None
+    if p is not None and ((p.is_dir() and (p / "train.bin").is_file()) or (p.is_file() and p.suffix == ".bin")):
+        raise DataError(f"--data {data_path}: raw uint16 token files carry no tokenizer to encode or decode text")
+    return ByteCodec()
+
+
 def check_lengths(corpus: Corpus, seq_len: int, data_flag: Optional[str]) -> None:
     for name, split in (("train", corpus.train), ("validation", corpus.val)):
         if len(split) < seq_len + 2:
