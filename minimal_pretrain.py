@@ -25,6 +25,7 @@ from moe_stats import StatsLayout, StepStats, moe_metrics, pack_step_stats
 from parallel import (DataParallelGrads, LayoutError, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
                       clip_grads_, destroy_topology, env_world_size, full_state_dict, grad_norm, init_topology,
                       run_forward_only, run_schedule, stage_layer_ids)
+from profiling import ProfileError, phase, start_profiler
 from run_log import RunLog, SinkError, check_sinks, console_line
 
 
@@ -108,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--wandb-project", default="minimal-moe", help="wandb project")
     lg.add_argument("--tensorboard", action="store_true", help="log to TensorBoard under <output-dir>/tensorboard")
     lg.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    pr = p.add_argument_group("profiling")
+    pr.add_argument("--profile", action="store_true", help="torch.profiler trace of a window of steps, one per rank")
+    pr.add_argument("--profile-wait", type=int, default=5, help="steps before the profiler starts")
+    pr.add_argument("--profile-warmup", type=int, default=3, help="profiler warm-up steps (events dropped)")
+    pr.add_argument("--profile-steps", type=int, default=5, help="steps recorded in the trace")
+    pr.add_argument("--trace-dir", default=None, help="where every rank writes trace_rank{R}_step{N}.json "
+                                                       "(default <output-dir>/traces)")
+    pr.add_argument("--profile-gzip", action="store_true", help="write .json.gz traces")
     return p
 
 
@@ -190,6 +199,17 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
                           f"{mbs} x DP {dp}) = {per_dp // mbs}")
     args.micro_batch_size, args.num_microbatches = mbs, per_dp // mbs
     check_sinks(args.wandb, args.tensorboard)
+    non_negative("profile_wait", "profile_warmup")
+    positive("profile_steps")
+    if args.profile:
+        window = args.profile_wait + args.profile_warmup + args.profile_steps
+        if window > args.max_steps:
+            raise ConfigError(f"--profile-wait + --profile-warmup + --profile-steps = {window} exceeds --max-steps "
+                              f"{args.max_steps}: the trace window would never end")
+        if args.trace_dir is not None and os.path.exists(args.trace_dir) and not os.path.isdir(args.trace_dir):
+            raise ConfigError(f"--trace-dir {args.trace_dir} is a file, not a directory")
+    elif args.trace_dir is not None or args.profile_gzip:
+        raise ConfigError("--trace-dir and --profile-gzip need --profile")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -366,6 +386,8 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
     if args.gc_interval:
         cleanup.enter_context(scheduled_gc())
     last_log_time, last_log_step, eval_seconds = time.perf_counter(), -1, 0.0
+    profiler = start_profiler(args, topo, run_log, emit)
+    cleanup.callback(profiler.close)  # also logs the traces to wandb
     for step in range(args.max_steps):
         if args.gc_interval and step % args.gc_interval == 0:
             gc.collect(1)  # the young generations only: what the steps since the last collection left
@@ -382,7 +404,8 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
             nonlocal lm_loss_sum
             with autocast:
                 out, moe_loss = model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
-            step_stats.end_microbatch()
+            with phase("moe/stats"):
+                step_stats.end_microbatch()
             if topo.is_last_stage:
                 lm_loss_sum = lm_loss_sum + out.detach()
                 return out, (out + moe_loss) / m
@@ -393,14 +416,16 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
 
         events = run_schedule(args.pipeline_schedule, m, StepFunctions(forward, before_backward), comm, topo)
         dp_grads.finish()
-        norm = grad_norm(params, topo)
-        clip_grads_(params, norm, args.grad_clip)
-        optimizer.step()
+        with phase("optimizer"):
+            norm = grad_norm(params, topo)
+            clip_grads_(params, norm, args.grad_clip)
+            optimizer.step()
 
         if log_step:
             detailed = args.moe_metrics == "detailed" or (
                 args.moe_detailed_every > 0 and step % args.moe_detailed_every == 0)
-            flat = pack_step_stats(layout, step_stats, lm_loss_sum if topo.is_last_stage else None, topo, events)
+            with phase("moe/stats"):
+                flat = pack_step_stats(layout, step_stats, lm_loss_sum if topo.is_last_stage else None, topo, events)
             if is_main:
                 now = time.perf_counter()
                 tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time - eval_seconds, 1e-9)
@@ -430,6 +455,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
                 run_log.log({"step": step, "val_loss": val})
                 emit(f"step {step:>5d} | val loss {val:.4f}")
             eval_seconds += time.perf_counter() - eval_start  # evaluation time is not training throughput
+        profiler.step()
     if progress is not None:
         progress.close()
     if return_state:
@@ -441,7 +467,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         train(args)
-    except (ConfigError, LayoutError, DataError, SinkError) as e:
+    except (ConfigError, LayoutError, DataError, SinkError, ProfileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from profiling import phase
+
 
 class LayoutError(ValueError):
     """An impossible parallel layout; reported as one line and exit code 2."""
@@ -153,7 +155,8 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce_(grad.contiguous().clone(), ctx.group), None
+        with phase("tp/all_reduce_bwd"):
+            return all_reduce_(grad.contiguous().clone(), ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -161,7 +164,8 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce_(x.contiguous().clone(), group)
+        with phase("tp/all_reduce_fwd"):
+            return all_reduce_(x.contiguous().clone(), group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -434,7 +438,8 @@ class DataParallelGrads:
             i = self.next_to_launch
             if not force and self.ready[i] < len(self.buckets[i]):
                 return
-            self.handles.append(dist.all_reduce(self.flat[i], group=self.topo.dp_group, async_op=True))
+            with phase("dp/all_reduce_launch"):
+                self.handles.append(dist.all_reduce(self.flat[i], group=self.topo.dp_group, async_op=True))
             self.next_to_launch += 1
 
     def finish(self) -> None:
@@ -442,8 +447,9 @@ class DataParallelGrads:
         if not self.enabled:
             return
         self._launch_ready(force=True)
-        for h in self.handles:
-            h.wait()
+        with phase("dp/all_reduce_wait"):
+            for h in self.handles:
+                h.wait()
         for flat in self.flat:
             flat.div_(self.topo.dp)
         self._reset_counters()
@@ -467,7 +473,7 @@ class PipeComm:
     def __init__(self, topo: Topology, shape: Sequence[int], dtype: torch.dtype):
         self.topo, self.shape, self.dtype = topo, tuple(shape), dtype
 
-    def _run(self, sends: list, recv_from: Optional[int]) -> Optional[torch.Tensor]:
+    def _run(self, name: str, sends: list, recv_from: Optional[int]) -> Optional[torch.Tensor]:
         ops, buf = [], None
         for tensor, peer in sends:
             ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer, self.topo.pp_group))
@@ -475,8 +481,9 @@ class PipeComm:
             buf = torch.empty(self.shape, dtype=self.dtype, device=self.topo.device)
             ops.append(dist.P2POp(dist.irecv, buf, recv_from, self.topo.pp_group))
         if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+            with phase(name):  # pp/<method name>
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()
         return buf
 
     def _next(self):
@@ -486,28 +493,28 @@ class PipeComm:
         return None if self.topo.is_first_stage else self.topo.prev_rank
 
     def recv_forward(self):
-        return self._run([], self._prev())
+        return self._run("pp/recv_forward", [], self._prev())
 
     def send_forward(self, y):
         if self._next() is not None:
-            self._run([(y, self._next())], None)
+            self._run("pp/send_forward", [(y, self._next())], None)
 
     def recv_backward(self):
-        return self._run([], self._next())
+        return self._run("pp/recv_backward", [], self._next())
 
     def send_backward(self, g):
         if self._prev() is not None:
-            self._run([(g, self._prev())], None)
+            self._run("pp/send_backward", [(g, self._prev())], None)
 
     def send_forward_recv_backward(self, y):
         if self._next() is None:
             return None
-        return self._run([(y, self._next())], self._next())
+        return self._run("pp/send_forward_recv_backward", [(y, self._next())], self._next())
 
     def send_backward_recv_forward(self, g):
         if self._prev() is None:
             return None
-        return self._run([(g, self._prev())], self._prev())
+        return self._run("pp/send_backward_recv_forward", [(g, self._prev())], self._prev())
 
 
 @dataclass
@@ -544,7 +551,8 @@ def run_schedule(schedule: str, num_microbatches: int, fns: StepFunctions, comm:
     def fwd(i, x):
         if x is not None:
             x.requires_grad_(True)
-        y, own = fns.forward(i, x)
+        with phase(f"forward/mb{i}"):
+            y, own = fns.forward(i, x)
         saved[i] = (x, y, own)
         events.append(("F", i))
         return y
@@ -553,7 +561,8 @@ def run_schedule(schedule: str, num_microbatches: int, fns: StepFunctions, comm:
         fns.before_backward(i)
         x, y, own = saved.pop(i)
         events.append(("B", i))
-        return _backward(x, None if topo.is_last_stage else y, own, grad_y)
+        with phase(f"backward/mb{i}"):
+            return _backward(x, None if topo.is_last_stage else y, own, grad_y)
 
     if comm is None or topo.pp == 1:  # no pipeline: forward then backward, per microbatch
         for i in range(m):
