@@ -32,8 +32,9 @@ def set_enabled(on: bool) -> None:
 
 
 def phase(name: str):
-    """A named profiler range while profiling is on, a shared no-op context otherwise."""
-    if not _enabled:
+    """A named profiler range while profiling is on, a shared no-op context otherwise (and inside code that
+    torch.compile traces, which would drop the range anyway)."""
+    if not _enabled or torch.compiler.is_compiling():
         return _NULL
     _seen.add(name)
     return torch.profiler.record_function(name)
@@ -87,7 +88,9 @@ class StepProfiler:
 
     Steps first_step .. first_step + wait - 1 are not watched, the next `warmup` steps run the profiler
     but drop its events (its start-up cost stays out of the trace), the next `active` steps are recorded.
-    Named ranges are on only during those recorded steps. Without `enabled` every method returns at once.
+    Named ranges are on during the warm-up and recorded steps: under --compile, switching them on makes
+    torch.compile recompile the blocks (it guards on the switch), and that belongs in the warm-up.
+    Without `enabled` every method returns at once.
     """
 
     def __init__(self, enabled: bool, trace_dir: str = "", wait: int = 5, warmup: int = 3, active: int = 5,
@@ -101,8 +104,7 @@ class StepProfiler:
         self.first = first_step + wait + warmup  # first recorded training step
         self.last = self.first + active - 1
         self.done = 0  # training steps finished since the start
-        self.start_offset = wait + warmup
-        self.active = active
+        self.wait, self.start_offset, self.active = wait, wait + warmup, active
         self.path: Optional[str] = None
         activities = [torch.profiler.ProfilerActivity.CPU]
         if cuda:
@@ -112,14 +114,14 @@ class StepProfiler:
             schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1))
         self._prof.start()
         _seen.clear()
-        set_enabled(self.start_offset == 0)
+        set_enabled(self.wait == 0)
 
     def step(self) -> None:
         if self._prof is None:
             return
         self.done += 1
         self._prof.step()  # writes the trace at the end of the last recorded step
-        set_enabled(self.start_offset <= self.done < self.start_offset + self.active)
+        set_enabled(self.wait <= self.done < self.start_offset + self.active)
 
     def _on_trace_ready(self, prof) -> None:
         if self.done < self.start_offset + self.active:  # stopped inside the window (an error): no trace
