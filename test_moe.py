@@ -521,7 +521,7 @@ def test_training_loss_falls(tmp_path, monkeypatch):
         "--num-attention-heads", "4", "--num-key-value-heads", "2", "--max-seq-length", "64",
         "--global-batch-size", "16", "--micro-batch-size", "8", "--num-experts", "4", "--learning-rate", "3e-3",
         "--warmup-steps", "5", "--eval-iters", "2", "--eval-interval", "0", "--no-progress", "--device", "cpu",
-        "--output-dir", str(out_dir)])
+        "--log-interval", "1", "--output-dir", str(out_dir)])
     # Observed: first loss ~5.55 (ln 256 = 5.545), last-5 mean ~2.9-3.0 for seeds 0-2 and the default seed,
     # validation ~2.8-3.0. The margins below (1.5 nat) leave ~1 nat of slack and still require the model to
     # learn far more than a constant output.
@@ -837,7 +837,8 @@ def _base_argv(moe: str) -> list:
             "--num-key-value-heads", "2", "--max-seq-length", "16", "--global-batch-size", "8",
             "--micro-batch-size", "2", "--max-steps", "3", "--warmup-steps", "1", "--learning-rate", "1e-3",
             "--eval-iters", "0", "--no-progress", "--moe-metrics", "off", "--data", _dist_data_file(),
-            "--expert-intermediate-size", "32", "--min-lr", "1e-4", "--device", "cpu"]
+            "--expert-intermediate-size", "32", "--min-lr", "1e-4", "--device", "cpu", "--log-interval", "1",
+            "--no-save"]
     if moe == "dense":
         return argv + ["--num-experts", "0"]
     if moe == "mixed":
