@@ -848,9 +848,11 @@ class _NoPeerComm:
 
 
 def _run_stage_schedule(schedule: str, m: int, stage: int, on_forward=lambda i: None) -> list:
+    def forward(i, x):
+        on_forward(i)
+        return torch.zeros(1), None  # (output sent down the pipeline, own loss: none to backpropagate)
     topo = Topology(pp=2, pp_rank=stage, pp_ranks=[0, 1])
-    fns = StepFunctions(forward=lambda i, x: (on_forward(i), (torch.zeros(1), None))[1], before_backward=lambda i: None)
-    return run_schedule(schedule, m, fns, _NoPeerComm(), topo)
+    return run_schedule(schedule, m, StepFunctions(forward, before_backward=lambda i: None), _NoPeerComm(), topo)
 
 
 @pytest.mark.parametrize("schedule,stage", list(PP2_M4_ORDERS))
