@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file, directory of text files, or uint16 .bin tokens (default: embedded stdlib corpus)")
     par = p.add_argument_group("parallelism (under torchrun)")
     par.add_argument("--tensor-parallel-size", type=int, default=1, help="TP size; expert parallelism uses the same group")
+    par.add_argument("--expert-parallel-size", type=int, default=None,
+                     help="EP size; expert parallelism is tied to TP, so it must equal --tensor-parallel-size (default: TP)")
     par.add_argument("--pipeline-parallel-size", type=int, default=1, help="PP stages")
     par.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"], default="1f1b", help="pipeline schedule")
     par.add_argument("--ddp-bucket-size-mb", type=float, default=25.0, help="DP gradient all-reduce bucket size")
@@ -184,6 +186,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    if args.expert_parallel_size is not None and args.expert_parallel_size != tp:
+        raise LayoutError(f"--expert-parallel-size {args.expert_parallel_size} must equal --tensor-parallel-size {tp}: "
+                          f"expert parallelism is tied to TP (leave it unset)")
     dp = check_layout(world_size, tp, pp)
     for flag, value in (("--num-attention-heads", args.num_attention_heads),
                         ("--num-key-value-heads", args.num_key_value_heads),
