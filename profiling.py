@@ -142,6 +142,9 @@ class StepProfiler:
         prof, self._prof = self._prof, None
         prof.stop()
         set_enabled(False)
+        if self.path is None:
+            self.write(f"profile: rank {self.rank}: training stopped before the end of the trace window "
+                       f"(steps {self.first}-{self.last}); no trace written")
         if self.wandb is not None and self.path is not None:
             self._log_artifacts()
 

@@ -94,7 +94,8 @@ def load_switchable(name: str) -> types.ModuleType:
 MODULES = {name: load_switchable(name) for name in INSTRUMENTED}
 minimal_pretrain = MODULES["minimal_pretrain"]
 
-COMMON = ["--eval-iters", "0", "--no-progress", "--log-interval", "1", "--max-steps", "1000000",
+COMMON = ["--eval-iters", "0", "--no-progress", "--log-interval", "1", "--max-steps", "1000000", "--no-save",
+          "--save-interval", "0",
           "--num-experts-per-token", "2", "--moe-layer-interval", "1"]
 CONFIGS = {
     "launch": ["--hidden-size", "512", "--intermediate-size", "2048", "--num-layers", "8", "--num-attention-heads", "8",
