@@ -237,6 +237,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
                               f"{args.max_steps}: the trace window would never end")
         if args.trace_dir is not None and os.path.exists(args.trace_dir) and not os.path.isdir(args.trace_dir):
             raise ConfigError(f"--trace-dir {args.trace_dir} is a file, not a directory")
+        if args.eval_only:
+            raise ConfigError("--profile traces training steps and --eval-only runs none")
     elif args.trace_dir is not None or args.profile_gzip:
         raise ConfigError("--trace-dir and --profile-gzip need --profile")
     if args.eval_only and not args.resume:

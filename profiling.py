@@ -168,10 +168,10 @@ class StepProfiler:
                        f"not logged to wandb")
 
 
-def start_profiler(args, topo, run_log, write: Callable[[str], None] = print, first_step: int = 0) -> StepProfiler:
-    """The trainer's StepProfiler from the --profile flags (a disabled one without --profile). The default
-    --trace-dir is <rank 0's output dir>/traces: rank 0 tells the others, whose own default output dir
-    (a time stamp) may differ."""
+def start_profiler(args, topo, run_log, emit: Callable[[str], None] = print, first_step: int = 0) -> StepProfiler:
+    """The trainer's StepProfiler from the --profile flags (a disabled one without --profile); the window
+    starts at `first_step`. Rank 0 writes its lines through `emit` (the progress bar's writer), the other
+    ranks print theirs. The default --trace-dir is <rank 0's output dir>/traces: rank 0 tells the others."""
     if not args.profile:
         return StepProfiler(False)
     trace_dir = args.trace_dir
@@ -186,5 +186,5 @@ def start_profiler(args, topo, run_log, write: Callable[[str], None] = print, fi
         raise ProfileError(f"--trace-dir {trace_dir}: cannot create it ({e.strerror})") from None
     return StepProfiler(True, trace_dir, args.profile_wait, args.profile_warmup, args.profile_steps, topo.rank,
                         topo.world_size, cuda=topo.device.type == "cuda", gzip=args.profile_gzip,
-                        first_step=first_step, write=write,
+                        first_step=first_step, write=emit if topo.rank == 0 else print,
                         wandb=run_log.wandb if run_log is not None else None)

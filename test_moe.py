@@ -1294,6 +1294,7 @@ PROFILE_BAD_FLAGS = [
     (["--profile", "--max-steps", "8"], "--max-steps 8"),  # window 5 + 3 + 5 = 13 steps
     (["--trace-dir", "somewhere"], "--trace-dir"),
     (["--profile-gzip"], "--profile-gzip"),
+    (["--profile", "--eval-only", "--resume", "auto"], "--eval-only"),
 ]
 
 
@@ -1865,7 +1866,7 @@ def test_profile_writes_a_trace_per_rank_with_the_named_ranges(layout, tmp_path)
     argv = _base_argv("mixed") + flags + ["--moe-metrics", "brief", "--profile", "--profile-wait", str(wait),
                                           "--profile-warmup", str(warmup), "--profile-steps", str(active),
                                           "--output-dir", str(tmp_path / "run")] + (["--profile-gzip"] if gz else [])
-    argv[argv.index("--max-steps") + 1] = "5"
+    argv[argv.index("--max-steps") + 1] = str(wait + warmup + active)
     logs = _launch_cli(2, argv, tmp_path)
     first = wait + warmup
     names = [f"trace_rank{r}_step{first}.json" + (".gz" if gz else "") for r in range(2)]
