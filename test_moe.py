@@ -1697,6 +1697,9 @@ def test_refused_layout_from_the_command_line(tmp_path):
 # Issue 9, distributed: bit-exact resume under DP2 x TP2 x PP2, resharding to one process and to TP4/EP4,
 # and a signal reaching one rank of two stops both after the same step with one checkpoint.
 # --------------------------------------------------------------------------------------------------
+DP2_TP2_PP2 = ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"]
+
+
 def _ckpt_dist_argv(ckpt_dir: Path, *extra: str) -> list:
     argv = _base_argv("all8") + ["--dropout", "0.1", "--checkpoint-dir", str(ckpt_dir), *extra]
     argv.remove("--no-save")
@@ -1707,13 +1710,15 @@ def _ckpt_dist_argv(ckpt_dir: Path, *extra: str) -> list:
 def dp2_tp2_pp2_checkpoints(tmp_path_factory):
     """A straight 4-step DP2xTP2xPP2 run saving at step 2 and at the end."""
     root = tmp_path_factory.mktemp("ckpt_8ranks")
-    straight = _launch(8, _ckpt_dist_argv(root / "ckpts", "--max-steps", "4", "--save-interval", "2"), root / "a")
+    (root / "a").mkdir()
+    straight = _launch(8, _ckpt_dist_argv(root / "ckpts", "--max-steps", "4", "--save-interval", "2", *DP2_TP2_PP2),
+                       root / "a")
     return root, straight
 
 
 def test_resume_is_bit_exact_dp2_tp2_pp2(dp2_tp2_pp2_checkpoints, tmp_path):
     root, straight = dp2_tp2_pp2_checkpoints
-    resumed = _launch(8, _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "4",
+    resumed = _launch(8, _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "4", *DP2_TP2_PP2,
                                          "--resume", str(root / "ckpts" / "step_00000002")), tmp_path)
     assert resumed["losses"] == straight["losses"][2:]
     _assert_checkpoints_equal(root / "ckpts" / "step_00000004", tmp_path / "ckpts" / "step_00000004")
@@ -1721,20 +1726,32 @@ def test_resume_is_bit_exact_dp2_tp2_pp2(dp2_tp2_pp2_checkpoints, tmp_path):
         f"shard_pp{p}_tp{t}.pt" for p in range(2) for t in range(2)]
 
 
-@pytest.mark.parametrize("world_size,flags", [(1, []), (4, ["--tensor-parallel-size", "4"])], ids=["one-process", "tp4-ep4"])
-def test_reshard_dp2_tp2_pp2_checkpoint(world_size, flags, dp2_tp2_pp2_checkpoints, tmp_path):
-    root, straight = dp2_tp2_pp2_checkpoints
+RESHARD_LAYOUTS = {"one-process": (1, []), "tp4-ep4": (4, ["--tensor-parallel-size", "4"])}
+
+
+def test_reshard_dp2_tp2_pp2_checkpoint(dp2_tp2_pp2_checkpoints, tmp_path):
+    """The DP2xTP2xPP2 checkpoint loads into one process and into TP4/EP4 with the saved parameters bit for
+    bit, and TP4 continues training with the losses one process produces from it. Dropout is switched off
+    for the continuation: its random streams depend on the layout (they restart from the seed)."""
+    root, _ = dp2_tp2_pp2_checkpoints
     half = root / "ckpts" / "step_00000002"
     _, saved = ckpt.load_consolidated(half)
-    loaded = _launch(world_size, _ckpt_dist_argv(tmp_path / "e", "--max-steps", "2", "--resume", str(half),
-                                                 "--eval-only", "--eval-iters", "1") + flags, tmp_path / "e")
-    assert loaded["state"].keys() == saved.keys()
-    for name, t in saved.items():  # the gathered parameters are the saved ones, bit for bit
-        assert torch.equal(loaded["state"][name], t), name
-    cont = _launch(world_size, _ckpt_dist_argv(tmp_path / "c", "--max-steps", "4", "--resume", str(half)) + flags,
-                   tmp_path / "c")
-    for a, b in zip(cont["losses"], straight["losses"][2:]):  # another layout: fp32 summation order differs
-        assert abs(a - b) <= REL_TOL * abs(b), (cont["losses"], straight["losses"])
+    losses = {}
+    for name, (world_size, flags) in RESHARD_LAYOUTS.items():
+        run = tmp_path / name
+        run.mkdir()
+        loaded = _launch(world_size, _ckpt_dist_argv(run / "e", "--max-steps", "2", "--resume", str(half),
+                                                     "--eval-only", "--eval-iters", "1") + flags, run)
+        assert loaded["state"].keys() == saved.keys()
+        for key, t in saved.items():  # the gathered parameters are the saved ones, bit for bit
+            assert torch.equal(loaded["state"][key], t), f"{name}: {key}"
+        cont = _launch(world_size, _ckpt_dist_argv(run / "c", "--max-steps", "4", "--resume", str(half),
+                                                   "--dropout", "0") + flags, run)
+        losses[name] = cont["losses"]
+    ref = losses["one-process"]
+    assert len(ref) == 2
+    for a, b in zip(losses["tp4-ep4"], ref):  # another layout: fp32 sums in another order
+        assert abs(a - b) <= REL_TOL * abs(b), losses
 
 
 def test_sigterm_to_one_rank_stops_all_ranks(tmp_path):
