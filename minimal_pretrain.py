@@ -705,6 +705,8 @@ def resume(t: Trainer, result: TrainResult) -> int:
     result.checkpoint = str(path)
     if t.is_main:
         t.run_log.log({"step": manifest["step"], "resumed_from": str(path)})
+    if manifest["step"] >= args.max_steps and not args.eval_only:
+        t.emit(f"the checkpoint has {manifest['step']} steps, --max-steps is {args.max_steps}: nothing to train")
     return manifest["step"]
 
 
