@@ -802,6 +802,171 @@ def test_no_host_sync_in_grouped_forward():
     assert stats.num_microbatches == 2
 
 
+# --------------------------------------------------------------------------------------------------
+# Issue 9, sampling: KV cache, generate, sample.py
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """Decoding runs hundreds of tiny ops; on a shared, oversubscribed CPU intra-op threads make each one
+    wait for the others (measured 20x slower with 2 threads here), so these tests use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _sampling_model(num_experts: int, seed: int = 0) -> GPT:
+    """A tiny whole model in eval mode whose matrices are scaled up from the init (std 0.02 -> 0.1), so
+    attention is far from uniform and the logits spread: a wrong position or mask changes them visibly."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_seq_length=16, num_experts=num_experts, num_experts_per_token=2)
+    model = GPT(cfg, Topology())
+    model.init_weights(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("num_experts", [4, 0], ids=["moe", "dense"])
+def test_kv_cache_logits_match_full_recompute(num_experts, one_thread):
+    from model import KVCache
+    model = _sampling_model(num_experts)
+    T = model.cfg.max_seq_length
+    ids = torch.randint(0, 64, (2, 3 * T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(ids[:, :T])  # [2, T, V], no cache
+        cache = KVCache(T)
+        # a 5-token prefill, 4 single tokens, a 3-token chunk (queries after cached keys), single tokens to T
+        feeds = [(0, 5)] + [(i, i + 1) for i in range(5, 9)] + [(9, 12)] + [(i, i + 1) for i in range(12, T)]
+        got = torch.cat([model(ids[:, a:b], kv_cache=cache)[0] for a, b in feeds], dim=1)
+        assert cache.pos == T
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+        assert full.std() > 0.3  # the scaled weights give logits far from zero (init: ~0.02)
+        with pytest.raises(ValueError, match="max_seq_length"):
+            model(ids[:, T:T + 1], kv_cache=cache)
+        # Past the window: the cache is reset and rebuilt from a later window (generate's crop), then stepped.
+        cache.reset()
+        window = ids[:, 2 * T - 3:3 * T - 3]  # T tokens starting at an arbitrary offset
+        full, _ = model(window)
+        got = torch.cat([model(window[:, :T // 2], kv_cache=cache)[0]] +
+                        [model(window[:, i:i + 1], kv_cache=cache)[0] for i in range(T // 2, T)], dim=1)
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+def _greedy_by_recompute(model: GPT, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """The documented context policy, brute force: every token recomputes its whole window, which holds at
+    most T tokens; a prompt is cropped to its last T and a window that would exceed T restarts from the
+    last T // 2 tokens."""
+    T = model.cfg.max_seq_length
+    out, start = ids, max(0, ids.shape[1] - T)
+    with torch.no_grad():
+        for _ in range(new):
+            if out.shape[1] - start > T:
+                start = out.shape[1] - T // 2
+            logits, _ = model(out[:, start:])
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("num_experts", [4, 0], ids=["moe", "dense"])
+def test_generate_greedy_matches_recompute_past_max_seq_length(num_experts, one_thread):
+    from generate import generate
+    model = _sampling_model(num_experts, seed=2)
+    T = model.cfg.max_seq_length
+    for prompt_len in (3, T + 4):  # a short prompt, and one longer than the window (cropped)
+        ids = torch.randint(0, 64, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+        new = 3 * T  # crosses the window several times
+        got = generate(model, ids, new, temperature=0.0)
+        ref = _greedy_by_recompute(model, ids, new)
+        assert got.shape == (2, prompt_len + new)
+        assert torch.equal(got, ref)
+        assert len(set(got[:, prompt_len:].flatten().tolist())) > 5  # not a constant continuation
+
+
+def test_sample_next_temperature_and_top_k():
+    from generate import sample_next
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    assert sample_next(logits, 0.0, None, None).tolist() == [[0]]  # greedy
+    assert sample_next(logits, 1.0, 1, None).tolist() == [[0]]     # top-1 is greedy too
+    n = 20000
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next(logits.expand(n, -1), 0.5, 3, gen).flatten()
+    freq = torch.bincount(draws, minlength=5).double() / n
+    expect = torch.softmax(logits[0, :3].double() / 0.5, dim=0)  # only the 3 largest survive top-k
+    assert freq[3:].sum() == 0
+    assert (freq[:3] - expect).abs().max() < 0.015, (freq, expect)
+
+
+def test_generate_is_deterministic_per_seed_and_records_no_routing(one_thread):
+    from generate import generate
+    model = _sampling_model(4, seed=3)
+    model.train()
+    for moe in model.moe_layers().values():
+        moe.record_routing = True  # as StepStats leaves it at a logging step
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    run = lambda seed: generate(model, ids, 20, 0.8, 20, torch.Generator().manual_seed(seed))
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :5], ids)
+    assert model.training  # mode restored
+    assert all(moe.last_routing is None for moe in model.moe_layers().values())
+
+
+SAMPLE_BAD_FLAGS = {
+    "zero_new_tokens": (["--max-new-tokens", "0"], "--max-new-tokens"),
+    "negative_temperature": (["--temperature", "-0.5"], "--temperature"),
+    "nan_temperature": (["--temperature", "nan"], "--temperature"),
+    "negative_top_k": (["--top-k", "-1"], "--top-k"),
+    "zero_samples": (["--num-samples", "0"], "--num-samples"),
+    "bad_device": (["--device", "tpu"], "--device"),
+    "missing_checkpoint": ([], "/nonexistent/ckpt"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny MoE trained for a few steps by the real trainer, which writes its checkpoints."""
+    out = tmp_path_factory.mktemp("sample_run")
+    argv = [sys.executable, "minimal_pretrain.py", *_base_argv("mixed"), "--max-steps", "4", "--output-dir", str(out)]
+    p = subprocess.run(argv, cwd=HERE, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return out / "checkpoints"
+
+
+def _sample(*flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "sample.py", *flags], cwd=HERE, env=dict(_clean_env(), OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sample_py_end_to_end_on_a_trained_checkpoint(tiny_checkpoint):
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompt", "def f(", "--max-new-tokens", "40",
+              "--num-samples", "2", "--device", "cpu"]
+    procs = [_sample(*common, "--seed", s) for s in ("1", "1", "2")]
+    (out1, err1), (out2, _), (out3, _) = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], err1
+    assert "tokens/s" in out1.splitlines()[-1]
+    samples = out1.split("---------------\n")[:-1]
+    assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("def f(") for s in samples[1:]) \
+        and samples[0].splitlines()[1].startswith("def f(")
+    strip = lambda out: out.rsplit("\n", 2)[0]  # without the timing line
+    assert strip(out1) == strip(out2) and strip(out1) != strip(out3)
+
+
+def test_sample_py_bad_flags_exit_2_with_one_line(tiny_checkpoint):
+    procs = {}
+    for name, (flags, _) in SAMPLE_BAD_FLAGS.items():
+        ckpt = "/nonexistent/ckpt" if name == "missing_checkpoint" else str(tiny_checkpoint)
+        procs[name] = _sample("--checkpoint", ckpt, "--device", "cpu", *flags)
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        lines = err.splitlines()
+        assert p.returncode == 2, f"{name}: exit {p.returncode}, {err!r}"
+        assert out == "" and len(lines) == 1 and "error" in lines[0], f"{name}: {err!r}"
+        assert SAMPLE_BAD_FLAGS[name][1] in lines[0], f"{name}: {lines[0]!r}"
+
+
 # ==================================================================================================
 # Distributed equivalence: real processes, gloo, CPU. Each layout must reproduce the single process on
 # the same global batch: every step's loss and gradient norm and the final (gathered) parameters
