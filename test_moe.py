@@ -31,9 +31,9 @@ import minimal_pretrain  # noqa: E402
 from data import DataError, batch_offsets, get_batch, load_corpus  # noqa: E402
 from model import GPT, MLP, ModelConfig, count_parameters  # noqa: E402
 from moe_layers import SparseMoE, TopKRouter, load_balancing_loss, router_z_loss  # noqa: E402
-from moe_stats import (StatsLayout, StepStats, in_flight_matrix, moe_metrics, overload_factors,  # noqa: E402
+from moe_stats import (StatsLayout, StepStats, held_after_events, moe_metrics, overload_factors,  # noqa: E402
                        pack_step_stats)
-from parallel import Topology  # noqa: E402
+from parallel import StepFunctions, Topology, run_schedule  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +361,7 @@ BAD_FLAGS = {
     "dropout_out_of_range": (["--dropout", "1.5"], "--dropout"),
     "tp_exceeds_world": (["--tensor-parallel-size", "3"], "--tensor-parallel-size"),
     "argparse_bad_choice": (["--moe-expert-impl", "fast"], "--moe-expert-impl"),  # argparse's own error path
+    "ep_not_tp": (["--expert-parallel-size", "2"], "--expert-parallel-size"),
 }
 UNTOUCHED_CASES = ("missing_data", "dropout_out_of_range")  # these also get an existing --output-dir
 PREVIOUS_LINE = '{"step": 0, "loss": 5.5}\n'
@@ -521,7 +522,7 @@ def test_training_loss_falls(tmp_path, monkeypatch):
         "--num-attention-heads", "4", "--num-key-value-heads", "2", "--max-seq-length", "64",
         "--global-batch-size", "16", "--micro-batch-size", "8", "--num-experts", "4", "--learning-rate", "3e-3",
         "--warmup-steps", "5", "--eval-iters", "2", "--eval-interval", "0", "--no-progress", "--device", "cpu",
-        "--output-dir", str(out_dir)])
+        "--log-interval", "1", "--output-dir", str(out_dir)])
     # Observed: first loss ~5.55 (ln 256 = 5.545), last-5 mean ~2.9-3.0 for seeds 0-2 and the default seed,
     # validation ~2.8-3.0. The margins below (1.5 nat) leave ~1 nat of slack and still require the model to
     # learn far more than a constant output.
@@ -594,11 +595,12 @@ def test_moe_metrics_by_hand():
     assert m["moe/expert_utilization_p75"] == approx(1.125)   # 1 + 0.25 * 0.5
     assert m["moe/expert_utilization_max"] == approx(2.0)
     assert m["moe/dead_experts"] == 1
-    # all counts [6,4,4,2,8,0,4,4]: mean 4, squared deviations sum 40, pop. variance 5
-    assert m["moe/load_std"] == approx(math.sqrt(5))
-    assert m["moe/load_min"] == approx(0.0)
-    assert m["moe/load_max"] == approx(8.0)
-    assert m["moe/load_imbalance"] == approx(8.0)  # 8 / max(0, 1)
+    # counts summed over the layers [14, 4, 8, 6]: mean 8, squared deviations 36+16+0+4 = 56, pop. variance 14
+    assert m["moe/load_std"] == approx(math.sqrt(14))
+    assert m["moe/load_min"] == approx(4.0)
+    assert m["moe/load_max"] == approx(14.0)
+    assert m["moe/load_imbalance"] == approx(3.5)  # 14 / 4
+    assert m["moe/load_imbalance_worst_layer"] == approx(8.0)  # layer 1: 6 / 2 = 3; layer 3: 8 / max(0, 1) = 8
     assert m["moe/aux_loss_mean"] == approx(0.015)
     assert m["moe/z_loss_mean"] == approx(0.003)
     assert m["moe/router_entropy_mean"] == approx(1.15)
@@ -624,6 +626,10 @@ def test_moe_metrics_by_hand():
     assert m["moe/layer_3/aux_loss"] == approx(0.02)
     assert m["moe/layer_1/utilization_max"] == approx(1.5)
     assert m["moe/layer_3/utilization_max"] == approx(2.0)
+    assert m["moe/layer_1/avg_overload_factor"] == approx(1.25)  # mean of [1.0, 1.5]
+    assert m["moe/layer_1/max_overload_factor"] == approx(1.5)
+    assert m["moe/layer_3/avg_overload_factor"] == approx(1.625)  # mean of [2.0, 1.25]
+    assert m["moe/layer_3/max_overload_factor"] == approx(2.0)
     assert m["moe/counts"] == {"1": [6, 4, 4, 2], "3": [8, 0, 4, 4]}
     assert not any(k.startswith("moe/layer_0/") or k.startswith("moe/layer_2/") for k in m)
 
@@ -634,15 +640,28 @@ def test_moe_metrics_by_hand():
                       "moe_expert_utilization/layer_1_expert_0": approx(1.5),
                       "moe_expert_utilization/layer_3_expert_1": approx(0.0),
                       "moe_expert_utilization/layer_1_expert_3": approx(0.5)}
-    assert "moe/counts" not in m2 and "moe/layer_1/cv" not in m2
+    assert "moe/counts" not in m2 and "moe/layer_1/cv" not in m2 and "moe/layer_1/max_overload_factor" not in m2
 
 
 def test_moe_metrics_imbalance_without_dead_experts():
     layout, flat = stats_case([[6, 4, 4, 2], [8, 2, 3, 3]], [[0.0] * 3, [0.0] * 3])
     m = moe_metrics(layout, flat)
     assert m["moe/dead_experts"] == 0
-    assert m["moe/load_imbalance"] == pytest.approx(4.0)  # 8 / 2
-    assert m["moe/load_min"] == 2.0
+    # summed over the layers: [14, 6, 7, 5]
+    assert m["moe/load_imbalance"] == pytest.approx(2.8)  # 14 / 5
+    assert m["moe/load_min"] == 5.0
+    assert m["moe/load_imbalance_worst_layer"] == pytest.approx(4.0)  # layer 3: 8 / 2
+
+
+def test_load_metrics_are_over_the_counts_summed_over_layers():
+    # The issue's counterexample: each layer uses half the experts, together they use all of them evenly.
+    layout, flat = stats_case([[4, 4, 0, 0], [0, 0, 4, 4]], [[0.0] * 3, [0.0] * 3])
+    m = moe_metrics(layout, flat)
+    assert m["moe/load_std"] == 0.0
+    assert m["moe/load_min"] == m["moe/load_max"] == 4.0
+    assert m["moe/load_imbalance"] == 1.0
+    assert m["moe/load_imbalance_worst_layer"] == 4.0  # each layer alone: 4 / max(0, 1)
+    assert m["moe/dead_experts"] == 4
 
 
 def _stats_torch_calls(num_layers: int) -> tuple[int, int]:
@@ -734,39 +753,39 @@ GPIPE = [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
 ONE_F_ONE_B = [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
 
 
-def test_in_flight_matrix_by_hand():
-    # A microbatch is held from its forward up to and including its backward.
-    assert in_flight_matrix(GPIPE, 2).tolist() == [[1, 0], [1, 1], [1, 1], [0, 1]]
-    assert in_flight_matrix(ONE_F_ONE_B, 2).tolist() == [[1, 0], [1, 0], [0, 1], [0, 1]]
+def test_held_after_events_by_hand():
+    # A microbatch is held from its forward until its backward releases it.
+    assert held_after_events(GPIPE, 2).tolist() == [[1, 0], [1, 1], [0, 1], [0, 0]]
+    assert held_after_events(ONE_F_ONE_B, 2).tolist() == [[1, 0], [0, 0], [0, 1], [0, 0]]
 
 
 def test_overload_factors_by_hand():
-    mb = torch.tensor([[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    mb = torch.tensor([[[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]])  # one layer, two microbatches
     # ep=2: ranks own experts {0,1} and {2,3}; per-rank tokens [[8, 0], [2, 2]], balanced [4, 2]
-    ov, cum = overload_factors(mb, 2, in_flight_matrix(GPIPE, 2))
-    assert ov.tolist() == pytest.approx([2.0, 1.0])
-    # GPipe held per rank: [8,0], [10,2], [10,2], [2,2] -> peak 10; balanced held 4, 6, 6, 2 -> 6
+    ov, cum = overload_factors(mb, 2, held_after_events(GPIPE, 2))
+    assert ov[0].tolist() == pytest.approx([2.0, 1.0])
+    # GPipe held per rank after each event: [8,0], [10,2], [2,2], [0,0] -> peak 10; balanced 4, 6, 2, 0 -> 6
     assert float(cum) == pytest.approx(10 / 6)
-    ov, cum = overload_factors(mb, 2, in_flight_matrix(ONE_F_ONE_B, 2))
-    assert ov.tolist() == pytest.approx([2.0, 1.0])
-    # 1F1B held per rank: [8,0], [8,0], [2,2], [2,2] -> peak 8; balanced 4, 4, 2, 2 -> 4
+    ov, cum = overload_factors(mb, 2, held_after_events(ONE_F_ONE_B, 2))
+    assert ov[0].tolist() == pytest.approx([2.0, 1.0])
+    # 1F1B held per rank: [8,0], [0,0], [2,2], [0,0] -> peak 8; balanced 4, 0, 2, 0 -> 4
     assert float(cum) == pytest.approx(2.0)
     # ep=1: one rank holds everything, nothing can be overloaded.
     for order in (GPIPE, ONE_F_ONE_B):
-        ov, cum = overload_factors(mb, 1, in_flight_matrix(order, 2))
-        assert ov.tolist() == pytest.approx([1.0, 1.0])
+        ov, cum = overload_factors(mb, 1, held_after_events(order, 2))
+        assert ov[0].tolist() == pytest.approx([1.0, 1.0])
         assert float(cum) == pytest.approx(1.0)
 
 
 def test_cumulative_overload_can_cancel_when_held_together():
     # Microbatch 0 loads rank 0, microbatch 1 loads rank 1: each is 2x overloaded on its own, but
     # when both are held at once (GPipe) the ranks are balanced.
-    mb = torch.tensor([[6.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 7.0]])
-    ov, cum = overload_factors(mb, 2, in_flight_matrix(GPIPE, 2))
-    assert ov.tolist() == pytest.approx([2.0, 2.0])
-    # held [8,0], [8,8], [8,8], [0,8] -> 8; balanced 4, 8, 8, 4 -> 8
+    mb = torch.tensor([[[6.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 7.0]]])
+    ov, cum = overload_factors(mb, 2, held_after_events(GPIPE, 2))
+    assert ov[0].tolist() == pytest.approx([2.0, 2.0])
+    # held [8,0], [8,8], [0,8], [0,0] -> 8; balanced 4, 8, 4, 0 -> 8
     assert float(cum) == pytest.approx(1.0)
-    _, cum = overload_factors(mb, 2, in_flight_matrix(ONE_F_ONE_B, 2))
+    _, cum = overload_factors(mb, 2, held_after_events(ONE_F_ONE_B, 2))
     assert float(cum) == pytest.approx(2.0)
 
 
@@ -967,6 +986,142 @@ def test_sample_py_bad_flags_exit_2_with_one_line(tiny_checkpoint):
         assert SAMPLE_BAD_FLAGS[name][1] in lines[0], f"{name}: {lines[0]!r}"
 
 
+# --------------------------------------------------------------------------------------------------
+# Issue 13: max_cum_overload_factor as Megatron defines it. Per rank, ONE running sum over the records
+# of all MoE layers of the stage in schedule order (a forward adds its tokens layer by layer, its
+# backward removes them in reverse layer order), for the actual tokens and for the balanced T*k/EP;
+# peak of the actual over peak of the balanced, max over EP ranks, then over DP and PP.
+# --------------------------------------------------------------------------------------------------
+# Two stages, four microbatches, as run_schedule orders them (1F1B: stage s warms up with pp - s - 1
+# forwards); test_hand_written_orders_are_what_run_schedule_runs checks them against the real schedule.
+PP2_M4_ORDERS = {
+    ("gpipe", 0): [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("B", 1), ("B", 2), ("B", 3)],
+    ("gpipe", 1): [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("B", 1), ("B", 2), ("B", 3)],
+    ("1f1b", 0): [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3), ("B", 2), ("B", 3)],
+    ("1f1b", 1): [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2), ("F", 3), ("B", 3)],
+}
+
+
+class _NoPeerComm:
+    """Stands in for PipeComm so one process can run one stage's real schedule: nothing to send or receive."""
+    def recv_forward(self): return None
+    def recv_backward(self): return None
+    def send_forward(self, y): pass
+    def send_backward(self, g): pass
+    def send_forward_recv_backward(self, y): return None
+    def send_backward_recv_forward(self, g): return None
+
+
+def _run_stage_schedule(schedule: str, m: int, stage: int, on_forward=lambda i: None) -> list:
+    def forward(i, x):
+        on_forward(i)
+        return torch.zeros(1), None  # (output sent down the pipeline, own loss: none to backpropagate)
+    topo = Topology(pp=2, pp_rank=stage, pp_ranks=[0, 1])
+    return run_schedule(schedule, m, StepFunctions(forward, before_backward=lambda i: None), _NoPeerComm(), topo)
+
+
+@pytest.mark.parametrize("schedule,stage", list(PP2_M4_ORDERS))
+def test_hand_written_orders_are_what_run_schedule_runs(schedule, stage):
+    assert _run_stage_schedule(schedule, 4, stage) == PP2_M4_ORDERS[(schedule, stage)]
+
+
+def _megatron_cum_overload(mb_counts: list, ep: int, events: list) -> float:
+    """Brute force, record by record as Megatron's tracker journals them: mb_counts[l][i][e]."""
+    L, E = len(mb_counts), len(mb_counts[0][0])
+    actual, balanced = [0.0] * ep, 0.0
+    peaks, peak_balanced = [-math.inf] * ep, -math.inf
+    for kind, i in events:
+        sign = 1.0 if kind == "F" else -1.0
+        for l in (range(L) if kind == "F" else reversed(range(L))):
+            for r in range(ep):
+                actual[r] += sign * sum(mb_counts[l][i][r * E // ep:(r + 1) * E // ep])
+                peaks[r] = max(peaks[r], actual[r])
+            balanced += sign * sum(mb_counts[l][i]) / ep
+            peak_balanced = max(peak_balanced, balanced)
+    return max(p / peak_balanced for p in peaks)
+
+
+def test_cum_overload_counterexample_by_hand():
+    # The issue's counterexample: layer A sends everything to EP rank 0, layer B everything to rank 1.
+    # After each forward both ranks hold 8 per microbatch, like a balanced router: 1.0. Per layer it was 2.0.
+    layer_a, layer_b = [[4.0, 4.0, 0.0, 0.0]] * 2, [[0.0, 0.0, 4.0, 4.0]] * 2
+    mb = torch.tensor([layer_a, layer_b])  # [L=2, m=2, E=4]
+    for order in (GPIPE, ONE_F_ONE_B):
+        ov, cum = overload_factors(mb, 2, held_after_events(order, 2))
+        assert ov.tolist() == [[2.0, 2.0], [2.0, 2.0]]
+        assert float(cum) == 1.0
+        assert _megatron_cum_overload(mb.tolist(), 2, order) == 1.0
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_cum_overload_matches_record_by_record_running_sum(ep):
+    g = torch.Generator().manual_seed(13)
+    for trial in range(20):
+        mb = torch.randint(0, 9, (3, 4, 8), generator=g).float()  # [L, m, E], small integers: exact sums
+        mb[..., 0] += 1  # every layer and microbatch routes something
+        for order in PP2_M4_ORDERS.values():
+            _, cum = overload_factors(mb, ep, held_after_events(order, 4))
+            assert float(cum) == pytest.approx(_megatron_cum_overload(mb.tolist(), ep, order), rel=1e-6), (trial, order)
+
+
+class _RecordedLayer:
+    """What StepStats reads from a SparseMoE: the routing record its last training forward left."""
+    def __init__(self):
+        self.record_routing, self.last_routing = False, None
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_cum_overload_across_stages_by_hand(schedule):
+    """A 4-layer all-MoE model on PP2 (stage 0: layers 0, 1; stage 1: layers 2, 3), EP2, four microbatches,
+    8 assignments per layer and microbatch. Each stage runs its real schedule, records through StepStats
+    and packs its share; the sum of the two packed tensors is what the PP all-reduce forms."""
+    from moe_layers import RoutingRecord
+    rank0, rank1, even = [4.0, 4.0, 0.0, 0.0], [0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 2.0, 2.0]
+    routing = {  # layer -> counts of microbatch i
+        0: lambda i: rank0, 1: lambda i: rank1,  # stage 0: the issue's counterexample
+        2: lambda i: rank0 if i % 2 == 0 else even, 3: lambda i: rank0 if i % 2 == 0 else even,
+    }
+    layout = StatsLayout(moe_layer_ids=[0, 1, 2, 3], num_experts=4, num_microbatches=4, dp=1)
+    total = torch.zeros(layout.numel())
+    for stage, layer_ids in ((0, [0, 1]), (1, [2, 3])):
+        layers = {l: _RecordedLayer() for l in layer_ids}
+        stats = StepStats(layers, top_k=2)
+
+        def on_forward(i):
+            for l, layer in layers.items():
+                counts = torch.tensor(routing[l](i))
+                layer.last_routing = RoutingRecord(counts, torch.tensor(1.0), torch.tensor(0.0), torch.full((4, 4), 0.25))
+            stats.end_microbatch()
+        events = _run_stage_schedule(schedule, 4, stage, on_forward)
+        assert events == PP2_M4_ORDERS[(schedule, stage)]
+        topo = Topology(world_size=4, tp=2, pp=2, pp_rank=stage, pp_ranks=[0, 1])
+        total += pack_step_stats(layout, stats, None, topo, events)
+    cum = layout.split(total)["cum_overload"][0].tolist()  # one slot per layer, each holding its stage's value
+    # Stage 0: after every forward both ranks hold 8 per microbatch held, as balanced: 1.0 (per layer: 2.0).
+    # Stage 1: microbatches alternate 16 on rank 0 / 8 and 8 spread evenly. 1F1B holds one at a time:
+    # peak 16 over balanced 8 = 2.0. GPipe holds all four: rank 0 reaches 16+8+16+8 = 48, balanced 32: 1.5.
+    stage1 = {"gpipe": 1.5, "1f1b": 2.0}[schedule]
+    assert cum == pytest.approx([1.0, 1.0, stage1, stage1])
+    m = moe_metrics(layout, total, detailed=True)
+    assert m["moe/max_cum_overload_factor"] == pytest.approx(stage1)
+    # Per microbatch: 2.0 for every entry of layers 0 and 1; [2, 1, 2, 1] on layers 2 and 3.
+    assert m["moe/max_overload_factor"] == pytest.approx(2.0)
+    assert m["moe/avg_overload_factor"] == pytest.approx(1.75)
+    for l, avg in ((0, 2.0), (1, 2.0), (2, 1.5), (3, 1.5)):
+        assert m[f"moe/layer_{l}/avg_overload_factor"] == pytest.approx(avg)
+        assert m[f"moe/layer_{l}/max_overload_factor"] == pytest.approx(2.0)
+
+
+def test_expert_parallel_size_is_tied_to_tp(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for flags in ([], ["--expert-parallel-size", "2"]):  # unset or equal to TP: accepted
+        args = minimal_pretrain.parse_args(["--tensor-parallel-size", "2"] + flags)
+        assert args.tensor_parallel_size == 2
+    assert minimal_pretrain.main(["--tensor-parallel-size", "2", "--expert-parallel-size", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "--expert-parallel-size 1" in err and "tied to TP" in err, err
+
+
 # ==================================================================================================
 # Distributed equivalence: real processes, gloo, CPU. Each layout must reproduce the single process on
 # the same global batch: every step's loss and gradient norm and the final (gathered) parameters
@@ -1002,7 +1157,8 @@ def _base_argv(moe: str) -> list:
             "--num-key-value-heads", "2", "--max-seq-length", "16", "--global-batch-size", "8",
             "--micro-batch-size", "2", "--max-steps", "3", "--warmup-steps", "1", "--learning-rate", "1e-3",
             "--eval-iters", "0", "--no-progress", "--moe-metrics", "off", "--data", _dist_data_file(),
-            "--expert-intermediate-size", "32", "--min-lr", "1e-4", "--device", "cpu"]
+            "--expert-intermediate-size", "32", "--min-lr", "1e-4", "--device", "cpu", "--log-interval", "1",
+            "--no-save"]
     if moe == "dense":
         return argv + ["--num-experts", "0"]
     if moe == "mixed":
@@ -1170,6 +1326,11 @@ def test_ep_router_gradient_check_detects_missing_all_reduce(tmp_path):
 # they measure the busiest EP rank, so they are exactly 1 when EP = 1 and >= 1 under EP.
 # --------------------------------------------------------------------------------------------------
 OVERLOAD_KEYS = ("moe/avg_overload_factor", "moe/max_overload_factor", "moe/max_cum_overload_factor")
+
+
+def _overload_keys(rec: dict) -> set:
+    """The step-level overload keys and, in detailed mode, moe/layer_{l}/avg|max_overload_factor."""
+    return {k for k in rec if k.startswith("moe/") and k.endswith("_overload_factor")}
 METRIC_LAYOUTS = [  # (id, world size, extra flags, expert-parallel size)
     ("dp2", 2, [], 1),
     ("pp2-1f1b", 2, ["--pipeline-parallel-size", "2", "--pipeline-schedule", "1f1b"], 1),
@@ -1220,11 +1381,15 @@ def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_pat
         for key in ("loss", "aux_loss", "z_loss"):
             assert g[key] is not None and _close(g[key], r[key]), f"step {step} {key}: got {g[key]}, single {r[key]}"
         # The reference's overload factors: EP = 1, so every token is on the one rank.
-        for key in OVERLOAD_KEYS:
+        overload_keys = _overload_keys(r)
+        assert overload_keys == set(OVERLOAD_KEYS) | {f"moe/layer_{l}/{s}_overload_factor" for l in (1, 3)
+                                                     for s in ("avg", "max")}, sorted(overload_keys)
+        assert _overload_keys(g) == overload_keys
+        for key in overload_keys:
             assert r[key] == 1.0, f"single process, step {step}: {key} = {r[key]}, expected exactly 1.0"
-        moe_keys = {k for k in r if k.startswith("moe/")} - set(OVERLOAD_KEYS)
+        moe_keys = {k for k in r if k.startswith("moe/")} - overload_keys
         assert len(moe_keys) >= 20 and "moe/counts" in moe_keys and "moe/layer_3/cv" in moe_keys, sorted(moe_keys)
-        assert {k for k in g if k.startswith("moe/")} - set(OVERLOAD_KEYS) == moe_keys
+        assert {k for k in g if k.startswith("moe/")} - overload_keys == moe_keys
         assert g["moe/counts"] == r["moe/counts"], f"step {step}: counts {g['moe/counts']} vs single {r['moe/counts']}"
         for key in sorted(moe_keys - {"moe/counts"}):
             assert _close(g[key], r[key]), f"step {step} {key}: got {g[key]}, single {r[key]}"
@@ -1239,12 +1404,18 @@ def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_pat
             assert gu.keys() == ru.keys(), (sorted(gu), sorted(ru))
         # Overload factors of this layout.
         if ep == 1:
-            for key in OVERLOAD_KEYS:
+            for key in overload_keys:
                 assert g[key] == 1.0, f"EP = 1, step {step}: {key} = {g[key]}, expected exactly 1.0"
         else:
-            for key in OVERLOAD_KEYS:
+            for key in overload_keys:
                 assert 1.0 <= g[key] <= ep + 1e-6, f"EP = {ep}, step {step}: {key} = {g[key]}"
             assert g["moe/avg_overload_factor"] <= g["moe/max_overload_factor"] + 1e-9
+            # Both layers have the same number of (DP rank, microbatch) entries: the step's mean and max
+            # are the mean and max of the per-layer ones.
+            layer_avg = [g[f"moe/layer_{l}/avg_overload_factor"] for l in (1, 3)]
+            layer_max = [g[f"moe/layer_{l}/max_overload_factor"] for l in (1, 3)]
+            assert _close(g["moe/avg_overload_factor"], sum(layer_avg) / 2) and _close(g["moe/max_overload_factor"], max(layer_max))
+            assert all(a <= b + 1e-9 for a, b in zip(layer_avg, layer_max)), (layer_avg, layer_max)
             # The busiest microbatch is at least as overloaded as the step's summed counts are.
             step_level = max(max(sum(c[i * 4 // ep:(i + 1) * 4 // ep]) for i in range(ep)) / (sum(c) / ep)
                              for c in g["moe/counts"].values())
