@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint directory, or a checkpoint-dir (its newest complete checkpoint is used)")
-    p.add_argument("--prompt", default="\n", help="text the samples continue")
+    p.add_argument("--prompt", default="\n", help="text the samples continue (default: %(default)r, a newline)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens generated per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy: the most likely token)")
     p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens only (0 = all)")
@@ -79,12 +79,18 @@ def main(argv=None) -> int:
         path = checkpoint.resolve_checkpoint(args.checkpoint)
         meta, state = checkpoint.load_consolidated(path)
         data_flag = meta["args"].get("data")
-        codec = text_codec(data_flag)
+        try:
+            codec = text_codec(data_flag)
+        except DataError as e:
+            raise SampleError(f"--checkpoint {path}: its run's {e}") from None
         if codec.vocab_size != meta["model"]["vocab_size"]:
             raise SampleError(f"--checkpoint {path}: the model's vocabulary ({meta['model']['vocab_size']}) is not "
                               f"the {codec.vocab_size} tokens of the byte-level text of its run's --data {data_flag}")
-    except (SampleError, checkpoint.CheckpointError, DataError) as e:
+    except SampleError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except checkpoint.CheckpointError as e:  # its messages start with the path
+        print(f"error: --checkpoint {e}", file=sys.stderr)
         return 2
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

@@ -940,7 +940,7 @@ SAMPLE_BAD_FLAGS = {
     "negative_top_k": (["--top-k", "-1"], "--top-k"),
     "zero_samples": (["--num-samples", "0"], "--num-samples"),
     "bad_device": (["--device", "tpu"], "--device"),
-    "missing_checkpoint": ([], "/nonexistent/ckpt"),
+    "missing_checkpoint": ([], "--checkpoint /nonexistent/ckpt"),
 }
 
 
@@ -948,8 +948,10 @@ SAMPLE_BAD_FLAGS = {
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny MoE trained for a few steps by the real trainer, which writes its checkpoints."""
     out = tmp_path_factory.mktemp("sample_run")
-    argv = [sys.executable, "minimal_pretrain.py", *_base_argv("mixed"), "--max-steps", "4", "--output-dir", str(out)]
-    p = subprocess.run(argv, cwd=HERE, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    flags = [f for f in _base_argv("mixed") if f != "--no-save"]  # the final checkpoint is what we want
+    argv = [sys.executable, "minimal_pretrain.py", *flags, "--max-steps", "4", "--output-dir", str(out)]
+    p = subprocess.run(argv, cwd=HERE, env=dict(_clean_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return out / "checkpoints"
 
@@ -959,31 +961,60 @@ def _sample(*flags: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sample_py_end_to_end_on_a_trained_checkpoint(tiny_checkpoint):
+def test_sample_py_end_to_end_on_a_trained_checkpoint(tiny_checkpoint, capsys, one_thread):
+    import sample
     common = ["--checkpoint", str(tiny_checkpoint), "--prompt", "def f(", "--max-new-tokens", "40",
               "--num-samples", "2", "--device", "cpu"]
-    procs = [_sample(*common, "--seed", s) for s in ("1", "1", "2")]
-    (out1, err1), (out2, _), (out3, _) = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], err1
-    assert "tokens/s" in out1.splitlines()[-1]
-    samples = out1.split("---------------\n")[:-1]
-    assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("def f(") for s in samples[1:]) \
-        and samples[0].splitlines()[1].startswith("def f(")
-    strip = lambda out: out.rsplit("\n", 2)[0]  # without the timing line
-    assert strip(out1) == strip(out2) and strip(out1) != strip(out3)
+    proc = _sample(*common, "--seed", "1")  # the real command line, once
+    out1, err1 = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err1
+    outs = []
+    for seed in ("1", "2"):  # the same main() in this process: seed 1 must repeat the command line's text
+        assert sample.main([*common, "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    out2, out3 = outs
+
+    def parse(out: str) -> tuple[list, str]:  # header line, samples separated by dashes, timing line
+        parts = out.split("\n---------------\n")
+        header, first = parts[0].split("\n", 1)
+        assert header.startswith("checkpoint ") and "step 4" in header, header
+        return [first] + parts[1:-1], parts[-1]
+
+    (s1, timing), (s2, _), (s3, _) = parse(out1), parse(out2), parse(out3)
+    assert "tokens/s" in timing and timing.count("\n") == 1, timing
+    assert len(s1) == 2 and all(s.startswith("def f(") and len(s) > len("def f(") for s in s1), s1
+    assert s1 == s2 and s1 != s3
 
 
-def test_sample_py_bad_flags_exit_2_with_one_line(tiny_checkpoint):
-    procs = {}
-    for name, (flags, _) in SAMPLE_BAD_FLAGS.items():
+def test_sample_py_bad_flags_exit_2_with_one_line(tiny_checkpoint, capsys):
+    import sample  # in process: the same main() the command line runs, without a torch import per case
+    for name, (flags, named) in SAMPLE_BAD_FLAGS.items():
         ckpt = "/nonexistent/ckpt" if name == "missing_checkpoint" else str(tiny_checkpoint)
-        procs[name] = _sample("--checkpoint", ckpt, "--device", "cpu", *flags)
-    for name, p in procs.items():
-        out, err = p.communicate(timeout=120)
+        try:
+            rc = sample.main(["--checkpoint", ckpt, "--device", "cpu", *flags])
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+        out, err = capsys.readouterr()
         lines = err.splitlines()
-        assert p.returncode == 2, f"{name}: exit {p.returncode}, {err!r}"
+        assert rc == 2, f"{name}: exit {rc}, {err!r}"
         assert out == "" and len(lines) == 1 and "error" in lines[0], f"{name}: {err!r}"
-        assert SAMPLE_BAD_FLAGS[name][1] in lines[0], f"{name}: {lines[0]!r}"
+        assert named in lines[0], f"{name}: {lines[0]!r}"
+
+
+def test_sample_py_refuses_a_run_on_token_files(tmp_path, monkeypatch, capsys):
+    """A run on uint16 .bin tokens has no text codec: one line naming the checkpoint and the run's --data."""
+    import sample
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 100, 4000).astype(np.uint16).tofile(tokens)
+    flags = [f for f in _base_argv("dense") if f != "--no-save"]
+    argv = flags + ["--data", str(tokens), "--max-steps", "1", "--output-dir", str(tmp_path / "run")]
+    assert minimal_pretrain.main(argv) == 0  # the later --data wins over _base_argv's
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --checkpoint ") and str(tokens) in err, err
 
 
 # --------------------------------------------------------------------------------------------------
