@@ -421,7 +421,17 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
     start = resume(t, result) if args.resume else 0
     if args.eval_only:
         evaluate_and_log(t, start - 1, result)
-        return result
+    else:
+        train_loop(t, start, result, cleanup)
+    if return_state:
+        result.state_dict = full_state_dict(t.model, topo)
+    return result
+
+
+def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextlib.ExitStack) -> None:
+    """Steps start .. --max-steps - 1: train, log, evaluate, save; stops early (after a checkpoint) on
+    SIGTERM/SIGINT and raises NonFiniteError when the loss or gradient norm stops being finite."""
+    args, topo = t.args, t.topo
     progress = None
     if t.is_main and not args.no_progress and sys.stdout.isatty():  # a bar in a log file is noise
         from tqdm import tqdm
@@ -464,9 +474,6 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
             save(t, args.max_steps, result)
     if progress is not None:
         progress.close()
-    if return_state:
-        result.state_dict = full_state_dict(t.model, topo)
-    return result
 
 
 def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -> Trainer:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import checkpoint as ckpt  # noqa: E402
 import minimal_pretrain  # noqa: E402
 from data import DataError, batch_offsets, get_batch, load_corpus  # noqa: E402
 from model import GPT, MLP, ModelConfig, count_parameters  # noqa: E402
@@ -1153,6 +1155,302 @@ def test_expert_parallel_size_is_tied_to_tp(monkeypatch, capsys):
     assert err.splitlines() == [err] and "--expert-parallel-size 1" in err and "tied to TP" in err, err
 
 
+# --------------------------------------------------------------------------------------------------
+# Issue 9: checkpoints. Resume must be bit-exact (same layout), any layout must load any other, a killed
+# save must never leave a half checkpoint that --resume auto picks, and faults end the run cleanly.
+# --------------------------------------------------------------------------------------------------
+def _ckpt_argv(out: Path, *extra: str) -> list:
+    """A tiny MoE run with dropout (so the saved RNG state matters) on the small fixed corpus."""
+    return ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2", "--num-attention-heads", "4",
+            "--num-key-value-heads", "2", "--max-seq-length", "16", "--global-batch-size", "8",
+            "--micro-batch-size", "4", "--num-experts", "4", "--dropout", "0.1", "--warmup-steps", "2",
+            "--eval-iters", "1", "--eval-interval", "0", "--log-interval", "1", "--device", "cpu", "--no-progress",
+            "--data", _dist_data_file(), "--output-dir", str(out), *extra]
+
+
+def _train_in_process(argv: list, monkeypatch) -> "minimal_pretrain.TrainResult":
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    return minimal_pretrain.train(minimal_pretrain.parse_args(argv))
+
+
+def _assert_checkpoints_equal(a: Path, b: Path) -> None:
+    """Parameters, buffers and AdamW state (moments and step) bit for bit, and the same step."""
+    ma, sa = ckpt.load_consolidated(a, with_optimizer=True)
+    mb, sb = ckpt.load_consolidated(b, with_optimizer=True)
+    assert ma["step"] == mb["step"]
+    assert sa.keys() == sb.keys() and any(k.endswith("/exp_avg_sq") for k in sa)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), f"{key} differs"
+
+
+def test_resume_is_bit_exact_single_process(tmp_path, monkeypatch):
+    straight = _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "6", "--save-interval", "3"), monkeypatch)
+    half = tmp_path / "a" / "checkpoints" / "step_00000003"
+    assert ckpt.is_checkpoint(half)
+    resumed = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", "6", "--resume", str(half)), monkeypatch)
+    assert resumed.losses == straight.losses[3:]  # exact: same floats, not approximately
+    assert resumed.val_loss == straight.val_loss
+    _assert_checkpoints_equal(tmp_path / "a" / "checkpoints" / "step_00000006",
+                              tmp_path / "b" / "checkpoints" / "step_00000006")
+    # The resume is recorded in the log, and the run after it logs steps 3..5.
+    recs = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0] == {"step": 3, "resumed_from": str(half)}
+    assert [r["step"] for r in recs if "loss" in r] == [3, 4, 5]
+
+
+def test_save_format_is_sharded_with_manifest(tmp_path, monkeypatch):
+    _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "2"), monkeypatch)
+    path = ckpt.resolve_checkpoint(str(tmp_path / "checkpoints"))
+    assert path.name == "step_00000002" and (tmp_path / "checkpoints" / "latest").read_text().strip() == path.name
+    manifest = ckpt.read_manifest(path)
+    assert manifest["step"] == 2 and manifest["model"]["num_experts"] == 4 and manifest["args"]["max_steps"] == 2
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "rng_rank0.pt", "shard_pp0_tp0.pt"]
+    experts = manifest["tensors"]["model/layers.0.ffn.experts.w_gate_up"]
+    assert experts["shape"] == [4, 32, 128] and experts["tp_split"] == [0, [4]]
+    assert manifest["tensors"]["optim/layers.0.ffn.experts.w_gate_up/exp_avg"]["tp_split"] == [0, [4]]
+    assert manifest["tensors"]["optim/layers.0.ffn.experts.w_gate_up/step"]["shape"] == []
+
+
+def test_keep_last_deletes_only_the_oldest(tmp_path, monkeypatch):
+    _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "5", "--save-interval", "1", "--keep-last", "2"), monkeypatch)
+    d = tmp_path / "checkpoints"
+    assert sorted(p.name for p in d.iterdir()) == ["latest", "step_00000004", "step_00000005"]
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, monkeypatch, capsys):
+    result = _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "1", "--resume", "auto", "--no-save"), monkeypatch)
+    assert len(result.losses) == 1
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_resume_reports_changed_flags_and_eval_only_matches(tmp_path, monkeypatch, capsys):
+    first = _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "3"), monkeypatch)
+    path = tmp_path / "a" / "checkpoints" / "step_00000003"
+    capsys.readouterr()
+    more = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", "4", "--learning-rate", "1e-3",
+                                        "--resume", str(path)), monkeypatch)
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("resuming from")]
+    assert len(line) == 1 and "--max-steps 3 -> 4" in line[0] and "--learning-rate 0.003 -> 0.001" in line[0], line
+    assert len(more.losses) == 1
+    evaluated = _train_in_process(_ckpt_argv(tmp_path / "c", "--max-steps", "3", "--resume", str(path), "--eval-only"),
+                                  monkeypatch)
+    assert evaluated.val_loss == first.val_loss and evaluated.losses == []
+    assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def _run_cli(argv: list, env: Optional[dict] = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "minimal_pretrain.py"), *argv], cwd=HERE,
+                          env=env or _clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_one_error_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_resume_with_other_model_exits_2_naming_fields(tmp_path, monkeypatch):
+    _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "1"), monkeypatch)
+    before = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    r = _run_cli(_ckpt_argv(tmp_path / "b", "--max-steps", "2", "--hidden-size", "64", "--num-experts", "8",
+                            "--resume", str(tmp_path / "a" / "checkpoints")))
+    _assert_one_error_line(r, 2, "hidden_size", "num_experts")
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--router-aux-loss-coef", "nan"], "--router-aux-loss-coef"),
+    (["--output-dir", "/proc/minimal_moe_x"], "--output-dir"),
+    (["FILE_AS_DIR"], "--output-dir"),
+    (["--checkpoint-dir", "/proc/minimal_moe_x"], "--checkpoint-dir"),
+    (["--resume", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--eval-only"], "--eval-only"),
+    (["--hf-repo", "not a repo"], "--hf-repo"),
+])
+def test_fault_flags_exit_2(flags, needle, tmp_path):
+    if flags == ["FILE_AS_DIR"]:
+        (tmp_path / "afile").write_text("keep me")
+        flags = ["--output-dir", str(tmp_path / "afile")]
+    r = _run_cli(_ckpt_argv(tmp_path / "out", "--max-steps", "1")[:-2] + flags
+                 + ([] if "--output-dir" in flags else ["--output-dir", str(tmp_path / "out")]))
+    _assert_one_error_line(r, 2, needle)
+    if (tmp_path / "afile").exists():
+        assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_hf_repo_needs_the_package_and_a_token(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(ckpt.CheckpointError, match="pip install huggingface_hub"):
+        ckpt.check_hub("me/model")
+    monkeypatch.delitem(sys.modules, "huggingface_hub")
+    pytest.importorskip("huggingface_hub")
+    env = {k: v for k, v in _clean_env().items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # no stored login there
+    r = _run_cli(_ckpt_argv(tmp_path / "out", "--max-steps", "1", "--hf-repo", "me/model"), env=env)
+    _assert_one_error_line(r, 2, "--hf-repo", "token")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_upload_is_called_per_save_and_failures_do_not_stop_training(tmp_path, monkeypatch, capsys):
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_used_for_network")
+    calls = []
+
+    def fake_upload_folder(self, **kw):  # the network call itself; everything before it is real
+        calls.append(kw)
+        if len(calls) == 1:
+            raise ConnectionError("no network in this test")
+
+    monkeypatch.setattr(hub.HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(hub.HfApi, "upload_folder", fake_upload_folder)
+    result = _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "4", "--save-interval", "2",
+                                          "--hf-repo", "me/model"), monkeypatch)
+    assert len(result.losses) == 4
+    assert [c["path_in_repo"] for c in calls] == ["step_00000002", "step_00000004"]
+    assert all(c["repo_id"] == "me/model" and Path(c["folder_path"]).name == c["path_in_repo"] for c in calls)
+    out = capsys.readouterr().out
+    assert "upload of step_00000002 to me/model failed" in out and "uploaded step_00000004" in out
+
+
+def test_non_finite_gradient_exits_3_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    real_grad_norm = minimal_pretrain.grad_norm
+    calls = []
+
+    def poisoned(params, topo):  # step 3's gradient goes NaN, as a numerical blow-up would
+        calls.append(1)
+        if len(calls) == 4:
+            params[0].grad.fill_(float("nan"))
+        return real_grad_norm(params, topo)
+
+    monkeypatch.setattr(minimal_pretrain, "grad_norm", poisoned)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    d = tmp_path / "checkpoints"
+    rc = minimal_pretrain.main(_ckpt_argv(tmp_path, "--max-steps", "8", "--save-interval", "2", "--log-interval", "5"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and len(err) == 1 and "non-finite" in err[0] and "step 3" in err[0], err
+    assert [p.name for _, p in ckpt.complete_checkpoints(d)] == ["step_00000002"]
+    assert (d / "latest").read_text().strip() == "step_00000002"
+    _, state = ckpt.load_consolidated(d / "step_00000002", with_optimizer=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+_KILL_SNIPPET = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import checkpoint, minimal_pretrain
+point, nth = sys.argv[1], int(sys.argv[2])
+count = {{"save": 0, "replace": 0}}
+real_save, real_replace = torch.save, os.replace
+def dying_save(obj, f, *a, **k):
+    count["save"] += 1
+    if point == "save" and count["save"] == nth:
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:  # a torn write: the file is cut short, then the process dies
+            fh.truncate(max(1, os.path.getsize(f) // 2))
+        os._exit(9)
+    return real_save(obj, f, *a, **k)
+def dying_replace(a, b):
+    count["replace"] += 1
+    if point == "replace" and count["replace"] == nth:
+        os._exit(9)
+    return real_replace(a, b)
+torch.save = dying_save
+checkpoint.os.replace = dying_replace
+sys.exit(minimal_pretrain.main(sys.argv[3:]))
+"""
+
+
+# Saves at steps 1 and 2 (keep-last 1). Per save: torch.save shard, torch.save rng; os.replace of the
+# directory, of the `latest` marker, then (second save) of the old checkpoint to its .del- name.
+KILL_POINTS = {  # (point, nth call): the checkpoint --resume auto must find afterwards
+    "shard_write_of_2nd_save": ("save", 3, 1),
+    "rng_write_of_2nd_save": ("save", 4, 1),
+    "before_rename_of_2nd_save": ("replace", 3, 1),
+    "before_latest_marker_of_2nd_save": ("replace", 4, 2),
+    "while_deleting_the_1st": ("replace", 5, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def killed_saves(tmp_path_factory):
+    root = tmp_path_factory.mktemp("killed_saves")
+    procs = {}
+    for name, (point, nth, _) in KILL_POINTS.items():
+        argv = _ckpt_argv(root / name, "--max-steps", "2", "--save-interval", "1", "--keep-last", "1")
+        procs[name] = subprocess.Popen([sys.executable, "-c", _KILL_SNIPPET.format(here=str(HERE)), point, str(nth), *argv],
+                                       cwd=root, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for p in procs.values():
+        p.communicate(timeout=300)
+    return root, {n: p.returncode for n, p in procs.items()}
+
+
+@pytest.mark.parametrize("name", list(KILL_POINTS))
+def test_killed_save_leaves_a_complete_checkpoint(name, killed_saves):
+    root, codes = killed_saves
+    assert codes[name] == 9, f"{name}: the save was not killed (exit {codes[name]})"
+    d = root / name / "checkpoints"
+    newest = ckpt.resolve_checkpoint(str(d))
+    assert newest.name == f"step_{KILL_POINTS[name][2]:08d}"
+    manifest, state = ckpt.load_consolidated(newest, with_optimizer=True)  # every file it names is whole
+    assert manifest["step"] == KILL_POINTS[name][2] and len(state) > 10
+
+
+def test_resume_after_killed_save_continues(killed_saves, tmp_path):
+    root, _ = killed_saves
+    run = root / "shard_write_of_2nd_save"
+    r = _run_cli(_ckpt_argv(run, "--max-steps", "3", "--save-interval", "1", "--keep-last", "1", "--resume", "auto"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout and "step_00000001" in r.stdout
+    assert [p.name for _, p in ckpt.complete_checkpoints(run / "checkpoints")] == ["step_00000003"]
+    assert not list((run / "checkpoints").glob(".tmp-*")) and not list((run / "checkpoints").glob(".del-*"))
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 240.0) -> list:
+    """Reads the process's stdout until a line contains needle; returns the lines read."""
+    import time
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"never saw {needle!r}:\n" + "".join(lines[-20:]))
+
+
+# With warm-up as long as the run, the learning rate of step s does not depend on --max-steps, so a run
+# stopped by a signal and resumed for a few steps can be compared with a short straight run.
+_LONG = ["--warmup-steps", "400"]
+
+
+def test_sigterm_saves_and_resumed_run_matches_straight(tmp_path, monkeypatch):
+    import signal
+    argv = _ckpt_argv(tmp_path / "a", "--max-steps", "400", *_LONG)
+    proc = subprocess.Popen([sys.executable, str(HERE / "minimal_pretrain.py"), *argv], cwd=HERE, env=_clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_line(proc, "step     2 |")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out, out[-2000:]
+    path = ckpt.resolve_checkpoint(str(tmp_path / "a" / "checkpoints"))
+    stop = ckpt.read_manifest(path)["step"]
+    assert 3 <= stop < 400
+    resumed = _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", str(stop + 2), *_LONG, "--resume", "auto"),
+                                monkeypatch)
+    straight = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", str(stop + 2), *_LONG), monkeypatch)
+    assert resumed.losses == straight.losses[stop:]
+    _assert_checkpoints_equal(tmp_path / "a" / "checkpoints" / f"step_{stop + 2:08d}",
+                              tmp_path / "b" / "checkpoints" / f"step_{stop + 2:08d}")
+
+
 # ==================================================================================================
 # Distributed equivalence: real processes, gloo, CPU. Each layout must reproduce the single process on
 # the same global batch: every step's loss and gradient norm and the final (gathered) parameters
@@ -1589,6 +1887,76 @@ def test_refused_layout_from_the_command_line(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--tensor-parallel-size" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 9, distributed: bit-exact resume under DP2 x TP2 x PP2, resharding to one process and to TP4/EP4,
+# and a signal reaching one rank of two stops both after the same step with one checkpoint.
+# --------------------------------------------------------------------------------------------------
+def _ckpt_dist_argv(ckpt_dir: Path, *extra: str) -> list:
+    argv = _base_argv("all8") + ["--dropout", "0.1", "--checkpoint-dir", str(ckpt_dir), *extra]
+    argv.remove("--no-save")
+    return argv
+
+
+@pytest.fixture(scope="module")
+def dp2_tp2_pp2_checkpoints(tmp_path_factory):
+    """A straight 4-step DP2xTP2xPP2 run saving at step 2 and at the end."""
+    root = tmp_path_factory.mktemp("ckpt_8ranks")
+    straight = _launch(8, _ckpt_dist_argv(root / "ckpts", "--max-steps", "4", "--save-interval", "2"), root / "a")
+    return root, straight
+
+
+def test_resume_is_bit_exact_dp2_tp2_pp2(dp2_tp2_pp2_checkpoints, tmp_path):
+    root, straight = dp2_tp2_pp2_checkpoints
+    resumed = _launch(8, _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "4",
+                                         "--resume", str(root / "ckpts" / "step_00000002")), tmp_path)
+    assert resumed["losses"] == straight["losses"][2:]
+    _assert_checkpoints_equal(root / "ckpts" / "step_00000004", tmp_path / "ckpts" / "step_00000004")
+    assert sorted(p.name for p in (tmp_path / "ckpts" / "step_00000004").glob("shard_*")) == [
+        f"shard_pp{p}_tp{t}.pt" for p in range(2) for t in range(2)]
+
+
+@pytest.mark.parametrize("world_size,flags", [(1, []), (4, ["--tensor-parallel-size", "4"])], ids=["one-process", "tp4-ep4"])
+def test_reshard_dp2_tp2_pp2_checkpoint(world_size, flags, dp2_tp2_pp2_checkpoints, tmp_path):
+    root, straight = dp2_tp2_pp2_checkpoints
+    half = root / "ckpts" / "step_00000002"
+    _, saved = ckpt.load_consolidated(half)
+    loaded = _launch(world_size, _ckpt_dist_argv(tmp_path / "e", "--max-steps", "2", "--resume", str(half),
+                                                 "--eval-only", "--eval-iters", "1") + flags, tmp_path / "e")
+    assert loaded["state"].keys() == saved.keys()
+    for name, t in saved.items():  # the gathered parameters are the saved ones, bit for bit
+        assert torch.equal(loaded["state"][name], t), name
+    cont = _launch(world_size, _ckpt_dist_argv(tmp_path / "c", "--max-steps", "4", "--resume", str(half)) + flags,
+                   tmp_path / "c")
+    for a, b in zip(cont["losses"], straight["losses"][2:]):  # another layout: fp32 summation order differs
+        assert abs(a - b) <= REL_TOL * abs(b), (cont["losses"], straight["losses"])
+
+
+def test_sigterm_to_one_rank_stops_all_ranks(tmp_path):
+    import signal
+    port = _free_port()
+    argv = _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "400", "--warmup-steps", "400",
+                           "--output-dir", str(tmp_path / "run"))
+    procs = []
+    for rank in range(2):
+        env = dict(_clean_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "minimal_pretrain.py"), *argv,
+                                       "--pipeline-parallel-size", "2"], cwd=HERE, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        _wait_for_line(procs[0], "step     2 |")
+        procs[1].send_signal(signal.SIGTERM)  # only the last stage hears it
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "stopped by" in outs[0]
+    path = ckpt.resolve_checkpoint(str(tmp_path / "ckpts"))
+    assert sorted(p.name for p in path.glob("shard_*")) == ["shard_pp0_tp0.pt", "shard_pp1_tp0.pt"]
+    assert 3 <= ckpt.read_manifest(path)["step"] < 400
 
 
 if __name__ == "__main__":
