@@ -11,7 +11,7 @@ vocabulary exceeds 65536), meta.json and, for BPE, tokenizer.json. Each document
 separator token (id 256 for bytes, `<|endoftext|>` for BPE).
 
 Train/validation split: a document goes to validation when a stable hash of its text (blake2b of its
-first piece, at most ~1 MiB) falls below --val-fraction of the hash range: deterministic, independent
+first piece, at most ~4 MiB) falls below --val-fraction of the hash range: deterministic, independent
 of input order and worker count, decided as the document streams by, and exact duplicates land on the
 same side. If that leaves a split empty (few documents), the last --val-fraction of the tokens become
 validation instead.
@@ -113,26 +113,27 @@ def input_files(inputs: list, out: Path) -> list:
 
 
 def _cut_point(buf: bytes, force: bool) -> int:
-    """Where to end the next piece of a text file: just after the last newline that starts a line with a
-    visible ASCII character. Byte-level BPE's pre-tokenizer always splits there, so tokenising the pieces
-    apart gives the tokens of the whole file. Without such a newline: 0 (read more), or when forced (a very
-    long line) just after the last newline, else before the last character (never inside a UTF-8 sequence)."""
+    """Where to end the next piece of a text file: just before the last newline that is followed by a
+    non-space character. Byte-level BPE's pre-tokenizer (the GPT-2 pattern) always splits there, also when
+    the newline ends a longer whitespace run, so tokenising the pieces apart gives the tokens of the whole
+    file. Without such a newline: 0 (read more), or when forced (no such newline in 4 x chunk bytes) before
+    the last character, never inside a UTF-8 sequence (there the tokens may differ from the whole file's)."""
     i = len(buf) - 1
-    while (i := buf.rfind(b"\n", 0, i)) >= 0:
-        if 0x21 <= buf[i + 1] <= 0x7E:
-            return i + 1
+    while (i := buf.rfind(b"\n", 1, i)) > 0:
+        nxt = buf[i + 1]
+        if 0x21 <= nxt <= 0x7E or (nxt >= 0xC0 and not buf[i + 1:i + 5].decode("utf-8", "ignore")[:1].isspace()):
+            return i
     if not force:
         return 0
-    cut = buf.rfind(b"\n") + 1
-    if cut == 0:
-        cut = len(buf) - 1
-        while cut > 0 and buf[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: step back to its lead byte
-            cut -= 1
+    cut = len(buf) - 1
+    while cut > 0 and buf[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: step back to its lead byte
+        cut -= 1
     return cut or len(buf)
 
 
-def text_pieces(path: Path, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The bytes of a text file in pieces of about `chunk` bytes (at most ~4 x chunk), cut by _cut_point."""
+def text_pieces(path: Path, chunk: Optional[int] = None) -> Iterator[bytes]:
+    """The bytes of a text file in pieces of about `chunk` bytes (at most 5 x chunk), cut by _cut_point."""
+    chunk = chunk or CHUNK_BYTES
     buf = b""
     with open(path, "rb") as f:
         while data := f.read(chunk):
@@ -308,8 +309,9 @@ def _encode_batch(batch: list) -> tuple:
     return tuple(np.concatenate(parts) if parts else empty for parts in out)
 
 
-def _batches(pieces: Iterator[tuple], batch_bytes: int = CHUNK_BYTES) -> Iterator[tuple]:
-    """Group pieces into tasks of about batch_bytes of text: (pieces, input bytes consumed, documents)."""
+def _batches(pieces: Iterator[tuple]) -> Iterator[tuple]:
+    """Group pieces into tasks of about CHUNK_BYTES of text: (pieces, input bytes consumed, documents)."""
+    batch_bytes = CHUNK_BYTES
     batch, size, consumed, docs = [], 0, 0, [0, 0]
     for text, last, to_val, used in pieces:
         consumed += used
