@@ -7,19 +7,21 @@
 Inputs: text files (UTF-8), directories (every non-hidden file below, recursively), `.jsonl` (one JSON
 object per line, the text in --text-field) and `.parquet` (that column; needs pyarrow). A document is a
 text file or one record. DIR receives train.bin and val.bin (token ids, uint16, or uint32 when the
-vocabulary exceeds 65536), meta.json and, for BPE, tokenizer.json. Each document is followed by the
-separator token (id 256 for bytes, `<|endoftext|>` for BPE).
+vocabulary exceeds 65536), meta.json and, unless bytes, tokenizer.json. Each document is followed by a
+separator token: id 256 for bytes, `<|endoftext|>` for BPE (a literal `<|endoftext|>` in the text becomes
+that token too), and for a given tokenizer.json the first of KNOWN_SEPARATORS it has, else none.
 
-Train/validation split: a document goes to validation when a stable hash of its text (blake2b of its
-first piece, at most ~4 MiB) falls below --val-fraction of the hash range: deterministic, independent
-of input order and worker count, decided as the document streams by, and exact duplicates land on the
-same side. If that leaves a split empty (few documents), the last --val-fraction of the tokens become
-validation instead.
+Train/validation split: a document goes to validation when a stable hash of its text (blake2b; for a
+text file over 1 MiB, of its first piece) falls below --val-fraction of the hash range: deterministic,
+independent of input order and worker count, decided as the document streams by, and exact duplicates
+land on the same side. If that leaves a split empty (few documents), the last --val-fraction of the
+tokens become validation instead.
 
-Memory stays bounded: documents stream through a fixed window of tokenising tasks and the tokens are
-appended to the files as they come; BPE training reads the input once more through the trainer's
-iterator. Everything is written into a hidden folder inside DIR and renamed into place at the end, so a
-failed run leaves DIR as it was.
+Memory stays bounded: text files are read in pieces of about 1 MiB, cut where byte-level BPE would split
+anyway; pieces stream through a fixed window of tokenising tasks and the ids are appended to the files as
+they come. BPE training streams the input through the trainer's iterator (its memory grows with the
+number of distinct words, not with the input). Everything is written into a hidden folder inside DIR and
+renamed into place at the end, so a failed run leaves DIR as it was.
 """
 from __future__ import annotations
 
