@@ -174,6 +174,7 @@ class ByteCodec:
 
     def __init__(self, separator_id: Optional[int] = None):
         self.separator_id = separator_id
+        self.vocab_size = BYTE_VOCAB if separator_id is None else max(BYTE_VOCAB, separator_id + 1)
 
     def encode(self, text: str) -> list:
         return list(text.encode("utf-8"))

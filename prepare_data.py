@@ -433,7 +433,7 @@ def prepare(args: argparse.Namespace, tmp: Path) -> dict:
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     print(f"tokens: {tokens[0]:,} train / {tokens[1]:,} val ({dtype}), {meta['documents']:,} documents, split by "
           + ("document hash" if split == "hash" else f"the last {args.val_fraction:g} of the tokens (too few documents)"))
-    print(f"tokenized {total / 1e6:,.1f} MB in {seconds:.1f} s: {total / 1e6 / max(seconds, 1e-9):,.1f} MB/s "
+    print(f"tokenized {total / 1e6:.3g} MB in {seconds:.1f} s: {total / 1e6 / max(seconds, 1e-9):.3g} MB/s "
           f"with {args.workers} worker{'s' * (args.workers > 1)}")
     return meta
 
