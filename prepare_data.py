@@ -41,6 +41,7 @@ import numpy as np
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
+OUTPUT_FILES = ("train.bin", "val.bin", META_FILE, TOKENIZER_FILE)
 BYTES_SEPARATOR_ID = 256  # bytes use ids 0..255; the document separator is one id past them
 BYTE_VOCAB_WITH_SEPARATOR = BYTES_SEPARATOR_ID + 1
 SEPARATOR_TEXT = "<|endoftext|>"  # the BPE separator token, and how a decoder shows the bytes one
@@ -91,10 +92,10 @@ def input_files(inputs: list, out: Path) -> list:
         p = Path(given)
         if not p.exists():
             raise PrepareError(f"{given}: no such file or directory")
-        if p.is_dir():
+        if p.is_dir():  # every non-hidden file below, but not our own output when --out lies inside
             found = sorted(f for f in p.rglob("*") if f.is_file()
                            and not any(s.startswith(".") for s in f.relative_to(p).parts)
-                           and out not in f.resolve().parents)  # never read our own output
+                           and not (f.name in OUTPUT_FILES and f.parent.resolve() == out))
         else:
             found = [p]
         for f in found:
@@ -464,7 +465,7 @@ def validate(args: argparse.Namespace) -> None:
 def _publish(tmp: Path, out: Path) -> None:
     """Rename the finished files into out; meta.json, which marks the directory as prepared, goes last."""
     (out / META_FILE).unlink(missing_ok=True)
-    for name in ("train.bin", "val.bin", TOKENIZER_FILE):
+    for name in OUTPUT_FILES[:2] + (TOKENIZER_FILE,):
         if (tmp / name).exists():
             os.replace(tmp / name, out / name)
         else:

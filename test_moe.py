@@ -921,6 +921,18 @@ def test_prepare_single_file_falls_back_to_tail_split(tmp_path):
     np.testing.assert_array_equal(np.concatenate([train, val]), list(text.encode()) + [256])
 
 
+def test_prepare_out_equal_to_input_skips_its_own_files(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("first note\n" * 30)
+    (d / "more.txt").write_text("second note\n" * 30)
+    for _ in range(2):  # the second run must not read the first run's train.bin, val.bin or meta.json
+        r = _prepare_cli([d, "--out", d, "--workers", "1", "--val-fraction", "0.5"])
+        assert r.returncode == 0, r.stderr
+        meta, train, val = _read_prepared(d)
+        assert meta["documents"] == 2 and len(train) + len(val) == 11 * 30 + 12 * 30 + 2
+
+
 def test_text_pieces_cut_at_line_starts(tmp_path, monkeypatch):
     code = "".join(f"def f{i}(x):\n    y = x + {i}  # ü\n\n    return y\n" for i in range(40))
     long_line = "é" * 700 + "\n"  # no newline for 4 x chunk bytes: a forced cut, never inside a character
