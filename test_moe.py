@@ -807,13 +807,21 @@ def test_no_host_sync_in_grouped_forward():
 # `--data DIR` reading it back (load_corpus, text_codec, uint32 tokens, a short training run)
 # --------------------------------------------------------------------------------------------------
 import hashlib  # noqa: E402
-import importlib.util  # noqa: E402
+import importlib  # noqa: E402
 
 import prepare_data  # noqa: E402
 from data import text_codec  # noqa: E402
 
-HAVE_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None
-HAVE_PYARROW = importlib.util.find_spec("pyarrow") is not None
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False
+
+
+HAVE_TOKENIZERS, HAVE_PYARROW = _importable("tokenizers"), _importable("pyarrow")
 needs_tokenizers = pytest.mark.skipif(not HAVE_TOKENIZERS, reason="tokenizers is not installed")
 
 # Documents with what breaks naive code: multi-byte characters, emoji, \r\n, tabs, indentation, a NUL,
@@ -1031,6 +1039,9 @@ def test_prepare_parquet_round_trip(tmp_path):
     codec = text_codec(str(tmp_path / "out"))
     assert [codec.decode(ids) for ids in _split_docs(train, 256)] == [d for d in RECORDS if not _goes_to_val(d, 0.3)]
     assert [codec.decode(ids) for ids in _split_docs(val, 256)] == [d for d in RECORDS if _goes_to_val(d, 0.3)]
+    r = _prepare_cli([tmp_path / "d.parquet", "--out", tmp_path / "out2", "--workers", "1"])  # no column "text"
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no column 'text'" in r.stderr, r.stderr
+    assert not (tmp_path / "out2").exists()
 
 
 def _hide_module(root: Path, name: str) -> str:
