@@ -40,6 +40,7 @@ class Topology:
     dp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     pp_ranks: list = field(default_factory=lambda: [0])  # global ranks of my pipeline, by stage
+    control_group: Optional[dist.ProcessGroup] = None  # all ranks over gloo: host-side agreement (stop requests)
 
     @property
     def ep(self) -> int:  # expert parallelism is tied to tensor parallelism
@@ -122,6 +123,8 @@ def init_topology(tp: int, pp: int, device_type: str) -> Topology:
                 setattr(topo, f"{axis}_group", group)
                 if axis == "pp":
                     topo.pp_ranks = ranks
+    # Host-side decisions (stop after this step?) go over gloo, never through the GPU stream.
+    topo.control_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     # A first collective on each group, so later point-to-point calls find the communicators ready.
     for g in (topo.tp_group, topo.dp_group, topo.pp_group):
         if g is not None:
@@ -192,27 +195,36 @@ def mark_sharded(p: nn.Parameter, dim: int, segments: Sequence[int]) -> nn.Param
     return p
 
 
+def split_spec(p: torch.Tensor) -> Optional[tuple]:
+    """(dim, full segment sizes) of a TP-sharded tensor, None for a replicated one."""
+    return getattr(p, "tp_split", None)
+
+
 def full_shape(p: torch.Tensor) -> list:
     shape = list(p.shape)
-    if hasattr(p, "tp_split"):
-        dim, segments = p.tp_split
+    spec = split_spec(p)
+    if spec is not None:
+        dim, segments = spec
         shape[dim] = sum(segments)
     return shape
 
 
-def shard_of(full: torch.Tensor, p: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
-    if not hasattr(p, "tp_split"):
+def shard_of(full: torch.Tensor, p, tp_rank: int, tp: int) -> torch.Tensor:
+    """TP rank tp_rank's shard of `full`; p is the parameter (or its split spec, a tuple or None)."""
+    spec = p if p is None or isinstance(p, tuple) else split_spec(p)
+    if spec is None:
         return full
-    dim, segments = p.tp_split
-    chunks = [seg.chunk(tp, dim=dim)[tp_rank] for seg in full.split(segments, dim=dim)]
+    dim, segments = spec
+    chunks = [seg.chunk(tp, dim=dim)[tp_rank] for seg in full.split(list(segments), dim=dim)]
     return torch.cat(chunks, dim=dim)
 
 
-def unshard(shards: Sequence[torch.Tensor], p: torch.Tensor) -> torch.Tensor:
-    """Inverse of shard_of: shards[r] is TP rank r's shard."""
-    if not hasattr(p, "tp_split"):
+def unshard(shards: Sequence[torch.Tensor], p) -> torch.Tensor:
+    """Inverse of shard_of: shards[r] is TP rank r's shard; p as in shard_of."""
+    spec = p if p is None or isinstance(p, tuple) else split_spec(p)
+    if spec is None:
         return shards[0]
-    dim, segments = p.tp_split
+    dim, segments = spec
     tp = len(shards)
     local_segments = [s // tp for s in segments]
     per_rank = [s.split(local_segments, dim=dim) for s in shards]

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -27,13 +28,14 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import checkpoint as ckpt  # noqa: E402
 import minimal_pretrain  # noqa: E402
 from data import DataError, batch_offsets, get_batch, load_corpus  # noqa: E402
 from model import GPT, MLP, ModelConfig, count_parameters  # noqa: E402
 from moe_layers import SparseMoE, TopKRouter, load_balancing_loss, router_z_loss  # noqa: E402
-from moe_stats import (StatsLayout, StepStats, in_flight_matrix, moe_metrics, overload_factors,  # noqa: E402
+from moe_stats import (StatsLayout, StepStats, held_after_events, moe_metrics, overload_factors,  # noqa: E402
                        pack_step_stats)
-from parallel import Topology  # noqa: E402
+from parallel import StepFunctions, Topology, run_schedule  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +363,7 @@ BAD_FLAGS = {
     "dropout_out_of_range": (["--dropout", "1.5"], "--dropout"),
     "tp_exceeds_world": (["--tensor-parallel-size", "3"], "--tensor-parallel-size"),
     "argparse_bad_choice": (["--moe-expert-impl", "fast"], "--moe-expert-impl"),  # argparse's own error path
+    "ep_not_tp": (["--expert-parallel-size", "2"], "--expert-parallel-size"),
 }
 UNTOUCHED_CASES = ("missing_data", "dropout_out_of_range")  # these also get an existing --output-dir
 PREVIOUS_LINE = '{"step": 0, "loss": 5.5}\n'
@@ -521,7 +524,7 @@ def test_training_loss_falls(tmp_path, monkeypatch):
         "--num-attention-heads", "4", "--num-key-value-heads", "2", "--max-seq-length", "64",
         "--global-batch-size", "16", "--micro-batch-size", "8", "--num-experts", "4", "--learning-rate", "3e-3",
         "--warmup-steps", "5", "--eval-iters", "2", "--eval-interval", "0", "--no-progress", "--device", "cpu",
-        "--output-dir", str(out_dir)])
+        "--log-interval", "1", "--output-dir", str(out_dir)])
     # Observed: first loss ~5.55 (ln 256 = 5.545), last-5 mean ~2.9-3.0 for seeds 0-2 and the default seed,
     # validation ~2.8-3.0. The margins below (1.5 nat) leave ~1 nat of slack and still require the model to
     # learn far more than a constant output.
@@ -594,11 +597,12 @@ def test_moe_metrics_by_hand():
     assert m["moe/expert_utilization_p75"] == approx(1.125)   # 1 + 0.25 * 0.5
     assert m["moe/expert_utilization_max"] == approx(2.0)
     assert m["moe/dead_experts"] == 1
-    # all counts [6,4,4,2,8,0,4,4]: mean 4, squared deviations sum 40, pop. variance 5
-    assert m["moe/load_std"] == approx(math.sqrt(5))
-    assert m["moe/load_min"] == approx(0.0)
-    assert m["moe/load_max"] == approx(8.0)
-    assert m["moe/load_imbalance"] == approx(8.0)  # 8 / max(0, 1)
+    # counts summed over the layers [14, 4, 8, 6]: mean 8, squared deviations 36+16+0+4 = 56, pop. variance 14
+    assert m["moe/load_std"] == approx(math.sqrt(14))
+    assert m["moe/load_min"] == approx(4.0)
+    assert m["moe/load_max"] == approx(14.0)
+    assert m["moe/load_imbalance"] == approx(3.5)  # 14 / 4
+    assert m["moe/load_imbalance_worst_layer"] == approx(8.0)  # layer 1: 6 / 2 = 3; layer 3: 8 / max(0, 1) = 8
     assert m["moe/aux_loss_mean"] == approx(0.015)
     assert m["moe/z_loss_mean"] == approx(0.003)
     assert m["moe/router_entropy_mean"] == approx(1.15)
@@ -624,6 +628,10 @@ def test_moe_metrics_by_hand():
     assert m["moe/layer_3/aux_loss"] == approx(0.02)
     assert m["moe/layer_1/utilization_max"] == approx(1.5)
     assert m["moe/layer_3/utilization_max"] == approx(2.0)
+    assert m["moe/layer_1/avg_overload_factor"] == approx(1.25)  # mean of [1.0, 1.5]
+    assert m["moe/layer_1/max_overload_factor"] == approx(1.5)
+    assert m["moe/layer_3/avg_overload_factor"] == approx(1.625)  # mean of [2.0, 1.25]
+    assert m["moe/layer_3/max_overload_factor"] == approx(2.0)
     assert m["moe/counts"] == {"1": [6, 4, 4, 2], "3": [8, 0, 4, 4]}
     assert not any(k.startswith("moe/layer_0/") or k.startswith("moe/layer_2/") for k in m)
 
@@ -634,15 +642,28 @@ def test_moe_metrics_by_hand():
                       "moe_expert_utilization/layer_1_expert_0": approx(1.5),
                       "moe_expert_utilization/layer_3_expert_1": approx(0.0),
                       "moe_expert_utilization/layer_1_expert_3": approx(0.5)}
-    assert "moe/counts" not in m2 and "moe/layer_1/cv" not in m2
+    assert "moe/counts" not in m2 and "moe/layer_1/cv" not in m2 and "moe/layer_1/max_overload_factor" not in m2
 
 
 def test_moe_metrics_imbalance_without_dead_experts():
     layout, flat = stats_case([[6, 4, 4, 2], [8, 2, 3, 3]], [[0.0] * 3, [0.0] * 3])
     m = moe_metrics(layout, flat)
     assert m["moe/dead_experts"] == 0
-    assert m["moe/load_imbalance"] == pytest.approx(4.0)  # 8 / 2
-    assert m["moe/load_min"] == 2.0
+    # summed over the layers: [14, 6, 7, 5]
+    assert m["moe/load_imbalance"] == pytest.approx(2.8)  # 14 / 5
+    assert m["moe/load_min"] == 5.0
+    assert m["moe/load_imbalance_worst_layer"] == pytest.approx(4.0)  # layer 3: 8 / 2
+
+
+def test_load_metrics_are_over_the_counts_summed_over_layers():
+    # The issue's counterexample: each layer uses half the experts, together they use all of them evenly.
+    layout, flat = stats_case([[4, 4, 0, 0], [0, 0, 4, 4]], [[0.0] * 3, [0.0] * 3])
+    m = moe_metrics(layout, flat)
+    assert m["moe/load_std"] == 0.0
+    assert m["moe/load_min"] == m["moe/load_max"] == 4.0
+    assert m["moe/load_imbalance"] == 1.0
+    assert m["moe/load_imbalance_worst_layer"] == 4.0  # each layer alone: 4 / max(0, 1)
+    assert m["moe/dead_experts"] == 4
 
 
 def _stats_torch_calls(num_layers: int) -> tuple[int, int]:
@@ -734,39 +755,39 @@ GPIPE = [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
 ONE_F_ONE_B = [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
 
 
-def test_in_flight_matrix_by_hand():
-    # A microbatch is held from its forward up to and including its backward.
-    assert in_flight_matrix(GPIPE, 2).tolist() == [[1, 0], [1, 1], [1, 1], [0, 1]]
-    assert in_flight_matrix(ONE_F_ONE_B, 2).tolist() == [[1, 0], [1, 0], [0, 1], [0, 1]]
+def test_held_after_events_by_hand():
+    # A microbatch is held from its forward until its backward releases it.
+    assert held_after_events(GPIPE, 2).tolist() == [[1, 0], [1, 1], [0, 1], [0, 0]]
+    assert held_after_events(ONE_F_ONE_B, 2).tolist() == [[1, 0], [0, 0], [0, 1], [0, 0]]
 
 
 def test_overload_factors_by_hand():
-    mb = torch.tensor([[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    mb = torch.tensor([[[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]])  # one layer, two microbatches
     # ep=2: ranks own experts {0,1} and {2,3}; per-rank tokens [[8, 0], [2, 2]], balanced [4, 2]
-    ov, cum = overload_factors(mb, 2, in_flight_matrix(GPIPE, 2))
-    assert ov.tolist() == pytest.approx([2.0, 1.0])
-    # GPipe held per rank: [8,0], [10,2], [10,2], [2,2] -> peak 10; balanced held 4, 6, 6, 2 -> 6
+    ov, cum = overload_factors(mb, 2, held_after_events(GPIPE, 2))
+    assert ov[0].tolist() == pytest.approx([2.0, 1.0])
+    # GPipe held per rank after each event: [8,0], [10,2], [2,2], [0,0] -> peak 10; balanced 4, 6, 2, 0 -> 6
     assert float(cum) == pytest.approx(10 / 6)
-    ov, cum = overload_factors(mb, 2, in_flight_matrix(ONE_F_ONE_B, 2))
-    assert ov.tolist() == pytest.approx([2.0, 1.0])
-    # 1F1B held per rank: [8,0], [8,0], [2,2], [2,2] -> peak 8; balanced 4, 4, 2, 2 -> 4
+    ov, cum = overload_factors(mb, 2, held_after_events(ONE_F_ONE_B, 2))
+    assert ov[0].tolist() == pytest.approx([2.0, 1.0])
+    # 1F1B held per rank: [8,0], [0,0], [2,2], [0,0] -> peak 8; balanced 4, 0, 2, 0 -> 4
     assert float(cum) == pytest.approx(2.0)
     # ep=1: one rank holds everything, nothing can be overloaded.
     for order in (GPIPE, ONE_F_ONE_B):
-        ov, cum = overload_factors(mb, 1, in_flight_matrix(order, 2))
-        assert ov.tolist() == pytest.approx([1.0, 1.0])
+        ov, cum = overload_factors(mb, 1, held_after_events(order, 2))
+        assert ov[0].tolist() == pytest.approx([1.0, 1.0])
         assert float(cum) == pytest.approx(1.0)
 
 
 def test_cumulative_overload_can_cancel_when_held_together():
     # Microbatch 0 loads rank 0, microbatch 1 loads rank 1: each is 2x overloaded on its own, but
     # when both are held at once (GPipe) the ranks are balanced.
-    mb = torch.tensor([[6.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 7.0]])
-    ov, cum = overload_factors(mb, 2, in_flight_matrix(GPIPE, 2))
-    assert ov.tolist() == pytest.approx([2.0, 2.0])
-    # held [8,0], [8,8], [8,8], [0,8] -> 8; balanced 4, 8, 8, 4 -> 8
+    mb = torch.tensor([[[6.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 7.0]]])
+    ov, cum = overload_factors(mb, 2, held_after_events(GPIPE, 2))
+    assert ov[0].tolist() == pytest.approx([2.0, 2.0])
+    # held [8,0], [8,8], [0,8], [0,0] -> 8; balanced 4, 8, 4, 0 -> 8
     assert float(cum) == pytest.approx(1.0)
-    _, cum = overload_factors(mb, 2, in_flight_matrix(ONE_F_ONE_B, 2))
+    _, cum = overload_factors(mb, 2, held_after_events(ONE_F_ONE_B, 2))
     assert float(cum) == pytest.approx(2.0)
 
 
@@ -877,7 +898,7 @@ def _train_three_steps(data_dir: Path, tmp_path: Path, monkeypatch) -> tuple:
         "--data", str(data_dir), "--max-steps", "3", "--hidden-size", "32", "--intermediate-size", "64",
         "--num-layers", "2", "--num-attention-heads", "4", "--num-key-value-heads", "2", "--max-seq-length", "16",
         "--global-batch-size", "4", "--num-experts", "4", "--warmup-steps", "1", "--eval-iters", "1",
-        "--no-progress", "--device", "cpu", "--output-dir", str(tmp_path / "run")])
+        "--no-progress", "--device", "cpu", "--log-interval", "1", "--no-save", "--output-dir", str(tmp_path / "run")])
     result = minimal_pretrain.train(args)
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
     assert result.val_loss is not None and math.isfinite(result.val_loss)
@@ -1113,6 +1134,438 @@ def test_prepare_bad_input_one_line_exit_2_nothing_written(name, bad_prepare_run
         assert not out.parent.exists(), f"{name}: left {list(out.parent.rglob('*'))}"
 
 
+# --------------------------------------------------------------------------------------------------
+# Issue 13: max_cum_overload_factor as Megatron defines it. Per rank, ONE running sum over the records
+# of all MoE layers of the stage in schedule order (a forward adds its tokens layer by layer, its
+# backward removes them in reverse layer order), for the actual tokens and for the balanced T*k/EP;
+# peak of the actual over peak of the balanced, max over EP ranks, then over DP and PP.
+# --------------------------------------------------------------------------------------------------
+# Two stages, four microbatches, as run_schedule orders them (1F1B: stage s warms up with pp - s - 1
+# forwards); test_hand_written_orders_are_what_run_schedule_runs checks them against the real schedule.
+PP2_M4_ORDERS = {
+    ("gpipe", 0): [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("B", 1), ("B", 2), ("B", 3)],
+    ("gpipe", 1): [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("B", 1), ("B", 2), ("B", 3)],
+    ("1f1b", 0): [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3), ("B", 2), ("B", 3)],
+    ("1f1b", 1): [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2), ("F", 3), ("B", 3)],
+}
+
+
+class _NoPeerComm:
+    """Stands in for PipeComm so one process can run one stage's real schedule: nothing to send or receive."""
+    def recv_forward(self): return None
+    def recv_backward(self): return None
+    def send_forward(self, y): pass
+    def send_backward(self, g): pass
+    def send_forward_recv_backward(self, y): return None
+    def send_backward_recv_forward(self, g): return None
+
+
+def _run_stage_schedule(schedule: str, m: int, stage: int, on_forward=lambda i: None) -> list:
+    def forward(i, x):
+        on_forward(i)
+        return torch.zeros(1), None  # (output sent down the pipeline, own loss: none to backpropagate)
+    topo = Topology(pp=2, pp_rank=stage, pp_ranks=[0, 1])
+    return run_schedule(schedule, m, StepFunctions(forward, before_backward=lambda i: None), _NoPeerComm(), topo)
+
+
+@pytest.mark.parametrize("schedule,stage", list(PP2_M4_ORDERS))
+def test_hand_written_orders_are_what_run_schedule_runs(schedule, stage):
+    assert _run_stage_schedule(schedule, 4, stage) == PP2_M4_ORDERS[(schedule, stage)]
+
+
+def _megatron_cum_overload(mb_counts: list, ep: int, events: list) -> float:
+    """Brute force, record by record as Megatron's tracker journals them: mb_counts[l][i][e]."""
+    L, E = len(mb_counts), len(mb_counts[0][0])
+    actual, balanced = [0.0] * ep, 0.0
+    peaks, peak_balanced = [-math.inf] * ep, -math.inf
+    for kind, i in events:
+        sign = 1.0 if kind == "F" else -1.0
+        for l in (range(L) if kind == "F" else reversed(range(L))):
+            for r in range(ep):
+                actual[r] += sign * sum(mb_counts[l][i][r * E // ep:(r + 1) * E // ep])
+                peaks[r] = max(peaks[r], actual[r])
+            balanced += sign * sum(mb_counts[l][i]) / ep
+            peak_balanced = max(peak_balanced, balanced)
+    return max(p / peak_balanced for p in peaks)
+
+
+def test_cum_overload_counterexample_by_hand():
+    # The issue's counterexample: layer A sends everything to EP rank 0, layer B everything to rank 1.
+    # After each forward both ranks hold 8 per microbatch, like a balanced router: 1.0. Per layer it was 2.0.
+    layer_a, layer_b = [[4.0, 4.0, 0.0, 0.0]] * 2, [[0.0, 0.0, 4.0, 4.0]] * 2
+    mb = torch.tensor([layer_a, layer_b])  # [L=2, m=2, E=4]
+    for order in (GPIPE, ONE_F_ONE_B):
+        ov, cum = overload_factors(mb, 2, held_after_events(order, 2))
+        assert ov.tolist() == [[2.0, 2.0], [2.0, 2.0]]
+        assert float(cum) == 1.0
+        assert _megatron_cum_overload(mb.tolist(), 2, order) == 1.0
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_cum_overload_matches_record_by_record_running_sum(ep):
+    g = torch.Generator().manual_seed(13)
+    for trial in range(20):
+        mb = torch.randint(0, 9, (3, 4, 8), generator=g).float()  # [L, m, E], small integers: exact sums
+        mb[..., 0] += 1  # every layer and microbatch routes something
+        for order in PP2_M4_ORDERS.values():
+            _, cum = overload_factors(mb, ep, held_after_events(order, 4))
+            assert float(cum) == pytest.approx(_megatron_cum_overload(mb.tolist(), ep, order), rel=1e-6), (trial, order)
+
+
+class _RecordedLayer:
+    """What StepStats reads from a SparseMoE: the routing record its last training forward left."""
+    def __init__(self):
+        self.record_routing, self.last_routing = False, None
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_cum_overload_across_stages_by_hand(schedule):
+    """A 4-layer all-MoE model on PP2 (stage 0: layers 0, 1; stage 1: layers 2, 3), EP2, four microbatches,
+    8 assignments per layer and microbatch. Each stage runs its real schedule, records through StepStats
+    and packs its share; the sum of the two packed tensors is what the PP all-reduce forms."""
+    from moe_layers import RoutingRecord
+    rank0, rank1, even = [4.0, 4.0, 0.0, 0.0], [0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 2.0, 2.0]
+    routing = {  # layer -> counts of microbatch i
+        0: lambda i: rank0, 1: lambda i: rank1,  # stage 0: the issue's counterexample
+        2: lambda i: rank0 if i % 2 == 0 else even, 3: lambda i: rank0 if i % 2 == 0 else even,
+    }
+    layout = StatsLayout(moe_layer_ids=[0, 1, 2, 3], num_experts=4, num_microbatches=4, dp=1)
+    total = torch.zeros(layout.numel())
+    for stage, layer_ids in ((0, [0, 1]), (1, [2, 3])):
+        layers = {l: _RecordedLayer() for l in layer_ids}
+        stats = StepStats(layers, top_k=2)
+
+        def on_forward(i):
+            for l, layer in layers.items():
+                counts = torch.tensor(routing[l](i))
+                layer.last_routing = RoutingRecord(counts, torch.tensor(1.0), torch.tensor(0.0), torch.full((4, 4), 0.25))
+            stats.end_microbatch()
+        events = _run_stage_schedule(schedule, 4, stage, on_forward)
+        assert events == PP2_M4_ORDERS[(schedule, stage)]
+        topo = Topology(world_size=4, tp=2, pp=2, pp_rank=stage, pp_ranks=[0, 1])
+        total += pack_step_stats(layout, stats, None, topo, events)
+    cum = layout.split(total)["cum_overload"][0].tolist()  # one slot per layer, each holding its stage's value
+    # Stage 0: after every forward both ranks hold 8 per microbatch held, as balanced: 1.0 (per layer: 2.0).
+    # Stage 1: microbatches alternate 16 on rank 0 / 8 and 8 spread evenly. 1F1B holds one at a time:
+    # peak 16 over balanced 8 = 2.0. GPipe holds all four: rank 0 reaches 16+8+16+8 = 48, balanced 32: 1.5.
+    stage1 = {"gpipe": 1.5, "1f1b": 2.0}[schedule]
+    assert cum == pytest.approx([1.0, 1.0, stage1, stage1])
+    m = moe_metrics(layout, total, detailed=True)
+    assert m["moe/max_cum_overload_factor"] == pytest.approx(stage1)
+    # Per microbatch: 2.0 for every entry of layers 0 and 1; [2, 1, 2, 1] on layers 2 and 3.
+    assert m["moe/max_overload_factor"] == pytest.approx(2.0)
+    assert m["moe/avg_overload_factor"] == pytest.approx(1.75)
+    for l, avg in ((0, 2.0), (1, 2.0), (2, 1.5), (3, 1.5)):
+        assert m[f"moe/layer_{l}/avg_overload_factor"] == pytest.approx(avg)
+        assert m[f"moe/layer_{l}/max_overload_factor"] == pytest.approx(2.0)
+
+
+def test_expert_parallel_size_is_tied_to_tp(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for flags in ([], ["--expert-parallel-size", "2"]):  # unset or equal to TP: accepted
+        args = minimal_pretrain.parse_args(["--tensor-parallel-size", "2"] + flags)
+        assert args.tensor_parallel_size == 2
+    assert minimal_pretrain.main(["--tensor-parallel-size", "2", "--expert-parallel-size", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "--expert-parallel-size 1" in err and "tied to TP" in err, err
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 9: checkpoints. Resume must be bit-exact (same layout), any layout must load any other, a killed
+# save must never leave a half checkpoint that --resume auto picks, and faults end the run cleanly.
+# --------------------------------------------------------------------------------------------------
+def _ckpt_argv(out: Path, *extra: str) -> list:
+    """A tiny MoE run with dropout (so the saved RNG state matters) on the small fixed corpus."""
+    return ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2", "--num-attention-heads", "4",
+            "--num-key-value-heads", "2", "--max-seq-length", "16", "--global-batch-size", "8",
+            "--micro-batch-size", "4", "--num-experts", "4", "--dropout", "0.1", "--warmup-steps", "2",
+            "--eval-iters", "1", "--eval-interval", "0", "--log-interval", "1", "--device", "cpu", "--no-progress",
+            "--data", _dist_data_file(), "--output-dir", str(out), *extra]
+
+
+def _train_in_process(argv: list, monkeypatch) -> "minimal_pretrain.TrainResult":
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    return minimal_pretrain.train(minimal_pretrain.parse_args(argv))
+
+
+def _assert_checkpoints_equal(a: Path, b: Path) -> None:
+    """Parameters, buffers and AdamW state (moments and step) bit for bit, and the same step."""
+    ma, sa = ckpt.load_consolidated(a, with_optimizer=True)
+    mb, sb = ckpt.load_consolidated(b, with_optimizer=True)
+    assert ma["step"] == mb["step"]
+    assert sa.keys() == sb.keys() and any(k.endswith("/exp_avg_sq") for k in sa)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), f"{key} differs"
+
+
+def test_resume_is_bit_exact_single_process(tmp_path, monkeypatch):
+    straight = _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "6", "--save-interval", "3"), monkeypatch)
+    half = tmp_path / "a" / "checkpoints" / "step_00000003"
+    assert ckpt.is_checkpoint(half)
+    resumed = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", "6", "--resume", str(half)), monkeypatch)
+    assert resumed.losses == straight.losses[3:]  # exact: same floats, not approximately
+    assert resumed.val_loss == straight.val_loss
+    _assert_checkpoints_equal(tmp_path / "a" / "checkpoints" / "step_00000006",
+                              tmp_path / "b" / "checkpoints" / "step_00000006")
+    # The resume is recorded in the log, and the run after it logs steps 3..5.
+    recs = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0] == {"step": 3, "resumed_from": str(half)}
+    assert [r["step"] for r in recs if "loss" in r] == [3, 4, 5]
+
+
+def test_save_format_is_sharded_with_manifest(tmp_path, monkeypatch):
+    _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "2"), monkeypatch)
+    path = ckpt.resolve_checkpoint(str(tmp_path / "checkpoints"))
+    assert path.name == "step_00000002" and (tmp_path / "checkpoints" / "latest").read_text().strip() == path.name
+    manifest = ckpt.read_manifest(path)
+    assert manifest["step"] == 2 and manifest["model"]["num_experts"] == 4 and manifest["args"]["max_steps"] == 2
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "rng_rank0.pt", "shard_pp0_tp0.pt"]
+    experts = manifest["tensors"]["model/layers.0.ffn.experts.w_gate_up"]
+    assert experts["shape"] == [4, 32, 128] and experts["tp_split"] == [0, [4]]
+    assert manifest["tensors"]["optim/layers.0.ffn.experts.w_gate_up/exp_avg"]["tp_split"] == [0, [4]]
+    assert manifest["tensors"]["optim/layers.0.ffn.experts.w_gate_up/step"]["shape"] == []
+
+
+def test_keep_last_deletes_only_the_oldest(tmp_path, monkeypatch):
+    _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "5", "--save-interval", "1", "--keep-last", "2"), monkeypatch)
+    d = tmp_path / "checkpoints"
+    assert sorted(p.name for p in d.iterdir()) == ["latest", "step_00000004", "step_00000005"]
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, monkeypatch, capsys):
+    result = _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "1", "--resume", "auto", "--no-save"), monkeypatch)
+    assert len(result.losses) == 1
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_resume_reports_changed_flags_and_eval_only_matches(tmp_path, monkeypatch, capsys):
+    first = _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "3"), monkeypatch)
+    path = tmp_path / "a" / "checkpoints" / "step_00000003"
+    capsys.readouterr()
+    more = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", "4", "--learning-rate", "1e-3",
+                                        "--resume", str(path)), monkeypatch)
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("resuming from")]
+    assert len(line) == 1 and "--max-steps 3 -> 4" in line[0] and "--learning-rate 0.003 -> 0.001" in line[0], line
+    assert len(more.losses) == 1
+    evaluated = _train_in_process(_ckpt_argv(tmp_path / "c", "--max-steps", "3", "--resume", str(path), "--eval-only"),
+                                  monkeypatch)
+    assert evaluated.val_loss == first.val_loss and evaluated.losses == []
+    assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def _run_cli(argv: list, env: Optional[dict] = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "minimal_pretrain.py"), *argv], cwd=HERE,
+                          env=env or _clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_one_error_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_resume_with_other_model_exits_2_naming_fields(tmp_path, monkeypatch):
+    _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "1"), monkeypatch)
+    before = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    r = _run_cli(_ckpt_argv(tmp_path / "b", "--max-steps", "2", "--hidden-size", "64", "--num-experts", "8",
+                            "--resume", str(tmp_path / "a" / "checkpoints")))
+    _assert_one_error_line(r, 2, "hidden_size", "num_experts")
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--router-aux-loss-coef", "nan"], "--router-aux-loss-coef"),
+    (["--output-dir", "/proc/minimal_moe_x"], "--output-dir"),
+    (["FILE_AS_DIR"], "--output-dir"),
+    (["--checkpoint-dir", "/proc/minimal_moe_x"], "--checkpoint-dir"),
+    (["--resume", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--eval-only"], "--eval-only"),
+    (["--hf-repo", "not a repo"], "--hf-repo"),
+])
+def test_fault_flags_exit_2(flags, needle, tmp_path):
+    if flags == ["FILE_AS_DIR"]:
+        (tmp_path / "afile").write_text("keep me")
+        flags = ["--output-dir", str(tmp_path / "afile")]
+    r = _run_cli(_ckpt_argv(tmp_path / "out", "--max-steps", "1")[:-2] + flags
+                 + ([] if "--output-dir" in flags else ["--output-dir", str(tmp_path / "out")]))
+    _assert_one_error_line(r, 2, needle)
+    if (tmp_path / "afile").exists():
+        assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_hf_repo_needs_the_package_and_a_token(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(ckpt.CheckpointError, match="pip install huggingface_hub"):
+        ckpt.check_hub("me/model")
+    monkeypatch.delitem(sys.modules, "huggingface_hub")
+    pytest.importorskip("huggingface_hub")
+    env = {k: v for k, v in _clean_env().items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # no stored login there
+    r = _run_cli(_ckpt_argv(tmp_path / "out", "--max-steps", "1", "--hf-repo", "me/model"), env=env)
+    _assert_one_error_line(r, 2, "--hf-repo", "token")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_upload_is_called_per_save_and_failures_do_not_stop_training(tmp_path, monkeypatch, capsys):
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_used_for_network")
+    calls = []
+
+    def fake_upload_folder(self, **kw):  # the network call itself; everything before it is real
+        calls.append(kw)
+        if len(calls) == 1:
+            raise ConnectionError("no network in this test")
+
+    monkeypatch.setattr(hub.HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(hub.HfApi, "upload_folder", fake_upload_folder)
+    result = _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "4", "--save-interval", "2",
+                                          "--hf-repo", "me/model"), monkeypatch)
+    assert len(result.losses) == 4
+    assert [c["path_in_repo"] for c in calls] == ["step_00000002", "step_00000004"]
+    assert all(c["repo_id"] == "me/model" and Path(c["folder_path"]).name == c["path_in_repo"] for c in calls)
+    out = capsys.readouterr().out
+    assert "upload of step_00000002 to me/model failed" in out and "uploaded step_00000004" in out
+
+
+def test_non_finite_gradient_exits_3_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    real_grad_norm = minimal_pretrain.grad_norm
+    calls = []
+
+    def poisoned(params, topo):  # step 3's gradient goes NaN, as a numerical blow-up would
+        calls.append(1)
+        if len(calls) == 4:
+            params[0].grad.fill_(float("nan"))
+        return real_grad_norm(params, topo)
+
+    monkeypatch.setattr(minimal_pretrain, "grad_norm", poisoned)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    d = tmp_path / "checkpoints"
+    rc = minimal_pretrain.main(_ckpt_argv(tmp_path, "--max-steps", "8", "--save-interval", "2", "--log-interval", "5"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and len(err) == 1 and "non-finite" in err[0] and "step 3" in err[0], err
+    assert [p.name for _, p in ckpt.complete_checkpoints(d)] == ["step_00000002"]
+    assert (d / "latest").read_text().strip() == "step_00000002"
+    _, state = ckpt.load_consolidated(d / "step_00000002", with_optimizer=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+_KILL_SNIPPET = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import checkpoint, minimal_pretrain
+point, nth = sys.argv[1], int(sys.argv[2])
+count = {{"save": 0, "replace": 0}}
+real_save, real_replace = torch.save, os.replace
+def dying_save(obj, f, *a, **k):
+    count["save"] += 1
+    if point == "save" and count["save"] == nth:
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:  # a torn write: the file is cut short, then the process dies
+            fh.truncate(max(1, os.path.getsize(f) // 2))
+        os._exit(9)
+    return real_save(obj, f, *a, **k)
+def dying_replace(a, b):
+    count["replace"] += 1
+    if point == "replace" and count["replace"] == nth:
+        os._exit(9)
+    return real_replace(a, b)
+torch.save = dying_save
+checkpoint.os.replace = dying_replace
+sys.exit(minimal_pretrain.main(sys.argv[3:]))
+"""
+
+
+# Saves at steps 1 and 2 (keep-last 1). Per save: torch.save shard, torch.save rng; os.replace of the
+# directory, of the `latest` marker, then (second save) of the old checkpoint to its .del- name.
+KILL_POINTS = {  # (point, nth call): the checkpoint --resume auto must find afterwards
+    "shard_write_of_2nd_save": ("save", 3, 1),
+    "rng_write_of_2nd_save": ("save", 4, 1),
+    "before_rename_of_2nd_save": ("replace", 3, 1),
+    "before_latest_marker_of_2nd_save": ("replace", 4, 2),
+    "while_deleting_the_1st": ("replace", 5, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def killed_saves(tmp_path_factory):
+    root = tmp_path_factory.mktemp("killed_saves")
+    procs = {}
+    for name, (point, nth, _) in KILL_POINTS.items():
+        argv = _ckpt_argv(root / name, "--max-steps", "2", "--save-interval", "1", "--keep-last", "1")
+        procs[name] = subprocess.Popen([sys.executable, "-c", _KILL_SNIPPET.format(here=str(HERE)), point, str(nth), *argv],
+                                       cwd=root, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for p in procs.values():
+        p.communicate(timeout=300)
+    return root, {n: p.returncode for n, p in procs.items()}
+
+
+@pytest.mark.parametrize("name", list(KILL_POINTS))
+def test_killed_save_leaves_a_complete_checkpoint(name, killed_saves):
+    root, codes = killed_saves
+    assert codes[name] == 9, f"{name}: the save was not killed (exit {codes[name]})"
+    d = root / name / "checkpoints"
+    newest = ckpt.resolve_checkpoint(str(d))
+    assert newest.name == f"step_{KILL_POINTS[name][2]:08d}"
+    manifest, state = ckpt.load_consolidated(newest, with_optimizer=True)  # every file it names is whole
+    assert manifest["step"] == KILL_POINTS[name][2] and len(state) > 10
+
+
+def test_resume_after_killed_save_continues(killed_saves, tmp_path):
+    root, _ = killed_saves
+    run = root / "shard_write_of_2nd_save"
+    r = _run_cli(_ckpt_argv(run, "--max-steps", "3", "--save-interval", "1", "--keep-last", "1", "--resume", "auto"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout and "step_00000001" in r.stdout
+    assert [p.name for _, p in ckpt.complete_checkpoints(run / "checkpoints")] == ["step_00000003"]
+    assert not list((run / "checkpoints").glob(".tmp-*")) and not list((run / "checkpoints").glob(".del-*"))
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 240.0) -> list:
+    """Reads the process's stdout until a line contains needle; returns the lines read."""
+    import time
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"never saw {needle!r}:\n" + "".join(lines[-20:]))
+
+
+# With warm-up as long as the run, the learning rate of step s does not depend on --max-steps, so a run
+# stopped by a signal and resumed for a few steps can be compared with a short straight run.
+_LONG = ["--warmup-steps", "400"]
+
+
+def test_sigterm_saves_and_resumed_run_matches_straight(tmp_path, monkeypatch):
+    import signal
+    argv = _ckpt_argv(tmp_path / "a", "--max-steps", "400", *_LONG)
+    proc = subprocess.Popen([sys.executable, str(HERE / "minimal_pretrain.py"), *argv], cwd=HERE, env=_clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_line(proc, "step     2 |")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out, out[-2000:]
+    path = ckpt.resolve_checkpoint(str(tmp_path / "a" / "checkpoints"))
+    stop = ckpt.read_manifest(path)["step"]
+    assert 3 <= stop < 400
+    resumed = _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", str(stop + 2), *_LONG, "--resume", "auto"),
+                                monkeypatch)
+    straight = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", str(stop + 2), *_LONG), monkeypatch)
+    assert resumed.losses == straight.losses[stop:]
+    _assert_checkpoints_equal(tmp_path / "a" / "checkpoints" / f"step_{stop + 2:08d}",
+                              tmp_path / "b" / "checkpoints" / f"step_{stop + 2:08d}")
+
+
 # ==================================================================================================
 # Distributed equivalence: real processes, gloo, CPU. Each layout must reproduce the single process on
 # the same global batch: every step's loss and gradient norm and the final (gathered) parameters
@@ -1148,7 +1601,8 @@ def _base_argv(moe: str) -> list:
             "--num-key-value-heads", "2", "--max-seq-length", "16", "--global-batch-size", "8",
             "--micro-batch-size", "2", "--max-steps", "3", "--warmup-steps", "1", "--learning-rate", "1e-3",
             "--eval-iters", "0", "--no-progress", "--moe-metrics", "off", "--data", _dist_data_file(),
-            "--expert-intermediate-size", "32", "--min-lr", "1e-4", "--device", "cpu"]
+            "--expert-intermediate-size", "32", "--min-lr", "1e-4", "--device", "cpu", "--log-interval", "1",
+            "--no-save"]
     if moe == "dense":
         return argv + ["--num-experts", "0"]
     if moe == "mixed":
@@ -1316,6 +1770,11 @@ def test_ep_router_gradient_check_detects_missing_all_reduce(tmp_path):
 # they measure the busiest EP rank, so they are exactly 1 when EP = 1 and >= 1 under EP.
 # --------------------------------------------------------------------------------------------------
 OVERLOAD_KEYS = ("moe/avg_overload_factor", "moe/max_overload_factor", "moe/max_cum_overload_factor")
+
+
+def _overload_keys(rec: dict) -> set:
+    """The step-level overload keys and, in detailed mode, moe/layer_{l}/avg|max_overload_factor."""
+    return {k for k in rec if k.startswith("moe/") and k.endswith("_overload_factor")}
 METRIC_LAYOUTS = [  # (id, world size, extra flags, expert-parallel size)
     ("dp2", 2, [], 1),
     ("pp2-1f1b", 2, ["--pipeline-parallel-size", "2", "--pipeline-schedule", "1f1b"], 1),
@@ -1366,11 +1825,15 @@ def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_pat
         for key in ("loss", "aux_loss", "z_loss"):
             assert g[key] is not None and _close(g[key], r[key]), f"step {step} {key}: got {g[key]}, single {r[key]}"
         # The reference's overload factors: EP = 1, so every token is on the one rank.
-        for key in OVERLOAD_KEYS:
+        overload_keys = _overload_keys(r)
+        assert overload_keys == set(OVERLOAD_KEYS) | {f"moe/layer_{l}/{s}_overload_factor" for l in (1, 3)
+                                                     for s in ("avg", "max")}, sorted(overload_keys)
+        assert _overload_keys(g) == overload_keys
+        for key in overload_keys:
             assert r[key] == 1.0, f"single process, step {step}: {key} = {r[key]}, expected exactly 1.0"
-        moe_keys = {k for k in r if k.startswith("moe/")} - set(OVERLOAD_KEYS)
+        moe_keys = {k for k in r if k.startswith("moe/")} - overload_keys
         assert len(moe_keys) >= 20 and "moe/counts" in moe_keys and "moe/layer_3/cv" in moe_keys, sorted(moe_keys)
-        assert {k for k in g if k.startswith("moe/")} - set(OVERLOAD_KEYS) == moe_keys
+        assert {k for k in g if k.startswith("moe/")} - overload_keys == moe_keys
         assert g["moe/counts"] == r["moe/counts"], f"step {step}: counts {g['moe/counts']} vs single {r['moe/counts']}"
         for key in sorted(moe_keys - {"moe/counts"}):
             assert _close(g[key], r[key]), f"step {step} {key}: got {g[key]}, single {r[key]}"
@@ -1385,12 +1848,18 @@ def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_pat
             assert gu.keys() == ru.keys(), (sorted(gu), sorted(ru))
         # Overload factors of this layout.
         if ep == 1:
-            for key in OVERLOAD_KEYS:
+            for key in overload_keys:
                 assert g[key] == 1.0, f"EP = 1, step {step}: {key} = {g[key]}, expected exactly 1.0"
         else:
-            for key in OVERLOAD_KEYS:
+            for key in overload_keys:
                 assert 1.0 <= g[key] <= ep + 1e-6, f"EP = {ep}, step {step}: {key} = {g[key]}"
             assert g["moe/avg_overload_factor"] <= g["moe/max_overload_factor"] + 1e-9
+            # Both layers have the same number of (DP rank, microbatch) entries: the step's mean and max
+            # are the mean and max of the per-layer ones.
+            layer_avg = [g[f"moe/layer_{l}/avg_overload_factor"] for l in (1, 3)]
+            layer_max = [g[f"moe/layer_{l}/max_overload_factor"] for l in (1, 3)]
+            assert _close(g["moe/avg_overload_factor"], sum(layer_avg) / 2) and _close(g["moe/max_overload_factor"], max(layer_max))
+            assert all(a <= b + 1e-9 for a, b in zip(layer_avg, layer_max)), (layer_avg, layer_max)
             # The busiest microbatch is at least as overloaded as the step's summed counts are.
             step_level = max(max(sum(c[i * 4 // ep:(i + 1) * 4 // ep]) for i in range(ep)) / (sum(c) / ep)
                              for c in g["moe/counts"].values())
@@ -1533,6 +2002,76 @@ def test_refused_layout_from_the_command_line(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--tensor-parallel-size" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 9, distributed: bit-exact resume under DP2 x TP2 x PP2, resharding to one process and to TP4/EP4,
+# and a signal reaching one rank of two stops both after the same step with one checkpoint.
+# --------------------------------------------------------------------------------------------------
+def _ckpt_dist_argv(ckpt_dir: Path, *extra: str) -> list:
+    argv = _base_argv("all8") + ["--dropout", "0.1", "--checkpoint-dir", str(ckpt_dir), *extra]
+    argv.remove("--no-save")
+    return argv
+
+
+@pytest.fixture(scope="module")
+def dp2_tp2_pp2_checkpoints(tmp_path_factory):
+    """A straight 4-step DP2xTP2xPP2 run saving at step 2 and at the end."""
+    root = tmp_path_factory.mktemp("ckpt_8ranks")
+    straight = _launch(8, _ckpt_dist_argv(root / "ckpts", "--max-steps", "4", "--save-interval", "2"), root / "a")
+    return root, straight
+
+
+def test_resume_is_bit_exact_dp2_tp2_pp2(dp2_tp2_pp2_checkpoints, tmp_path):
+    root, straight = dp2_tp2_pp2_checkpoints
+    resumed = _launch(8, _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "4",
+                                         "--resume", str(root / "ckpts" / "step_00000002")), tmp_path)
+    assert resumed["losses"] == straight["losses"][2:]
+    _assert_checkpoints_equal(root / "ckpts" / "step_00000004", tmp_path / "ckpts" / "step_00000004")
+    assert sorted(p.name for p in (tmp_path / "ckpts" / "step_00000004").glob("shard_*")) == [
+        f"shard_pp{p}_tp{t}.pt" for p in range(2) for t in range(2)]
+
+
+@pytest.mark.parametrize("world_size,flags", [(1, []), (4, ["--tensor-parallel-size", "4"])], ids=["one-process", "tp4-ep4"])
+def test_reshard_dp2_tp2_pp2_checkpoint(world_size, flags, dp2_tp2_pp2_checkpoints, tmp_path):
+    root, straight = dp2_tp2_pp2_checkpoints
+    half = root / "ckpts" / "step_00000002"
+    _, saved = ckpt.load_consolidated(half)
+    loaded = _launch(world_size, _ckpt_dist_argv(tmp_path / "e", "--max-steps", "2", "--resume", str(half),
+                                                 "--eval-only", "--eval-iters", "1") + flags, tmp_path / "e")
+    assert loaded["state"].keys() == saved.keys()
+    for name, t in saved.items():  # the gathered parameters are the saved ones, bit for bit
+        assert torch.equal(loaded["state"][name], t), name
+    cont = _launch(world_size, _ckpt_dist_argv(tmp_path / "c", "--max-steps", "4", "--resume", str(half)) + flags,
+                   tmp_path / "c")
+    for a, b in zip(cont["losses"], straight["losses"][2:]):  # another layout: fp32 summation order differs
+        assert abs(a - b) <= REL_TOL * abs(b), (cont["losses"], straight["losses"])
+
+
+def test_sigterm_to_one_rank_stops_all_ranks(tmp_path):
+    import signal
+    port = _free_port()
+    argv = _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "400", "--warmup-steps", "400",
+                           "--output-dir", str(tmp_path / "run"))
+    procs = []
+    for rank in range(2):
+        env = dict(_clean_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "minimal_pretrain.py"), *argv,
+                                       "--pipeline-parallel-size", "2"], cwd=HERE, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        _wait_for_line(procs[0], "step     2 |")
+        procs[1].send_signal(signal.SIGTERM)  # only the last stage hears it
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "stopped by" in outs[0]
+    path = ckpt.resolve_checkpoint(str(tmp_path / "ckpts"))
+    assert sorted(p.name for p in path.glob("shard_*")) == ["shard_pp0_tp0.pt", "shard_pp1_tp0.pt"]
+    assert 3 <= ckpt.read_manifest(path)["step"] < 400
 
 
 if __name__ == "__main__":
