@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size; ignored by byte-level corpora (256), defaults to the tokens' need for .bin data")
+                   help="vocabulary size; ignored by byte-level corpora (256); for .bin and prepare_data.py data it "
+                        "defaults to the tokens' need rounded up to a multiple of 64")
     m.add_argument("--hidden-size", type=int, default=128, help="model width d_model")
     m.add_argument("--intermediate-size", type=int, default=512, help="dense SwiGLU FFN width")
     m.add_argument("--num-layers", type=int, default=4, help="transformer layers")
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: Python's automatic garbage collector; N: freeze the objects of set-up, turn automatic "
                         "collection off while training and collect the young generations every N steps")
     t.add_argument("--data", default=None,
-                   help="text file, directory of text files, or uint16 .bin tokens (default: embedded stdlib corpus)")
+                   help="text file, directory of text files, a prepare_data.py output directory, or uint16 .bin tokens "
+                        "(default: embedded stdlib corpus)")
     par = p.add_argument_group("parallelism (under torchrun)")
     par.add_argument("--tensor-parallel-size", type=int, default=1, help="TP size; expert parallelism uses the same group")
     par.add_argument("--expert-parallel-size", type=int, default=None,
