@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size; ignored by byte-level corpora (256), defaults to the tokens' need for .bin data")
+                   help="vocabulary size; ignored by byte-level corpora (256); for .bin and prepare_data.py data it "
+                        "defaults to the tokens' need rounded up to a multiple of 64")
     m.add_argument("--hidden-size", type=int, default=128, help="model width d_model")
     m.add_argument("--intermediate-size", type=int, default=512, help="dense SwiGLU FFN width")
     m.add_argument("--num-layers", type=int, default=4, help="transformer layers")
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: Python's automatic garbage collector; N: freeze the objects of set-up, turn automatic "
                         "collection off while training and collect the young generations every N steps")
     t.add_argument("--data", default=None,
-                   help="text file, directory of text files, or uint16 .bin tokens (default: embedded stdlib corpus)")
+                   help="text file, directory of text files, a prepare_data.py output directory, or uint16 .bin tokens "
+                        "(default: embedded stdlib corpus)")
     par = p.add_argument_group("parallelism (under torchrun)")
     par.add_argument("--tensor-parallel-size", type=int, default=1, help="TP size; expert parallelism uses the same group")
     par.add_argument("--expert-parallel-size", type=int, default=None,
@@ -118,14 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--tensorboard", action="store_true", help="log to TensorBoard under <output-dir>/tensorboard")
     lg.add_argument("--no-progress", action="store_true",
                     help="no tqdm progress bar (there is none anyway when stdout is not a terminal)")
-    pr = p.add_argument_group("profiling")
-    pr.add_argument("--profile", action="store_true", help="torch.profiler trace of a window of steps, one per rank")
-    pr.add_argument("--profile-wait", type=int, default=5, help="steps before the profiler starts")
-    pr.add_argument("--profile-warmup", type=int, default=3, help="profiler warm-up steps (events dropped)")
-    pr.add_argument("--profile-steps", type=int, default=5, help="steps recorded in the trace")
-    pr.add_argument("--trace-dir", default=None, help="where every rank writes trace_rank{R}_step{N}.json "
-                                                       "(default <output-dir>/traces)")
-    pr.add_argument("--profile-gzip", action="store_true", help="write .json.gz traces")
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--save-interval", type=int, default=1000,
                     help="save a checkpoint every N steps (0 = no periodic saves; the final one is still saved)")
@@ -139,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--eval-only", action="store_true", help="with --resume: report the checkpoint's validation loss, no training")
     ck.add_argument("--hf-repo", default=None, metavar="OWNER/NAME",
                     help="upload each saved checkpoint to this Hugging Face Hub repo (needs huggingface_hub and a token)")
+    pr = p.add_argument_group("profiling")
+    pr.add_argument("--profile", action="store_true", help="torch.profiler trace of a window of steps, one per rank")
+    pr.add_argument("--profile-wait", type=int, default=5, help="steps before the profiler starts")
+    pr.add_argument("--profile-warmup", type=int, default=3, help="profiler warm-up steps (events dropped)")
+    pr.add_argument("--profile-steps", type=int, default=5, help="steps recorded in the trace")
+    pr.add_argument("--trace-dir", default=None, help="where every rank writes trace_rank{R}_step{N}.json "
+                                                       "(default <output-dir>/traces)")
+    pr.add_argument("--profile-gzip", action="store_true", help="write .json.gz traces")
     return p
 
 
@@ -733,6 +735,8 @@ def resume(t: Trainer, result: TrainResult) -> int:
     result.checkpoint = str(path)
     if t.is_main:
         t.run_log.log({"step": manifest["step"], "resumed_from": str(path)})
+    if manifest["step"] >= args.max_steps and not args.eval_only:
+        t.emit(f"the checkpoint has {manifest['step']} steps, --max-steps is {args.max_steps}: nothing to train")
     return manifest["step"]
 
 
