@@ -1,7 +1,7 @@
 """Cost of the named profiler ranges (profiling.phase) when --profile is off: step time as shipped against
 a build without them, interleaved step by step in one training run.
 
-    python bench/bench_profile_overhead.py [--configs launch gpu] [--budget-s 70] [--out FILE.json]
+    python bench/bench_profile_overhead.py [--configs launch gpu] [--budget-s 60] [--aa-control] [--out FILE.json]
 
 How: the modules holding `with phase(...)` blocks (parallel, moe_layers, minimal_pretrain) are loaded from
 their source with each such block rewritten as
@@ -138,11 +138,10 @@ def run_config(name: str, deadline: float, control: bool = False) -> dict:
         SWITCH.strip = stripped[-1] and not control  # control: both arms run the shipped code
         return real_lr_at(step, args)
 
-    args = minimal_pretrain.parse_args(COMMON + CONFIGS[name] + ["--output-dir", tempfile.mkdtemp(prefix="bench_prof_")])
     minimal_pretrain.lr_at = step_hook
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the trainer's step lines
-            minimal_pretrain.train(args)
+        with tempfile.TemporaryDirectory(prefix="bench_prof_") as out, contextlib.redirect_stdout(io.StringIO()):
+            minimal_pretrain.train(minimal_pretrain.parse_args(COMMON + CONFIGS[name] + ["--output-dir", out]))
         raise SystemExit("the run ended before its time was spent")
     except _Stop:
         pass
@@ -185,7 +184,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS),
                     default=["launch", "gpu"] if torch.cuda.is_available() else ["tiny"])
-    ap.add_argument("--budget-s", type=float, default=70.0, help="seconds for all configurations together")
+    ap.add_argument("--budget-s", type=float, default=60.0,
+                    help="seconds for all configurations together (start-up of the process not included)")
     ap.add_argument("--out", default="bench_profile_overhead.json")
     ap.add_argument("--aa-control", action="store_true",
                     help="also run each configuration with both arms shipped: the noise of the method")
