@@ -494,7 +494,7 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
                    f"continue with --resume auto (or --resume {result.checkpoint})")
             result.stopped_early = True
             break
-        profiler.step()
+        clock.excluded += profiler.step()  # writing the trace is not training throughput
     else:
         watch.check(topo, result.checkpoint)
         if not args.no_save and args.max_steps > start:

@@ -3,8 +3,8 @@
     with phase("moe/router"):
         ...
 
-While a trace window is recording (`set_enabled(True)`, done by StepProfiler), `phase` is a
-torch.profiler.record_function range; otherwise it returns one shared no-op context, so the hot path pays
+While a trace window is open (`set_enabled(True)`, done by StepProfiler for its warm-up and recorded
+steps), `phase` is a torch.profiler.record_function range; otherwise it returns one shared no-op context, so the hot path pays
 a function call and a global read, and no range object is ever built.
 
 StepProfiler runs torch.profiler over `--profile-wait` idle steps, `--profile-warmup` warm-up steps and
@@ -116,12 +116,16 @@ class StepProfiler:
         _seen.clear()
         set_enabled(self.wait == 0)
 
-    def step(self) -> None:
+    def step(self) -> float:
+        """Ends a training step; returns the seconds spent writing the trace (0 but at the window's end),
+        which are not training time."""
         if self._prof is None:
-            return
+            return 0.0
         self.done += 1
+        start = time.perf_counter()
         self._prof.step()  # writes the trace at the end of the last recorded step
         set_enabled(self.wait <= self.done < self.start_offset + self.active)
+        return time.perf_counter() - start if self.done == self.start_offset + self.active else 0.0
 
     def _on_trace_ready(self, prof) -> None:
         if self.done < self.start_offset + self.active:  # stopped inside the window (an error): no trace
