@@ -932,7 +932,7 @@ def test_triton_kernels_match_torch_formulas(dtype, monkeypatch):
         monkeypatch.setattr(moe_ops, "_use_triton", lambda t: False)
         ref = op(*(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
         monkeypatch.undo()
-        torch.testing.assert_close(got.double(), ref, **tol, msg=str(op))
+        torch.testing.assert_close(got.double(), ref.double(), **tol, msg=str(op))
 
 
 # ==================================================================================================

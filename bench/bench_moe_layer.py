@@ -17,7 +17,7 @@ Regimes: "autocast" = fp32 parameters and fp32 input under bf16 autocast (what t
 expert weights are cast to bf16 at every forward); "bf16" = bf16 parameters and input, no autocast.
 Gradients are set to None before each iteration (written fresh, not accumulated). Timing: CUDA events
 around each call, warm-up first, median of --iters. --profile adds a torch.profiler breakdown of the
-layer's GPU kernels (the expert grouped GEMMs' share) at the first shape. --compile also times the MoE
+layer's GPU kernels (the expert grouped GEMMs' share) at every shape. --compile also times the MoE
 layer and the MLP under torch.compile.
 """
 from __future__ import annotations
@@ -216,7 +216,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="T,d,f,E,k per shape")
     ap.add_argument("--regimes", nargs="+", choices=["autocast", "bf16"], default=["autocast", "bf16"])
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--profile", action="store_true", help="kernel breakdown of the MoE layer at the first shape")
+    ap.add_argument("--profile", action="store_true", help="kernel breakdown of the MoE layer at every shape")
     ap.add_argument("--compile", action="store_true", help="also time both layers under torch.compile")
     ap.add_argument("--out", default="bench_moe_layer.json")
     a = ap.parse_args()
@@ -224,8 +224,7 @@ def main() -> None:
         raise SystemExit("bench_moe_layer.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False  # the router's fp32 GEMM as training runs it
     copy_bw = copy_bandwidth(a.iters)
-    rows = [bench_shape(s, reg, a.iters, copy_bw, a.profile and i == 0, a.compile)
-            for i, s in enumerate(a.shapes) for reg in a.regimes]
+    rows = [bench_shape(s, reg, a.iters, copy_bw, a.profile, a.compile) for s in a.shapes for reg in a.regimes]
     gpu = torch.cuda.get_device_name(0)
     print(f"GPU: {gpu}, torch {torch.__version__}, copy bandwidth {copy_bw / 2 ** 30:,.0f} GiB/s (read + write)")
     print(f"{'T,d,f,E,k':<22} {'regime':<8} {'MoE ms':>7} {'TFLOP/s':>7} {'dense ms':>8} {'MoE/dense':>9} "
@@ -242,7 +241,7 @@ def main() -> None:
             p = r["profile"]
             print(f"  kernels per fwd+bwd: {p['total_kernel_ms']:.2f} ms; expert grouped GEMMs {p['grouped_gemm_ms']:.2f} ms "
                   f"= {100 * p['grouped_gemm_share']:.1f}%, other GEMMs {p['other_gemm_ms']:.2f} ms")
-            for t in p["top"][:14]:
+            for t in p["top"][:10]:
                 print(f"    {t['ms']:7.3f} ms  x{t['calls']:<3} {t['kernel'][:110]}")
     json.dump({"gpu": gpu, "torch": torch.__version__, "copy_bytes_per_s": copy_bw, "rows": rows},
               open(a.out, "w"), indent=2)
