@@ -10,12 +10,15 @@ permutation of the T*k rows, the gather and the weighted sum are adjoint: the ba
 other (with the combine weights), so no backward needs atomic adds, and each token's k rows are summed in
 registers instead of materialising a [T, k, d] copy.
 
-Three primitive ops do the work: scatter_rows (a row to its k sorted positions, optionally scaled),
+Three primitives do the work: scatter_rows (a row to its k sorted positions, optionally scaled),
 gather_sum (the k sorted rows of a token, weighted and summed) and row_dots (the gradient of the combine
-weights). On CUDA each is one Triton kernel that accumulates in fp32; elsewhere, or without Triton, it is
-the plain torch formula of the reference path (`x[order // k]`, `(y[inverse].view(T, k, d) * w).sum(1)`),
-so on the CPU in fp32 the results are those of the reference. They are torch.library custom ops, so
-torch.compile treats each as one opaque call instead of tracing into the kernel launch.
+weights). Run eagerly on CUDA, each is one Triton kernel that accumulates in fp32. Elsewhere, and while
+torch.compile traces the model, each is the plain torch formula (`(y[inverse].view(T, k, d) * w).sum(1)`
+and so on): on the CPU in fp32 the results are those of the reference path, and under torch.compile the
+compiler fuses the formula into its own kernels with no Python call per op. (The Triton kernels were first
+wrapped as torch custom ops for torch.compile; on an H100 a compiled MoE model at micro-batch 8 then
+spent about 0.2 ms of host time per op call under cProfile, 224 calls a step, in a step whose GPU was
+busy only 44% of the time.)
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ except ImportError:
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and t.is_cuda
+    return triton is not None and t.is_cuda and not torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,9 +117,8 @@ def _block(n: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Primitive ops: Triton on CUDA, the reference torch formula elsewhere
+# Primitives: Triton on CUDA (eager), the reference torch formula elsewhere and under torch.compile
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("minimal_moe::scatter_rows", mutates_args=())
 def scatter_rows(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[torch.Tensor], k: int) -> torch.Tensor:
     """[T, d] -> [T*k, d]: dst[inverse[t*k + j]] = src[t] (times weights[t, j] if given)."""
     num_tokens, d = src.shape
@@ -133,12 +135,6 @@ def scatter_rows(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[tor
     return torch.empty_like(rows).index_copy_(0, inverse, rows)
 
 
-@scatter_rows.register_fake
-def _(src, inverse, weights, k):
-    return src.new_empty(src.shape[0] * k, src.shape[1])
-
-
-@torch.library.custom_op("minimal_moe::gather_sum", mutates_args=())
 def gather_sum(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[torch.Tensor], k: int) -> torch.Tensor:
     """[T*k, d] -> [T, d]: out[t] = sum_j (weights[t, j] *) src[inverse[t*k + j]]."""
     rows, d = src.shape
@@ -156,12 +152,6 @@ def gather_sum(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[torch
     return gathered.sum(dim=1)
 
 
-@gather_sum.register_fake
-def _(src, inverse, weights, k):
-    return src.new_empty(src.shape[0] // k, src.shape[1])
-
-
-@torch.library.custom_op("minimal_moe::row_dots", mutates_args=())
 def row_dots(a: torch.Tensor, b: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """a [T, d], b [T*k, d] -> [T, k] fp32: dots[t, j] = <a[t], b[inverse[t*k + j]]>."""
     num_tokens, d = a.shape
@@ -176,12 +166,6 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, inverse: torch.Tensor) -> torch.T
     return (a.unsqueeze(1) * b[inverse].view(num_tokens, k, d)).sum(dim=-1).float()
 
 
-@row_dots.register_fake
-def _(a, b, inverse):
-    return a.new_empty(a.shape[0], b.shape[0] // a.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("minimal_moe::swiglu_fwd", mutates_args=())
 def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
     """[N, 2f] -> [N, f]: silu(gate) * up with gate, up = h.chunk(2, -1)."""
     n, two_f = h.shape
@@ -194,12 +178,6 @@ def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@swiglu_fwd.register_fake
-def _(h):
-    return h.new_empty(h.shape[0], h.shape[1] // 2)
-
-
-@torch.library.custom_op("minimal_moe::swiglu_bwd", mutates_args=())
 def swiglu_bwd(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Gradient of swiglu_fwd with respect to h: [N, f], [N, 2f] -> [N, 2f]."""
     n, f = grad.shape
@@ -210,11 +188,6 @@ def swiglu_bwd(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return grad_h
     gate, up = h.chunk(2, dim=-1)  # the same products autograd forms for F.silu(gate) * up
     return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
-
-
-@swiglu_bwd.register_fake
-def _(grad, h):
-    return torch.empty_like(h)
 
 
 # --------------------------------------------------------------------------------------------------
