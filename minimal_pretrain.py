@@ -25,7 +25,7 @@ import torch.distributed as dist
 from checkpoint import (CheckpointError, HubUploader, check_hub, complete_checkpoints, describe_resume, load_checkpoint,
                         read_manifest, resolve_checkpoint, save_checkpoint)
 from data import Corpus, DataError, batch_offsets, check_lengths, get_batch, load_corpus
-from model import GPT, ModelConfig, count_parameters
+from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available
 from moe_stats import StatsLayout, StepStats, moe_metrics, pack_step_stats
 from parallel import (DataParallelGrads, LayoutError, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    t.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (see --compile-scope)")
+    t.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
+                   help="with --compile: each transformer block on its own (one graph shared by the layers, short "
+                        "compile) or the whole stage in one graph (fewer launches and Python calls per step)")
     t.add_argument("--gc-interval", type=int, default=50,
                    help="0: Python's automatic garbage collector; N: freeze the objects of set-up, turn automatic "
                         "collection off while training and collect the young generations every N steps")
@@ -524,8 +527,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     model.to(topo.device)
     torch.manual_seed(args.seed + 100 * topo.pp_rank + 10_007 * topo.dp_rank)  # dropout; TP ranks share it
     if args.compile:
-        for blk in model.layers.values():
-            blk.compile()
+        compile_model(model, args.compile_scope)
 
     total, active = count_parameters(cfg)
     m, mbs, T = args.num_microbatches, args.micro_batch_size, args.max_seq_length

@@ -263,6 +263,21 @@ class GPT(nn.Module):
             p.copy_(shard_of(full, p, self.topo.tp_rank, self.topo.tp))
 
 
+def compile_model(model: GPT, scope: str) -> None:
+    """torch.compile a stage in place. 'blocks': each Block on its own; the layers of one kind share one
+    compiled graph, so compilation is short, but every block is a separate call with its own guards and
+    the embedding, final norm and loss run eagerly. 'model': the whole stage forward as one graph (and one
+    backward graph), which removes those per-block calls and fuses across block boundaries, at the cost
+    of compiling every layer."""
+    if scope == "model":
+        model.compile()
+    elif scope == "blocks":
+        for blk in model.layers.values():
+            blk.compile()
+    else:
+        raise ValueError(f"compile scope must be blocks or model, got {scope}")
+
+
 def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
     """(total, active per token) parameter counts of the full model, built on the meta device."""
     with torch.device("meta"):
