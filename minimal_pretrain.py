@@ -255,8 +255,15 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
 
 
 def ensure_writable_dir(path: str, flag: str, rank: int) -> None:
-    """Creates `path` if needed and proves it writable, or raises ConfigError naming the flag."""
+    """Proves that `path` can be created and written, or raises ConfigError naming the flag. Directories
+    it had to create are removed again: a run that fails later (bad --data, say) leaves nothing behind,
+    and each directory is made for real when something is first written into it."""
+    created = []
     try:
+        missing = Path(path).absolute()
+        while not missing.exists():
+            created.append(missing)
+            missing = missing.parent
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{rank}-{os.getpid()}")
         with open(probe, "w") as f:
@@ -264,6 +271,10 @@ def ensure_writable_dir(path: str, flag: str, rank: int) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
+    finally:
+        for d in created:  # deepest first; another rank may already have removed it or written into it
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -571,18 +582,25 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
 
 
 def run_dirs(args, topo: Topology) -> tuple[Path, Path]:
-    """The output and checkpoint directories, the same on every rank, created and checked writable before
-    any model is built (a bad path is one line and exit code 2)."""
+    """The output and checkpoint directories, the same on every rank. Rank 0 checks that they can be
+    created and written before any model is built and shares its verdict, so a bad path is one line and
+    exit code 2 on every rank."""
     output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    if topo.world_size > 1 and not args.output_dir:  # ranks may read the clock in different seconds
-        chosen = [output_dir]
-        dist.broadcast_object_list(chosen, src=0)
-        output_dir = chosen[0]
     checkpoint_dir = args.checkpoint_dir or os.path.join(output_dir, "checkpoints")
-    for flag, path in (("--output-dir", output_dir), ("--checkpoint-dir", checkpoint_dir)):
-        if flag == "--checkpoint-dir" and (args.eval_only or (args.no_save and not args.save_interval)):
-            continue  # nothing will be saved
-        ensure_writable_dir(path, flag, topo.rank)
+    error = None
+    if topo.rank == 0:
+        try:
+            ensure_writable_dir(output_dir, "--output-dir", topo.rank)
+            if not (args.eval_only or (args.no_save and not args.save_interval)):  # else nothing is saved
+                ensure_writable_dir(checkpoint_dir, "--checkpoint-dir", topo.rank)
+        except ConfigError as e:
+            error = str(e)
+    if topo.world_size > 1:  # ranks may also read the clock in different seconds: rank 0's names win
+        shared = [output_dir, checkpoint_dir, error]
+        dist.broadcast_object_list(shared, src=0)
+        output_dir, checkpoint_dir, error = shared
+    if error:
+        raise ConfigError(error)
     return Path(output_dir), Path(checkpoint_dir)
 
 
