@@ -41,7 +41,7 @@ SMALL = ["--num-experts", "0", "--intermediate-size", "1024", "--hidden-size", "
 def ours(name: str, flags: list, steps: int, log_every: int) -> dict:
     out = tempfile.mkdtemp(prefix=f"bench_{name}_")
     cmd = [sys.executable, os.path.join(ROOT, "minimal_pretrain.py"), *flags, "--max-steps", str(steps),
-           "--log-interval", str(log_every), "--output-dir", out]
+           "--log-interval", str(log_every), "--no-save", "--output-dir", out]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
