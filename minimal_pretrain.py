@@ -502,7 +502,8 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
         done = step + 1
         if stop or (args.save_interval and done % args.save_interval == 0 and done < args.max_steps):
             watch.check(topo, result.checkpoint)  # never save a broken state over a good checkpoint
-            save(t, done, result)
+            with clock.paused():  # nor is saving
+                save(t, done, result)
         if stop:
             t.emit(f"stopped by {signals.received} after step {step}: checkpoint {result.checkpoint}; "
                    f"continue with --resume auto (or --resume {result.checkpoint})")
