@@ -1109,7 +1109,8 @@ def test_bench_routing_commands(tmp_path, capsys):
 def test_sweep_runs_resumes_and_summarises(tmp_path):
     out = tmp_path / "sweep"
     argv = [sys.executable, str(HERE / "bench" / "sweep.py"), "--out", str(out), "--capacity-factors", "0,1.0",
-            "--seeds", "17", "--max-steps", "3", "--parallel", "2", "--", "--device", "cpu", "--hidden-size", "32",
+            "--seeds", "17", "--max-steps", "3", "--parallel", "2", "--timing-steps", "2", "--", "--device", "cpu",
+            "--hidden-size", "32",
             "--intermediate-size", "64", "--num-layers", "2", "--max-seq-length", "16", "--global-batch-size", "4",
             "--eval-iters", "1", "--num-key-value-heads", "2"]
     p = subprocess.run(argv, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300)
@@ -1120,6 +1121,7 @@ def test_sweep_runs_resumes_and_summarises(tmp_path):
     assert [r["capacity_factor"] for r in runs] == ["0.0", "1.0"] and len(configs) == 2
     for r in rows:
         assert r["status"] == "ok" and r["num_experts"] == "8" and r["top_k"] == "2"
+        assert r["tokens_per_s_source"] == "isolated"
         for key in ("val_loss", "tokens_per_s", "load_cv", "drop_rate", "active_params", "total_params"):
             assert r[key] != "", (key, r)
     for r in runs:
@@ -1127,6 +1129,10 @@ def test_sweep_runs_resumes_and_summarises(tmp_path):
         assert float(r["val_loss"]) == pytest.approx(recs[-1]["val_loss"])
         assert float(r["load_cv"]) == pytest.approx([x for x in recs if "loss" in x][-1]["moe/cv_mean"])
     assert float(runs[0]["drop_rate"]) == 0.0 and float(runs[1]["drop_rate"]) > 0.0
+    for r in runs:  # tokens/s from the config's timing run, trained alone: median of its logged steps
+        recs = [json.loads(line) for line in (out / "timing" / r["config"] / "metrics.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in recs] == [0, 1] and not any("val_loss" in x for x in recs)
+        assert float(r["tokens_per_s"]) == pytest.approx(float(np.median([x["tokens_per_sec"] for x in recs])))
     total, active = count_parameters(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2,
                                                  max_seq_length=16))  # vocab 256, 8 experts, top-2
     assert (int(runs[0]["total_params"]), int(runs[0]["active_params"])) == (total, active)
@@ -1134,7 +1140,7 @@ def test_sweep_runs_resumes_and_summarises(tmp_path):
     # Re-running resumes: every run is skipped, nothing is appended.
     before = (out / f"{runs[0]['config']}_s17" / "metrics.jsonl").read_text()
     p = subprocess.run(argv, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and "2 finished before (skipped), 0 to run" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0 and p.stdout.count("2 finished before (skipped), 0 to run") == 2, p.stdout + p.stderr
     assert (out / f"{runs[0]['config']}_s17" / "metrics.jsonl").read_text() == before
     # Non-finite grid values: one error line, exit 2.
     p = subprocess.run(argv[:2] + ["--out", str(tmp_path / "bad"), "--bias-update", "inf"], cwd=tmp_path,
@@ -1597,6 +1603,57 @@ def test_refused_layout_from_the_command_line(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--tensor-parallel-size" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 11: capacity and bias balancing under parallel layouts. Every EP rank routes all tokens of its
+# microbatch with the replicated router, so the per-expert capacity and the dropped set are those of one
+# process; the bias update uses the step's counts summed over DP, and each stage updates its own layers.
+# So every layout must reproduce the single process: losses, gradient norms, final parameters AND expert
+# biases (full_state_dict includes persistent buffers), and the logged drop and bias metrics.
+# --------------------------------------------------------------------------------------------------
+ROUTING_CASES = {
+    "position-softmax": ["--moe-capacity-factor", "1.0", "--moe-drop-policy", "position",
+                         "--moe-bias-update-rate", "0.01"],
+    "probs-sigmoid-renorm": ["--moe-capacity-factor", "1.0", "--moe-drop-policy", "probs", "--moe-renorm-after-drop",
+                             "--moe-router-score", "sigmoid", "--moe-bias-update-rate", "0.01"],
+}
+ROUTING_LAYOUTS = [  # (case, id, world size, flags)
+    ("position-softmax", "tp2-ep2", 2, ["--tensor-parallel-size", "2"]),
+    ("position-softmax", "dp2", 2, []),
+    ("position-softmax", "pp2", 2, ["--pipeline-parallel-size", "2"]),
+    ("probs-sigmoid-renorm", "tp2-ep2", 2, ["--tensor-parallel-size", "2"]),
+    ("probs-sigmoid-renorm", "dp2", 2, []),
+]
+_ROUTING_REFERENCE = {}
+
+
+def _routing_argv(case: str) -> list:
+    argv = _base_argv("mixed") + ROUTING_CASES[case]
+    argv[argv.index("--moe-metrics") + 1] = "detailed"
+    return argv
+
+
+@pytest.mark.parametrize("case,world_size,flags", [(c, w, f) for c, _, w, f in ROUTING_LAYOUTS],
+                         ids=[f"{c}-{i}" for c, i, _, _ in ROUTING_LAYOUTS])
+def test_capacity_and_bias_same_under_layouts(case, world_size, flags, tmp_path, tmp_path_factory):
+    if case not in _ROUTING_REFERENCE:
+        _ROUTING_REFERENCE[case] = _launch(1, _routing_argv(case), tmp_path_factory.mktemp(f"ref_{case}"))
+    ref = _ROUTING_REFERENCE[case]
+    got = _launch(world_size, _routing_argv(case) + flags, tmp_path)
+    assert_same_run(got, ref)  # includes the expert biases
+    biases = sorted(k for k in ref["state"] if k.endswith("router.expert_bias"))
+    assert biases == ["layers.1.ffn.router.expert_bias", "layers.3.ffn.router.expert_bias"], biases
+    for name in biases:  # 3 steps of +-0.01 each (or 0 for an expert exactly at the mean)
+        b = ref["state"][name]
+        assert b.abs().max() > 0 and torch.allclose(b * 100, (b * 100).round(), atol=1e-4), b
+    assert any(r["moe/drop_rate"] > 0 for r in ref["records"]), [r["moe/drop_rate"] for r in ref["records"]]
+    keys = [f"moe/{m}" for m in ("drop_rate", "token_drop_rate", "bias_abs_mean")]
+    keys += [f"moe/layer_{l}/{m}" for l in (1, 3) for m in ("drop_rate", "token_drop_rate", "bias_abs_mean")]
+    for r, g in zip(ref["records"], got["records"]):
+        for key in keys:
+            assert _close(g[key], r[key]), f"step {r['step']} {key}: got {g[key]}, single {r[key]}"
+        assert 0 <= r["moe/token_drop_rate"] <= r["moe/drop_rate"] * 2
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ re-running the same command resumes an interrupted sweep. Runs go --parallel at 
 runs share one GPU well, as small models leave it mostly idle).
 
 Sharing a GPU slows every run by an amount that depends on its neighbours, so tokens/s of concurrent
-runs is not a fair speed. With --timing-steps S each config is also run once more, alone, for S steps
-without evaluation (OUT/timing/<config>), and that run's tokens/s is the one reported; the column
+runs is not a fair speed. With --timing-steps S each config is also trained once more, alone, for S
+steps without evaluation (OUT/timing/<config>), one after the other inside the sweep's own process (so
+they do not pay Python and CUDA start-up each), and that run's tokens/s is the one reported; the column
 tokens_per_s_source says which kind it is.
 
 summary.csv (rewritten at the end of every invocation) has one row per run (row = run) and one per
@@ -201,6 +202,37 @@ def launch(run: Run, env: dict) -> tuple:
     return proc, log, time.perf_counter()
 
 
+def run_in_process(runs: list, what: str) -> int:
+    """The timing runs: one after the other in this process, each alone on the device; returns how many
+    failed. Console output goes to the run's train.log as for the subprocess runs."""
+    import contextlib
+    import traceback
+
+    import minimal_pretrain
+    todo = [r for r in runs if not finished(r)]
+    print(f"{what}: {len(runs)} runs, {len(runs) - len(todo)} finished before (skipped), {len(todo)} to run, "
+          f"one at a time in this process", flush=True)
+    failed = 0
+    for i, run in enumerate(todo):
+        os.makedirs(run.out_dir, exist_ok=True)
+        t0 = time.perf_counter()
+        with open(os.path.join(run.out_dir, "train.log"), "w") as log:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                try:
+                    minimal_pretrain.train(minimal_pretrain.parse_args(run.argv))
+                    rc = 0
+                except Exception:  # noqa: BLE001 - recorded, the sweep goes on with the next config
+                    traceback.print_exc()
+                    rc = 1
+        wall = time.perf_counter() - t0
+        with open(os.path.join(run.out_dir, DONE), "w") as f:
+            json.dump({"argv": run.argv, "returncode": rc, "wall_s": wall}, f)
+        failed += rc
+        status = "ok" if rc == 0 else f"FAILED (see {run.out_dir}/train.log)"
+        print(f"[{i + 1}/{len(todo)}] timing {os.path.basename(run.out_dir)}: {status}, {wall:.1f} s", flush=True)
+    return failed
+
+
 def run_all(runs: list, parallel: int, what: str) -> int:
     """Runs the unfinished ones, `parallel` at a time; returns how many failed."""
     todo = [r for r in runs if not finished(r)]
@@ -306,7 +338,7 @@ def main(argv: Optional[list] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     failed = run_all(runs, args.parallel, "sweep")
     if timing:
-        failed += run_all(timing, 1, "timing (one at a time)")
+        failed += run_in_process(timing, "timing")
     path = summarize(runs, timing, args.out, args.parallel)
     print(f"wrote {path}")
     return 1 if failed else 0
