@@ -39,8 +39,12 @@ class StatsLayout:
         L, E, m, dp = self.L, self.num_experts, self.num_microbatches, self.dp
         # lm: [LM loss sum, number of microbatches]; losses: per layer [aux, z, entropy] sums;
         # overload / cum_overload: one slot per DP rank, so a SUM all-reduce gathers every entry.
-        return {"lm": 2, "counts": L * E, "losses": L * 3, "overload": dp * L * m, "cum_overload": dp * L,
-                "drops": L * 3 if self.drops else 0, "bias": L if self.bias else 0}
+        sizes = {"lm": 2, "counts": L * E, "losses": L * 3, "overload": dp * L * m, "cum_overload": dp * L}
+        if self.drops:  # the routing options' blocks exist only when the options are on
+            sizes["drops"] = L * 3
+        if self.bias:
+            sizes["bias"] = L
+        return sizes
 
     def numel(self) -> int:
         return sum(self.sizes().values())
@@ -49,7 +53,7 @@ class StatsLayout:
         """Views of each block of a flat torch tensor or numpy array."""
         L, E, m, dp = self.L, self.num_experts, self.num_microbatches, self.dp
         shapes = {"lm": (2,), "counts": (L, E), "losses": (L, 3), "overload": (dp, L, m), "cum_overload": (dp, L),
-                  "drops": (L if self.drops else 0, 3), "bias": (L if self.bias else 0,)}
+                  "drops": (L, 3), "bias": (L,)}
         out, off = {}, 0
         for name, n in self.sizes().items():
             out[name] = flat[off:off + n].reshape(shapes[name])

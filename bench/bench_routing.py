@@ -184,8 +184,9 @@ class IdentityExperts(nn.Module):
 def routing_moe(args, logits: torch.Tensor, device: torch.device) -> SparseMoE:
     """The training code's SparseMoE on one process, routed by the fixed logits, identity experts."""
     moe = SparseMoE(args.hidden_dim, 16, args.num_experts, args.top_k, Topology(device=device),
-                    router_score=args.router_score).to(device)
-    moe.experts = IdentityExperts()
+                    router_score=args.router_score)
+    moe.experts = IdentityExperts()  # before moving: the real experts' weights never reach the device
+    moe.to(device)
     moe.router.forward = lambda x: route_topk(logits, args.top_k, args.router_score, True)
     return moe.eval()
 
