@@ -1053,6 +1053,36 @@ def test_routing_bad_flags_exit_2(flags, name, capsys, monkeypatch, tmp_path):
     assert e.value.code == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_no_host_sync_with_capacity_and_bias(policy):
+    """Capacity selection, renormalisation, the drop statistics and the bias update stay on the device."""
+    torch.manual_seed(0)
+    moe = SparseMoE(128, 256, 8, 2, Topology(device=torch.device("cuda")), capacity_factor=1.0,
+                    drop_policy=policy, renorm_after_drop=True, router_score="sigmoid", bias_update_rate=1e-3).cuda()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.02)
+    x = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
+    if not moe.experts.use_grouped(x):
+        pytest.skip("torch._grouped_mm is not available for bf16 on this GPU")
+    stats = StepStats({0: moe}, top_k=2)
+    moe(x)[0].float().sum().backward()  # warm-up outside the sync check (lazy initialisation may sync)
+    stats.end_microbatch()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, loss = moe(x)
+        stats.end_microbatch()
+        (out.float().sum() + loss).backward()
+        update_expert_biases([moe], moe.topo)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.float()).all() and moe.router.expert_bias.abs().sum() > 0
+    assert stats.drops[-1][0, 0] > 0  # capacity 1.0 on a random router drops something
+
+
 # The bench / sweep / plot commands, end to end at tiny sizes.
 sys.path.insert(0, str(HERE / "bench"))
 TINY_BENCH = ["--device", "cpu", "--num-tokens", "64", "--hidden-dim", "32", "--num-experts", "4", "--top-k", "2",
