@@ -1,4 +1,5 @@
-"""Training data: the embedded default corpus, text/directory/.bin inputs, and deterministic batches.
+"""Training data: the embedded default corpus, text/directory/.bin inputs, directories written by
+prepare_data.py, and deterministic batches.
 
 Default corpus: the running interpreter's standard-library Python source, byte-level tokenized
 (vocab 256), split into train/validation by file (a stable hash of the relative path), cached as
@@ -9,6 +10,7 @@ sharding reproduces the single-process global batch.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -20,6 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from prepare_data import BYTES_SEPARATOR_ID, META_FILE, SEPARATOR_TEXT, TOKENIZER_FILE  # the format's owner
+
 BYTE_VOCAB = 256
 VAL_EVERY = 50  # one file in ~50 goes to validation
 
@@ -30,7 +34,7 @@ class DataError(ValueError):
 
 @dataclass
 class Corpus:
-    train: np.ndarray  # token ids (uint16)
+    train: np.ndarray  # token ids (uint16, or uint32 from prepare_data.py for vocabularies above 65536)
     val: np.ndarray
     vocab_size: int
     description: str
@@ -83,15 +87,55 @@ def _split_tail(tokens: np.ndarray, frac: float = 0.1) -> tuple[np.ndarray, np.n
     return tokens[:-n_val], tokens[-n_val:]
 
 
+def _padded_vocab(needed: int, vocab_size: Optional[int], path: str, what: str) -> int:
+    """The flag if it covers the tokens, else the tokens' need rounded up to a multiple of 64 (the padding
+    rows are never targets; they keep the embedding and head divisible by TP and the GEMMs aligned)."""
+    if vocab_size is not None and vocab_size < needed:
+        raise DataError(f"--vocab-size {vocab_size} is smaller than {what} ({needed}) in --data {path}")
+    return vocab_size or ((needed + 63) // 64) * 64
+
+
+def read_meta(p: Path, path: str) -> dict:
+    """The meta.json of a prepare_data.py directory, checked against its token files."""
+    try:
+        meta = json.loads((p / META_FILE).read_text())
+        vocab, dtype = int(meta["vocab_size"]), np.dtype(meta["dtype"])
+        counts = {name: int(meta[f"{name}_tokens"]) for name in ("train", "val")}
+        kind = meta["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--data {path}: unreadable {META_FILE} ({type(e).__name__}: {e}); re-run prepare_data.py") from None
+    if dtype not in (np.uint16, np.uint32) or vocab < 1 or vocab > 2 ** (8 * dtype.itemsize):
+        raise DataError(f"--data {path}: {META_FILE} gives vocabulary {vocab} in {dtype}; re-run prepare_data.py")
+    if kind != "bytes" and not (p / TOKENIZER_FILE).is_file():
+        raise DataError(f"--data {path}: {META_FILE} names a {kind} tokenizer but {TOKENIZER_FILE} is missing")
+    for name, n in counts.items():
+        f = p / f"{name}.bin"
+        size = f.stat().st_size if f.is_file() else None
+        if size != n * dtype.itemsize:
+            found = "missing" if size is None else f"{size} bytes"
+            raise DataError(f"--data {path}: {name}.bin is {found}, {META_FILE} says {n} {dtype} tokens; "
+                            f"re-run prepare_data.py")
+    return meta
+
+
 def load_corpus(path: Optional[str], vocab_size: Optional[int] = None) -> Corpus:
-    """path None: the standard-library corpus. A directory holding train.bin (and val.bin) or a single
-    .bin file: nanoGPT's uint16 tokens. Any other file, or a directory of text files: bytes."""
+    """path None: the standard-library corpus. A directory with meta.json (made by prepare_data.py): its
+    tokens, vocabulary and dtype. A directory holding train.bin (and val.bin) or a single .bin file:
+    nanoGPT's uint16 tokens. Any other file, or a directory of text files: bytes."""
     if path is None:
         return stdlib_corpus()
     p = Path(path)
     if not p.exists():
         raise DataError(f"--data {path}: no such file or directory (give a text file, a directory of text "
-                        f"files, or a uint16 .bin token file)")
+                        f"files, a prepare_data.py directory, or a uint16 .bin token file)")
+    if p.is_dir() and (p / META_FILE).is_file():
+        meta = read_meta(p, path)
+        dtype = np.dtype(meta["dtype"])
+        train = np.memmap(p / "train.bin", dtype=dtype, mode="r")
+        val = np.memmap(p / "val.bin", dtype=dtype, mode="r")
+        vocab = _padded_vocab(meta["vocab_size"], vocab_size, path, f"the vocabulary of its {meta['tokenizer']} tokenizer")
+        return Corpus(train, val, vocab, f"{meta['tokenizer']} tokens ({dtype}) from {p}: {len(train):,} train / "
+                      f"{len(val):,} val, tokenizer vocabulary {meta['vocab_size']:,} (model {vocab:,})")
     if p.is_dir() and (p / "train.bin").is_file():
         train = np.memmap(p / "train.bin", dtype=np.uint16, mode="r")
         val = np.memmap(p / "val.bin", dtype=np.uint16, mode="r") if (p / "val.bin").is_file() else None
@@ -117,28 +161,68 @@ def load_corpus(path: Optional[str], vocab_size: Optional[int] = None) -> Corpus
         raise DataError(f"--data {path}: no data found (empty file or directory)")
     if corpus.vocab_size == 0:  # token file: the vocabulary is the flag, or what the tokens need
         needed = int(max(corpus.train.max(), corpus.val.max())) + 1
-        if vocab_size is not None and vocab_size < needed:
-            raise DataError(f"--vocab-size {vocab_size} is smaller than the largest token id + 1 ({needed}) in --data {path}")
-        corpus.vocab_size = vocab_size or ((needed + 63) // 64) * 64
+        corpus.vocab_size = _padded_vocab(needed, vocab_size, path, "the largest token id + 1")
     return corpus
 
 
 class ByteCodec:
     """Text <-> token ids of the byte-level corpora (vocabulary 256). Decoding uses UTF-8 with
-    replacement, since a sampled byte sequence need not be valid UTF-8."""
+    replacement, since a sampled byte sequence need not be valid UTF-8. prepare_data.py's byte directories
+    add a document separator (id 256), decoded as <|endoftext|>; other ids past 255 (the model's padding
+    rows) decode as U+FFFD."""
     vocab_size = BYTE_VOCAB
+
+    def __init__(self, separator_id: Optional[int] = None):
+        self.separator_id = separator_id
+        self.vocab_size = BYTE_VOCAB if separator_id is None else max(BYTE_VOCAB, separator_id + 1)
 
     def encode(self, text: str) -> list:
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        parts, run = [], bytearray()
+        for i in map(int, ids):
+            if i < BYTE_VOCAB:
+                run.append(i)
+                continue
+            parts += [run.decode("utf-8", errors="replace"), SEPARATOR_TEXT if i == self.separator_id else "\ufffd"]
+            run = bytearray()
+        return "".join(parts) + run.decode("utf-8", errors="replace")
+
+
+class TokenizerCodec:
+    """Text <-> token ids through a Hugging Face tokenizer.json (needs the tokenizers package). No special
+    tokens are added on encoding, as in prepare_data.py; decoding shows them (the document separator)."""
+
+    def __init__(self, path: Path, data_flag: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise DataError(f"--data {data_flag}: decoding its {TOKENIZER_FILE} needs the tokenizers package "
+                            f"(pip install tokenizers)") from None
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a plain Exception for any unreadable file
+            raise DataError(f"--data {data_flag}: unreadable {TOKENIZER_FILE} ({str(e).splitlines()[0]})") from None
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def text_codec(data_path: Optional[str]):
     """The encoder/decoder (`.encode(str) -> list[int]`, `.decode(ids) -> str`) of the tokens that
-    `load_corpus(data_path)` yields. The byte-level corpora (default, text files, directories) use bytes."""
+    `load_corpus(data_path)` yields. The byte-level corpora (default, text files, directories) use bytes;
+    a prepare_data.py directory uses its meta.json's tokenizer (bytes with a separator, or tokenizer.json)."""
     p = Path(data_path) if data_path is not None else None
+    if p is not None and p.is_dir() and (p / META_FILE).is_file():
+        meta = read_meta(p, data_path)
+        if meta["tokenizer"] == "bytes":
+            return ByteCodec(separator_id=meta.get("doc_separator_id", BYTES_SEPARATOR_ID))
+        return TokenizerCodec(p / TOKENIZER_FILE, data_path)
     if p is not None and ((p.is_dir() and (p / "train.bin").is_file()) or (p.is_file() and p.suffix == ".bin")):
         raise DataError(f"--data {data_path}: raw uint16 token files carry no tokenizer to encode or decode text")
     return ByteCodec()

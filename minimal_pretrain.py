@@ -10,21 +10,28 @@ import contextlib
 import gc
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from data import DataError, batch_offsets, check_lengths, get_batch, load_corpus
-from model import GPT, ModelConfig, count_parameters
+from checkpoint import (CheckpointError, HubUploader, check_hub, complete_checkpoints, describe_resume, load_checkpoint,
+                        read_manifest, resolve_checkpoint, save_checkpoint)
+from data import Corpus, DataError, batch_offsets, check_lengths, get_batch, load_corpus
+from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
 from moe_stats import StatsLayout, StepStats, moe_metrics, pack_step_stats
 from parallel import (DataParallelGrads, LayoutError, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
                       clip_grads_, destroy_topology, env_world_size, full_state_dict, grad_norm, init_topology,
                       run_forward_only, run_schedule, stage_layer_ids)
+from profiling import ProfileError, phase, start_profiler
 from run_log import RunLog, SinkError, check_sinks, console_line
 
 
@@ -42,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size; ignored by byte-level corpora (256), defaults to the tokens' need for .bin data")
+                   help="vocabulary size; ignored by byte-level corpora (256); for .bin and prepare_data.py data it "
+                        "defaults to the tokens' need rounded up to a multiple of 64")
     m.add_argument("--hidden-size", type=int, default=128, help="model width d_model")
     m.add_argument("--intermediate-size", type=int, default=512, help="dense SwiGLU FFN width")
     m.add_argument("--num-layers", type=int, default=4, help="transformer layers")
@@ -95,19 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    t.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (see --compile-scope)")
+    t.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
+                   help="with --compile: each transformer block on its own (one graph shared by the layers, short "
+                        "compile) or the whole stage in one graph (fewer launches and Python calls per step)")
     t.add_argument("--gc-interval", type=int, default=50,
                    help="0: Python's automatic garbage collector; N: freeze the objects of set-up, turn automatic "
                         "collection off while training and collect the young generations every N steps")
     t.add_argument("--data", default=None,
-                   help="text file, directory of text files, or uint16 .bin tokens (default: embedded stdlib corpus)")
+                   help="text file, directory of text files, a prepare_data.py output directory, or uint16 .bin tokens "
+                        "(default: embedded stdlib corpus)")
     par = p.add_argument_group("parallelism (under torchrun)")
     par.add_argument("--tensor-parallel-size", type=int, default=1, help="TP size; expert parallelism uses the same group")
+    par.add_argument("--expert-parallel-size", type=int, default=None,
+                     help="EP size; expert parallelism is tied to TP, so it must equal --tensor-parallel-size (default: TP)")
     par.add_argument("--pipeline-parallel-size", type=int, default=1, help="PP stages")
     par.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"], default="1f1b", help="pipeline schedule")
     par.add_argument("--ddp-bucket-size-mb", type=float, default=25.0, help="DP gradient all-reduce bucket size")
     lg = p.add_argument_group("logging")
-    lg.add_argument("--log-interval", type=int, default=1, help="steps between log lines")
+    lg.add_argument("--log-interval", type=int, default=10, help="steps between log lines (the last step is always logged)")
     lg.add_argument("--eval-interval", type=int, default=100, help="steps between validation runs (0 = only at the end)")
     lg.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (0 = no evaluation)")
     lg.add_argument("--output-dir", default=None, help="run directory for config.json and metrics.jsonl (default runs/<time>)")
@@ -119,12 +133,38 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     lg.add_argument("--wandb-project", default="minimal-moe", help="wandb project")
     lg.add_argument("--tensorboard", action="store_true", help="log to TensorBoard under <output-dir>/tensorboard")
-    lg.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    lg.add_argument("--no-progress", action="store_true",
+                    help="no tqdm progress bar (there is none anyway when stdout is not a terminal)")
+    ck = p.add_argument_group("checkpoints")
+    ck.add_argument("--save-interval", type=int, default=1000,
+                    help="save a checkpoint every N steps (0 = no periodic saves; the final one is still saved)")
+    ck.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default <output-dir>/checkpoints)")
+    ck.add_argument("--keep-last", type=int, default=3,
+                    help="keep the newest K step checkpoints; older ones are deleted once a newer one is complete (0 = keep all)")
+    ck.add_argument("--resume", default=None, metavar="auto|PATH",
+                    help="auto: the newest complete checkpoint in --checkpoint-dir, or a fresh start if there is none; "
+                         "PATH: a step_* checkpoint, or a checkpoint directory (its newest)")
+    ck.add_argument("--no-save", action="store_true", help="no final checkpoint at the end")
+    ck.add_argument("--eval-only", action="store_true", help="with --resume: report the checkpoint's validation loss, no training")
+    ck.add_argument("--hf-repo", default=None, metavar="OWNER/NAME",
+                    help="upload each saved checkpoint to this Hugging Face Hub repo (needs huggingface_hub and a token)")
+    pr = p.add_argument_group("profiling")
+    pr.add_argument("--profile", action="store_true", help="torch.profiler trace of a window of steps, one per rank")
+    pr.add_argument("--profile-wait", type=int, default=5, help="steps before the profiler starts")
+    pr.add_argument("--profile-warmup", type=int, default=3, help="profiler warm-up steps (events dropped)")
+    pr.add_argument("--profile-steps", type=int, default=5, help="steps recorded in the trace")
+    pr.add_argument("--trace-dir", default=None, help="where every rank writes trace_rank{R}_step{N}.json "
+                                                       "(default <output-dir>/traces)")
+    pr.add_argument("--profile-gzip", action="store_true", help="write .json.gz traces")
     return p
 
 
 def validate(args: argparse.Namespace, world_size: int) -> None:
     """Every check that needs no work done; raises ConfigError/LayoutError naming the flag."""
+    for name, v in vars(args).items():  # --learning-rate inf or nan would train NaNs
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+
     def positive(*names):
         for n in names:
             v = getattr(args, n)
@@ -143,7 +183,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
              "expert_intermediate_size", "vocab_size")
     non_negative("num_experts", "warmup_steps", "weight_decay", "grad_clip", "min_lr", "eval_interval",
                  "eval_iters", "moe_detailed_every", "moe_histogram_every", "router_aux_loss_coef",
-                 "router_z_loss_coef", "gc_interval")
+                 "router_z_loss_coef", "gc_interval", "save_interval", "keep_last")
     for name in ("moe_capacity_factor", "moe_bias_update_rate"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
@@ -175,6 +215,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    if args.expert_parallel_size is not None and args.expert_parallel_size != tp:
+        raise LayoutError(f"--expert-parallel-size {args.expert_parallel_size} must equal --tensor-parallel-size {tp}: "
+                          f"expert parallelism is tied to TP (leave it unset)")
     dp = check_layout(world_size, tp, pp)
     for flag, value in (("--num-attention-heads", args.num_attention_heads),
                         ("--num-key-value-heads", args.num_key_value_heads),
@@ -205,6 +248,48 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
                           f"{mbs} x DP {dp}) = {per_dp // mbs}")
     args.micro_batch_size, args.num_microbatches = mbs, per_dp // mbs
     check_sinks(args.wandb, args.tensorboard)
+    non_negative("profile_wait", "profile_warmup")
+    positive("profile_steps")
+    if args.profile:
+        window = args.profile_wait + args.profile_warmup + args.profile_steps
+        if window > args.max_steps:
+            raise ConfigError(f"--profile-wait + --profile-warmup + --profile-steps = {window} exceeds --max-steps "
+                              f"{args.max_steps}: the trace window would never end")
+        if args.trace_dir is not None and os.path.exists(args.trace_dir) and not os.path.isdir(args.trace_dir):
+            raise ConfigError(f"--trace-dir {args.trace_dir} is a file, not a directory")
+        if args.eval_only:
+            raise ConfigError("--profile traces training steps and --eval-only runs none")
+    elif args.trace_dir is not None or args.profile_gzip:
+        raise ConfigError("--trace-dir and --profile-gzip need --profile")
+    if args.eval_only and not args.resume:
+        raise ConfigError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
+    if args.eval_only and args.eval_iters == 0:
+        raise ConfigError("--eval-only needs --eval-iters > 0")
+    if args.hf_repo:
+        check_hub(args.hf_repo)
+
+
+def ensure_writable_dir(path: str, flag: str, rank: int) -> None:
+    """Proves that `path` can be created and written, or raises ConfigError naming the flag. Directories
+    it had to create are removed again: a run that fails later (bad --data, say) leaves nothing behind,
+    and each directory is made for real when something is first written into it."""
+    created = []
+    try:
+        missing = Path(path).absolute()
+        while not missing.exists():
+            created.append(missing)
+            missing = missing.parent
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{rank}-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
+    finally:
+        for d in created:  # deepest first; another rank may already have removed it or written into it
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -257,6 +342,12 @@ class TrainResult:
     records: list = field(default_factory=list)  # logged records (rank 0)
     val_loss: Optional[float] = None
     state_dict: Optional[dict] = None  # full unsharded parameters at the end (rank 0, if asked for)
+    checkpoint: Optional[str] = None  # the last checkpoint written or loaded
+    stopped_early: bool = False  # a SIGTERM/SIGINT ended the run after a checkpoint
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; reported as one line and exit code 3."""
 
 
 @contextlib.contextmanager
@@ -279,6 +370,96 @@ def scheduled_gc():
             gc.enable()
 
 
+class StopSignals:
+    """SIGTERM/SIGINT ask the run to stop after the current step (a checkpoint is then saved). A second
+    SIGINT interrupts at once. `agreed` makes every rank stop at the same step: one rank's signal is
+    enough, shared through a host-side (gloo) all-reduce that never touches the GPU stream."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, topo: Topology) -> bool:
+        if topo.world_size == 1:
+            return self.received is not None
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=topo.control_group)
+        if flag.item() and self.received is None:
+            self.received = "a signal on another rank"
+        return bool(flag.item())
+
+
+class FiniteWatch:
+    """Remembers, on the device and without a host sync, the first step whose loss or gradient norm was
+    not finite. `check` (at logging and saving steps, and at the end) reads it on every rank."""
+    NONE = 2 ** 62
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def update(self, step: int, norm: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        bad = ~torch.isfinite(norm.detach().float() + loss_sum.detach().float())  # NaN/inf survive the sum
+        self.first_bad = torch.minimum(self.first_bad, torch.where(bad, step, self.NONE))
+
+    def check(self, topo: Topology, last_good: Optional[str]) -> None:
+        first = self.first_bad.clone()
+        if topo.world_size > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if int(first.item()) != self.NONE:
+            kept = f"the last good checkpoint {last_good} is kept as it was" if last_good else "no checkpoint was written"
+            raise NonFiniteError(f"non-finite loss or gradient norm at step {int(first.item())}; stopped, {kept}")
+
+
+@dataclass
+class Trainer:
+    """Everything set-up builds; the pieces of the loop read it."""
+    args: argparse.Namespace
+    topo: Topology
+    cfg: ModelConfig
+    corpus: Corpus
+    model: GPT
+    params: list
+    optimizer: torch.optim.Optimizer
+    dp_grads: DataParallelGrads
+    autocast: contextlib.AbstractContextManager
+    comm: Optional[PipeComm]
+    step_stats: StepStats
+    stats_layout: StatsLayout
+    run_log: Optional[RunLog]
+    checkpoint_dir: Path
+    uploader: Optional[HubUploader]
+    emit: Callable  # prints on rank 0 without garbling the progress bar
+    flops_per_token: float
+    peak_flops: Optional[float]
+
+    @property
+    def is_main(self) -> bool:
+        return self.topo.rank == 0
+
+
+@dataclass
+class StepOutput:
+    lr: float
+    norm: torch.Tensor        # global gradient norm (device scalar)
+    lm_loss_sum: torch.Tensor  # sum over microbatches of the LM loss (device scalar; 0 off the last stage)
+    events: list              # the schedule's ('F'|'B', microbatch) order, for the MoE statistics
+
+
 def train(args: argparse.Namespace, return_state: bool = False) -> TrainResult:
     device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
@@ -291,8 +472,74 @@ def train(args: argparse.Namespace, return_state: bool = False) -> TrainResult:
 
 
 def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: contextlib.ExitStack) -> TrainResult:
+    t = setup(args, topo, precision, cleanup)
+    result = TrainResult()
+    start = resume(t, result) if args.resume else 0
+    if args.eval_only:
+        evaluate_and_log(t, start - 1, result)
+    else:
+        train_loop(t, start, result, cleanup)
+    if return_state:
+        result.state_dict = full_state_dict(t.model, topo)
+    return result
+
+
+def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextlib.ExitStack) -> None:
+    """Steps start .. --max-steps - 1: train, log, evaluate, save; stops early (after a checkpoint) on
+    SIGTERM/SIGINT and raises NonFiniteError when the loss or gradient norm stops being finite."""
+    args, topo = t.args, t.topo
+    progress = None
+    if t.is_main and not args.no_progress and sys.stdout.isatty():  # a bar in a log file is noise
+        from tqdm import tqdm
+        progress = tqdm(total=args.max_steps, initial=start, desc="train", dynamic_ncols=True, leave=False)
+        t.emit = progress.write
+    if args.gc_interval:
+        cleanup.enter_context(scheduled_gc())
+    signals = cleanup.enter_context(StopSignals())
+    watch = FiniteWatch(topo.device)
+    clock = Throughput(start - 1)
+    t.model.train()
+    profiler = start_profiler(args, topo, t.run_log, t.emit, first_step=start)
+    cleanup.callback(profiler.close)  # also logs the traces to wandb
+    for step in range(start, args.max_steps):
+        if args.gc_interval and step % args.gc_interval == 0:
+            gc.collect(1)  # the young generations only: what the steps since the last collection left
+        log_now = step % args.log_interval == 0 or step == args.max_steps - 1
+        out = train_step(t, step, record_stats=log_now and args.moe_metrics != "off")
+        watch.update(step, out.norm, out.lm_loss_sum)
+        if log_now:
+            watch.check(topo, result.checkpoint)
+            log_step(t, step, out, clock, result)
+        if progress is not None:
+            progress.update(1)
+        if args.eval_iters > 0 and ((args.eval_interval > 0 and (step + 1) % args.eval_interval == 0)
+                                    or step == args.max_steps - 1):
+            with clock.paused():  # evaluation time is not training throughput
+                evaluate_and_log(t, step, result)
+        stop = signals.agreed(topo)
+        done = step + 1
+        if stop or (args.save_interval and done % args.save_interval == 0 and done < args.max_steps):
+            watch.check(topo, result.checkpoint)  # never save a broken state over a good checkpoint
+            save(t, done, result)
+        if stop:
+            t.emit(f"stopped by {signals.received} after step {step}: checkpoint {result.checkpoint}; "
+                   f"continue with --resume auto (or --resume {result.checkpoint})")
+            result.stopped_early = True
+            break
+        clock.excluded += profiler.step()  # writing the trace is not training throughput
+    else:
+        watch.check(topo, result.checkpoint)
+        if not args.no_save and args.max_steps > start:
+            save(t, args.max_steps, result)
+    if progress is not None:
+        progress.close()
+
+
+def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -> Trainer:
+    """Data, model, optimizer, communication, statistics and logging: everything before the first step."""
     is_main = topo.rank == 0
     say = print if is_main else (lambda *a, **k: None)
+    output_dir, checkpoint_dir = run_dirs(args, topo)
     corpus = load_corpus(args.data, args.vocab_size)
     check_lengths(corpus, args.max_seq_length, args.data)
     if corpus.vocab_size % topo.tp:
@@ -309,8 +556,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
     model.to(topo.device)
     torch.manual_seed(args.seed + 100 * topo.pp_rank + 10_007 * topo.dp_rank)  # dropout; TP ranks share it
     if args.compile:
-        for blk in model.layers.values():
-            blk.compile()
+        compile_model(model, args.compile_scope)
 
     total, active = count_parameters(cfg)
     m, mbs, T = args.num_microbatches, args.micro_batch_size, args.max_seq_length
@@ -324,7 +570,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
     say(f"batch: global {args.global_batch_size} = micro {mbs} x {m} microbatches x DP {topo.dp}, "
         f"{args.global_batch_size * T:,} tokens per step")
 
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     dp_grads = DataParallelGrads(params, topo, args.ddp_bucket_size_mb)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -332,138 +578,218 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                                   fused=topo.device.type == "cuda")
-    autocast = torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    comm = PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None
-    step_stats = StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=args.moe_metrics != "off")
-    layout = StatsLayout(cfg.moe_layer_ids() if args.moe_metrics != "off" else [], cfg.num_experts, m, topo.dp,
-                         drops=cfg.moe_capacity_factor > 0, bias=cfg.moe_bias_update_rate > 0)
-    peak = peak_flops(topo.device, precision)
-    fpt = flops_per_token(cfg, active)
-    tokens_per_step = args.global_batch_size * T
-
     run_log = None
     if is_main:
-        out_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        run_log = RunLog(out_dir, {**vars(args), "model": cfg.to_dict(), "world_size": topo.world_size},
+        run_log = RunLog(str(output_dir), {**vars(args), "model": cfg.to_dict(), "world_size": topo.world_size},
                          args.wandb, args.wandb_project, args.tensorboard, args.moe_histogram_every)
         cleanup.callback(run_log.close)
-        say(f"logging to {out_dir}/metrics.jsonl")
+        say(f"logging to {output_dir}/metrics.jsonl")
+    uploader = None
+    if args.hf_repo and is_main:
+        uploader = HubUploader(args.hf_repo, say)
+        cleanup.callback(uploader.close)
+    stats_on = args.moe_metrics != "off"
+    return Trainer(
+        args=args, topo=topo, cfg=cfg, corpus=corpus, model=model, params=params, optimizer=optimizer,
+        dp_grads=dp_grads, autocast=torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
+        comm=PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None,
+        step_stats=StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=stats_on),
+        stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.num_experts, m, topo.dp,
+                                 drops=cfg.moe_capacity_factor > 0, bias=cfg.moe_bias_update_rate > 0),
+        run_log=run_log, checkpoint_dir=checkpoint_dir, uploader=uploader, emit=print if is_main else say,
+        flops_per_token=flops_per_token(cfg, active), peak_flops=peak_flops(topo.device, precision))
 
-    def rank_batch(split: str, tokens, step: int):
-        offsets = batch_offsets(len(tokens), T, args.global_batch_size, args.seed, step, split)
-        per_dp = args.global_batch_size // topo.dp
-        mine = offsets[topo.dp_rank * per_dp:(topo.dp_rank + 1) * per_dp]
-        x, y = get_batch(tokens, mine, T, topo.device)
-        return x.split(mbs), y.split(mbs)
 
-    def evaluate() -> float:
-        model.eval()
-        total_loss = torch.zeros(2, device=topo.device)
-        with torch.no_grad(), autocast:
-            for it in range(args.eval_iters):
-                xs, ys = rank_batch("val", corpus.val, it)
+def run_dirs(args, topo: Topology) -> tuple[Path, Path]:
+    """The output and checkpoint directories, the same on every rank. Rank 0 checks that they can be
+    created and written before any model is built and shares its verdict, so a bad path is one line and
+    exit code 2 on every rank."""
+    output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    checkpoint_dir = args.checkpoint_dir or os.path.join(output_dir, "checkpoints")
+    error = None
+    if topo.rank == 0:
+        try:
+            ensure_writable_dir(output_dir, "--output-dir", topo.rank)
+            if not (args.eval_only or (args.no_save and not args.save_interval)):  # else nothing is saved
+                ensure_writable_dir(checkpoint_dir, "--checkpoint-dir", topo.rank)
+        except ConfigError as e:
+            error = str(e)
+    if topo.world_size > 1:  # ranks may also read the clock in different seconds: rank 0's names win
+        shared = [output_dir, checkpoint_dir, error]
+        dist.broadcast_object_list(shared, src=0)
+        output_dir, checkpoint_dir, error = shared
+    if error:
+        raise ConfigError(error)
+    return Path(output_dir), Path(checkpoint_dir)
 
-                def fwd(i, h):
-                    out, _ = model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
-                    if topo.is_last_stage:
-                        total_loss[0] += out.float()
-                        total_loss[1] += 1
-                    return out.float()
-                run_forward_only(m, fwd, comm, topo)
-        all_reduce_(total_loss, topo.pp_group)
-        all_reduce_(total_loss, topo.dp_group)
-        model.train()
-        return (total_loss[0] / total_loss[1]).item()
 
-    result = TrainResult()
-    progress = None
-    if is_main and not args.no_progress:
-        from tqdm import tqdm
-        progress = tqdm(total=args.max_steps, desc="train", dynamic_ncols=True, leave=False)
-    emit = progress.write if progress is not None else print
+def rank_batch(t: Trainer, split: str, tokens, step: int):
+    """This DP rank's microbatches of the global batch of `step` (a pure function of seed and step)."""
+    args, topo = t.args, t.topo
+    offsets = batch_offsets(len(tokens), args.max_seq_length, args.global_batch_size, args.seed, step, split)
+    per_dp = args.global_batch_size // topo.dp
+    mine = offsets[topo.dp_rank * per_dp:(topo.dp_rank + 1) * per_dp]
+    x, y = get_batch(tokens, mine, args.max_seq_length, topo.device)
+    return x.split(args.micro_batch_size), y.split(args.micro_batch_size)
+
+
+def train_step(t: Trainer, step: int, record_stats: bool) -> StepOutput:
+    """One optimizer step: the pipeline schedule over every microbatch, the DP gradient all-reduce,
+    clipping and AdamW. No host-device sync."""
+    args, topo, m = t.args, t.topo, t.args.num_microbatches
+    lr = lr_at(step, args)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    t.dp_grads.zero_grad()
+    t.step_stats.reset(enabled=record_stats)  # only a logging step's statistics are read
+    xs, ys = rank_batch(t, "train", t.corpus.train, step)
+    lm_loss_sum = torch.zeros((), device=topo.device)
+
+    def forward(i, h):
+        nonlocal lm_loss_sum
+        with t.autocast:
+            out, moe_loss = t.model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
+        with phase("moe/stats"):
+            t.step_stats.end_microbatch()
+        if topo.is_last_stage:
+            lm_loss_sum = lm_loss_sum + out.detach()
+            return out, (out + moe_loss) / m
+        return out.float(), moe_loss / m
+
+    def before_backward(i):
+        t.dp_grads.sync = i == m - 1  # all-reduce buckets during the last backward only
+
+    events = run_schedule(args.pipeline_schedule, m, StepFunctions(forward, before_backward), t.comm, topo)
+    t.dp_grads.finish()
+    with phase("optimizer"):
+        norm = grad_norm(t.params, topo)
+        clip_grads_(t.params, norm, args.grad_clip)
+        t.optimizer.step()
+        update_expert_biases(t.model.moe_layers().values(), topo)  # aux-loss-free balancing (if on)
+    return StepOutput(lr, norm, lm_loss_sum, events)
+
+
+class Throughput:
+    """Tokens/s between logging steps, with evaluation time taken out."""
+
+    def __init__(self, last_step: int):
+        self.last_time, self.last_step, self.excluded = time.perf_counter(), last_step, 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        yield
+        self.excluded += time.perf_counter() - start
+
+    def tokens_per_sec(self, step: int, tokens_per_step: int) -> float:
+        now = time.perf_counter()
+        tps = tokens_per_step * (step - self.last_step) / max(now - self.last_time - self.excluded, 1e-9)
+        self.last_time, self.last_step, self.excluded = now, step, 0.0
+        return tps
+
+
+def log_step(t: Trainer, step: int, out: StepOutput, clock: Throughput, result: TrainResult) -> None:
+    """Reduces this step's statistics (two collectives) and, on rank 0, logs one record everywhere."""
+    args, topo = t.args, t.topo
+    detailed = args.moe_metrics == "detailed" or (args.moe_detailed_every > 0 and step % args.moe_detailed_every == 0)
+    with phase("moe/stats"):
+        flat = pack_step_stats(t.stats_layout, t.step_stats, out.lm_loss_sum if topo.is_last_stage else None, topo, out.events)
+    if not t.is_main:
+        return
+    tps = clock.tokens_per_sec(step, args.global_batch_size * args.max_seq_length)
+    # The one device-to-host transfer of the logging step: the statistics and the grad norm.
+    host = torch.cat([flat, out.norm.detach().float().view(1)]).cpu().numpy().astype(np.float64)
+    parts = t.stats_layout.split(host[:-1])
+    lm = parts["lm"].tolist()
+    metrics = moe_metrics(t.stats_layout, host[:-1], detailed)
+    rec = {"step": step, "loss": lm[0] / max(lm[1], 1),
+           "aux_loss": metrics.get("moe/aux_loss_mean"), "z_loss": metrics.get("moe/z_loss_mean"),
+           "lr": out.lr, "grad_norm": float(host[-1]), "tokens_per_sec": tps,
+           "mfu": tps * t.flops_per_token / (t.peak_flops * topo.world_size) if t.peak_flops else None, **metrics}
+    counts = parts["counts"] if t.run_log.wants_histogram(step) and t.stats_layout.L else None
+    t.run_log.log(rec, counts)
+    result.records.append(rec)
+    result.losses.append(rec["loss"])
+    t.emit(console_line(rec))
+
+
+def evaluate(t: Trainer) -> float:
+    """Mean validation loss over --eval-iters global batches (the same batches at every evaluation)."""
+    args, topo, model = t.args, t.topo, t.model
+    model.eval()
+    total_loss = torch.zeros(2, device=topo.device)
+    with torch.no_grad(), t.autocast:
+        for it in range(args.eval_iters):
+            xs, ys = rank_batch(t, "val", t.corpus.val, it)
+
+            def fwd(i, h):
+                out, _ = model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
+                if topo.is_last_stage:
+                    total_loss[0] += out.float()
+                    total_loss[1] += 1
+                return out.float()
+            run_forward_only(args.num_microbatches, fwd, t.comm, topo)
+    all_reduce_(total_loss, topo.pp_group)
+    all_reduce_(total_loss, topo.dp_group)
     model.train()
-    if args.gc_interval:
-        cleanup.enter_context(scheduled_gc())
-    last_log_time, last_log_step, eval_seconds = time.perf_counter(), -1, 0.0
-    for step in range(args.max_steps):
-        if args.gc_interval and step % args.gc_interval == 0:
-            gc.collect(1)  # the young generations only: what the steps since the last collection left
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        dp_grads.zero_grad()
-        log_step = step % args.log_interval == 0 or step == args.max_steps - 1
-        step_stats.reset(enabled=log_step and args.moe_metrics != "off")  # only a logging step's are read
-        xs, ys = rank_batch("train", corpus.train, step)
-        lm_loss_sum = torch.zeros((), device=topo.device)
+    return (total_loss[0] / total_loss[1]).item()
 
-        def forward(i, h):
-            nonlocal lm_loss_sum
-            with autocast:
-                out, moe_loss = model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
-            step_stats.end_microbatch()
-            if topo.is_last_stage:
-                lm_loss_sum = lm_loss_sum + out.detach()
-                return out, (out + moe_loss) / m
-            return out.float(), moe_loss / m
 
-        def before_backward(i):
-            dp_grads.sync = i == m - 1  # all-reduce buckets during the last backward only
+def evaluate_and_log(t: Trainer, step: int, result: TrainResult) -> None:
+    val = evaluate(t)
+    result.val_loss = val
+    if t.is_main:
+        t.run_log.log({"step": step, "val_loss": val})
+        t.emit(f"step {step:>5d} | val loss {val:.4f}")
 
-        events = run_schedule(args.pipeline_schedule, m, StepFunctions(forward, before_backward), comm, topo)
-        dp_grads.finish()
-        norm = grad_norm(params, topo)
-        clip_grads_(params, norm, args.grad_clip)
-        optimizer.step()
-        update_expert_biases(model.moe_layers().values(), topo)  # aux-loss-free balancing (if on)
 
-        if log_step:
-            detailed = args.moe_metrics == "detailed" or (
-                args.moe_detailed_every > 0 and step % args.moe_detailed_every == 0)
-            flat = pack_step_stats(layout, step_stats, lm_loss_sum if topo.is_last_stage else None, topo, events)
-            if is_main:
-                now = time.perf_counter()
-                tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time - eval_seconds, 1e-9)
-                last_log_time, last_log_step, eval_seconds = now, step, 0.0
-                # The one device-to-host transfer of the logging step: the statistics and the grad norm.
-                host = torch.cat([flat, norm.detach().float().view(1)]).cpu().numpy().astype(np.float64)
-                parts = layout.split(host[:-1])
-                lm = parts["lm"].tolist()
-                metrics = moe_metrics(layout, host[:-1], detailed)
-                rec = {"step": step, "loss": lm[0] / max(lm[1], 1),
-                       "aux_loss": metrics.get("moe/aux_loss_mean"), "z_loss": metrics.get("moe/z_loss_mean"),
-                       "lr": lr, "grad_norm": float(host[-1]), "tokens_per_sec": tps,
-                       "mfu": tps * fpt / (peak * topo.world_size) if peak else None, **metrics}
-                counts = parts["counts"] if run_log.wants_histogram(step) and layout.L else None
-                run_log.log(rec, counts)
-                result.records.append(rec)
-                result.losses.append(rec["loss"])
-                emit(console_line(rec))
-        if progress is not None:
-            progress.update(1)
-        if args.eval_iters > 0 and ((args.eval_interval > 0 and (step + 1) % args.eval_interval == 0)
-                                    or step == args.max_steps - 1):
-            eval_start = time.perf_counter()
-            val = evaluate()
-            result.val_loss = val
-            if is_main:
-                run_log.log({"step": step, "val_loss": val})
-                emit(f"step {step:>5d} | val loss {val:.4f}")
-            eval_seconds += time.perf_counter() - eval_start  # evaluation time is not training throughput
-    if progress is not None:
-        progress.close()
-    if return_state:
-        result.state_dict = full_state_dict(model, topo)
-    return result
+def checkpoint_meta(t: Trainer) -> dict:
+    return {"model": t.cfg.to_dict(), "args": vars(t.args)}
+
+
+def save(t: Trainer, done_steps: int, result: TrainResult) -> None:
+    """A checkpoint of the state after `done_steps` optimizer steps (every rank takes part)."""
+    start = time.perf_counter()
+    path = save_checkpoint(t.checkpoint_dir, done_steps, t.model, t.optimizer, t.topo, checkpoint_meta(t),
+                           keep_last=t.args.keep_last, protected=frozenset(t.uploader.busy) if t.uploader else frozenset())
+    result.checkpoint = str(path)
+    t.emit(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")
+    if t.uploader is not None:
+        t.uploader.upload(path)
+
+
+def resume(t: Trainer, result: TrainResult) -> int:
+    """Loads the checkpoint --resume names into the model and optimizer; returns the first step to run."""
+    args = t.args
+    if args.resume == "auto":
+        found = complete_checkpoints(t.checkpoint_dir)
+        if not found:
+            t.emit(f"resume auto: no checkpoint in {t.checkpoint_dir}, starting from step 0")
+            return 0
+        path = found[-1][1]
+    else:
+        path = resolve_checkpoint(args.resume)
+    manifest = read_manifest(path)
+    t.emit(describe_resume(path, manifest, checkpoint_meta(t), t.topo))
+    load_checkpoint(path, t.model, t.optimizer, t.topo)
+    result.checkpoint = str(path)
+    if t.is_main:
+        t.run_log.log({"step": manifest["step"], "resumed_from": str(path)})
+    if manifest["step"] >= args.max_steps and not args.eval_only:
+        t.emit(f"the checkpoint has {manifest['step']} steps, --max-steps is {args.max_steps}: nothing to train")
+    return manifest["step"]
 
 
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         train(args)
-    except (ConfigError, LayoutError, DataError, SinkError) as e:
+    except (ConfigError, LayoutError, DataError, SinkError, CheckpointError, ProfileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -91,12 +91,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of every attention layer for the positions fed so far, for incremental decoding of
+    the whole model in one process (see generate.py).
+
+    Each layer's buffers [b, kv_heads, max_len, hd] are allocated once, at its first write (in the dtype
+    of the keys: bf16 under autocast), so a decoding step writes its own position and attends over the
+    `pos` positions held: no per-token copy grows with the context. `pos` is also the absolute position
+    of the next token, which selects its rotary angles.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len, self.pos = max_len, 0
+        self.k: dict = {}  # global layer index -> [b, kv_heads, max_len, hd]
+        self.v: dict = {}
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are kept for the next prefill)."""
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v [b, kv_heads, t, hd] at pos..pos+t; return the keys and values
+        of all positions so far, [b, kv_heads, pos + t, hd] (views of the buffers)."""
+        b, h, t, hd = k.shape
+        if layer not in self.k or self.k[layer].shape[0] != b:
+            self.k[layer] = k.new_empty(b, h, self.max_len, hd)
+            self.v[layer] = v.new_empty(b, h, self.max_len, hd)
+        end = self.pos + t
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention; heads and kv heads are split over TP ranks."""
 
-    def __init__(self, cfg: ModelConfig, topo: Topology, out_init_std: float):
+    def __init__(self, cfg: ModelConfig, topo: Topology, out_init_std: float, layer_id: int = 0):
         super().__init__()
         hd = cfg.head_dim
+        self.layer_id = layer_id  # its slot in a KVCache
         self.local_heads = cfg.num_attention_heads // topo.tp
         self.local_kv_heads = cfg.num_key_value_heads // topo.tp
         self.head_dim, self.dropout = hd, cfg.dropout
@@ -105,7 +138,10 @@ class Attention(nn.Module):
                               cfg.num_key_value_heads * hd], topo)
         self.proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, topo, out_init_std)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """cos, sin: the rotary angles of x's positions [t, hd/2]. With a cache, x holds the positions
+        kv_cache.pos .. pos + t - 1 and attends over every position held."""
         b, t, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.local_heads * hd, self.local_kv_heads * hd, self.local_kv_heads * hd], -1)
@@ -113,8 +149,18 @@ class Attention(nn.Module):
         k = k.view(b, t, self.local_kv_heads, hd).transpose(1, 2)
         v = v.view(b, t, self.local_kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.local_kv_heads != self.local_heads)
+        gqa = self.local_kv_heads != self.local_heads
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=gqa)
+        else:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_id, k, v)  # [b, kv_heads, start + t, hd]
+            # Query i sits at position start + i and sees keys 0 .. start + i. SDPA's is_causal aligns the
+            # mask to the top-left corner, which is wrong once start > 0, hence the explicit mask; a
+            # single new token sees every key and needs none.
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start) if t > 1 else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(b, t, self.local_heads * hd))
 
 
@@ -137,7 +183,7 @@ class Block(nn.Module):
         super().__init__()
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaling of residual projections
         self.attn_norm = RMSNorm(cfg.hidden_size)
-        self.attn = Attention(cfg, topo, out_std)
+        self.attn = Attention(cfg, topo, out_std, layer_id)
         self.ffn_norm = RMSNorm(cfg.hidden_size)
         if cfg.is_moe_layer(layer_id):
             self.ffn = SparseMoE(cfg.hidden_size, cfg.expert_ffn_size, cfg.num_experts, cfg.num_experts_per_token,
@@ -150,8 +196,8 @@ class Block(nn.Module):
             self.ffn = MLP(cfg, topo, out_std)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x, cos, sin, kv_cache: Optional[KVCache] = None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, kv_cache))
         y, moe_loss = self.ffn(self.ffn_norm(x))
         return x + self.drop(y), moe_loss
 
@@ -179,18 +225,36 @@ class GPT(nn.Module):
         """{global layer index: SparseMoE} for the MoE layers of this stage."""
         return {int(i): blk.ffn for i, blk in self.layers.items() if isinstance(blk.ffn, SparseMoE)}
 
-    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None):
         """First stage: x is token ids [b, T]; otherwise the hidden states [b, T, d].
-        Returns (hidden, moe_loss) or, on the last stage, (mean LM loss, moe_loss)."""
+        Returns (hidden, moe_loss) or, on the last stage, (mean LM loss, moe_loss), or (logits [b, T, V],
+        moe_loss) when no targets are given.
+
+        kv_cache (whole model in one process only): x holds the next T tokens at positions kv_cache.pos ..
+        pos + T - 1 (at most max_seq_length in all, the length of the rotary tables); their keys and values
+        are added to the cache and pos advances by T."""
+        t = x.shape[1]
+        pos = 0
+        if kv_cache is not None:
+            if not (self.first and self.last):
+                raise ValueError("a KV cache needs the whole model in one stage")
+            pos = kv_cache.pos
+            if pos + t > self.cfg.max_seq_length:
+                raise ValueError(f"positions {pos}..{pos + t - 1} exceed max_seq_length {self.cfg.max_seq_length}")
+        cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
         h = self.embed_drop(self.embed(x)) if self.first else x
         moe_loss = torch.zeros((), device=h.device)
         for blk in self.layers.values():
-            h, layer_loss = blk(h, self.rope_cos, self.rope_sin)
+            h, layer_loss = blk(h, cos, sin, kv_cache)
             if layer_loss is not None:
                 moe_loss = moe_loss + layer_loss
+        if kv_cache is not None:
+            kv_cache.pos += t
         if not self.last:
             return h, moe_loss
         logits = self.lm_head(self.norm(h))
+        if targets is None:
+            return logits, moe_loss
         loss = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), self.topo).mean()
         return loss, moe_loss
 
@@ -205,6 +269,21 @@ class GPT(nn.Module):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             full = torch.empty(full_shape(p)).normal_(0.0, p.init_std, generator=gen)
             p.copy_(shard_of(full, p, self.topo.tp_rank, self.topo.tp))
+
+
+def compile_model(model: GPT, scope: str) -> None:
+    """torch.compile a stage in place. 'blocks': each Block on its own; the layers of one kind share one
+    compiled graph, so compilation is short, but every block is a separate call with its own guards and
+    the embedding, final norm and loss run eagerly. 'model': the whole stage forward as one graph (and one
+    backward graph), which removes those per-block calls and fuses across block boundaries, at the cost
+    of compiling every layer."""
+    if scope == "model":
+        model.compile()
+    elif scope == "blocks":
+        for blk in model.layers.values():
+            blk.compile()
+    else:
+        raise ValueError(f"compile scope must be blocks or model, got {scope}")
 
 
 def count_parameters(cfg: ModelConfig) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_ops import permute_tokens, swiglu, unpermute_combine
 from parallel import Topology, all_reduce_, all_reduce_grad_tp, copy_to_tp, mark_sharded, reduce_from_tp
 from profiling import phase
 
@@ -188,8 +189,8 @@ def grouped_mm_available(x: torch.Tensor, *dims: int) -> bool:
 
 
 def _grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    gate, up = torch._grouped_mm(x, w1, offs=ends).chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate) * up, w2, offs=ends)
+    h = torch._grouped_mm(x, w1, offs=ends)  # [rows, 2f]: gate | up
+    return torch._grouped_mm(swiglu(h), w2, offs=ends)
 
 
 # torch.compile's meta kernel for _grouped_mm accepts bf16 only; other dtypes run it eagerly.
@@ -200,8 +201,9 @@ class GroupedExperts(nn.Module):
     """The local experts' SwiGLU FFNs as stacked weights: w_gate_up [E, d, 2f], w_down [E, f, d].
 
     forward(x, ends) takes tokens sorted by local expert, ends[e] being the exclusive end row of expert
-    e's group (int32, on the device). Rows at and after ends[-1] belong to no local expert: their
-    outputs are zero.
+    e's group (int32, on the device). Rows at and after ends[-1] belong to no local expert (they exist
+    under EP, when some experts live on other ranks, and with a capacity factor, for dropped
+    assignments): their outputs are zero.
     """
 
     def __init__(self, num_experts: int, num_local: int, hidden_size: int, ffn_size: int,
@@ -210,6 +212,7 @@ class GroupedExperts(nn.Module):
         if impl not in ("auto", "grouped", "loop"):
             raise ValueError(f"expert impl must be auto, grouped or loop, got {impl}")
         self.num_local, self.hidden_size, self.ffn_size, self.impl = num_local, hidden_size, ffn_size, impl
+        self.all_local = num_local == num_experts  # then every row belongs to a local expert
         # Sharded over the EP (= TP) group along the expert dimension.
         self.w_gate_up = mark_sharded(nn.Parameter(torch.empty(num_local, hidden_size, 2 * ffn_size)), 0, [num_experts])
         self.w_down = mark_sharded(nn.Parameter(torch.empty(num_local, ffn_size, hidden_size)), 0, [num_experts])
@@ -225,15 +228,17 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype)
+        if self.all_local:  # no rows past the last group: nothing to mask
+            return self._run(x, ends, w1, w2)
         valid = (torch.arange(x.shape[0], device=x.device) < ends[-1]).unsqueeze(-1)
         # Rows past the last group are never written by the grouped GEMM: mask them in and out so
         # neither values nor gradients of those rows are garbage.
-        x = torch.where(valid, x, 0.0)
+        return torch.where(valid, self._run(torch.where(valid, x, 0.0), ends, w1, w2), 0.0)
+
+    def _run(self, x, ends, w1, w2):
         if self.use_grouped(x):
-            out = (_grouped_swiglu if x.dtype == torch.bfloat16 else _grouped_swiglu_eager)(x, w1, w2, ends)
-        else:
-            out = self._loop(x, ends, w1, w2)
-        return torch.where(valid, out, 0.0)
+            return (_grouped_swiglu if x.dtype == torch.bfloat16 else _grouped_swiglu_eager)(x, w1, w2, ends)
+        return self._loop(x, ends, w1, w2)
 
     @staticmethod
     def _loop(x, ends, w1, w2):
@@ -297,6 +302,8 @@ class SparseMoE(nn.Module):
                              persistent=False)
         self.experts = GroupedExperts(num_experts, self.num_local, hidden_size, ffn_size, init_std,
                                       out_init_std, expert_impl)
+        if capacity_factor > 0:  # dropped assignments sort past the last group even with every expert local
+            self.experts.all_local = False
         # Statistics: while record_routing is set (by moe_stats.StepStats, at logging steps), a training
         # forward leaves its RoutingRecord here; StepStats takes it after each microbatch.
         self.record_routing = False
@@ -332,26 +339,25 @@ class SparseMoE(nn.Module):
             self.last_routing = RoutingRecord(counts, aux, z, r.probs, drops)
 
         with phase("moe/permute"):
-            # Local experts first: key = (expert - first_local) mod E puts this rank's experts at 0..L-1.
+            # Sort the T*k assignments by expert, local experts first: key = (expert - first_local) mod E
+            # puts this rank's experts at 0..L-1.
             key = (flat_expert - self.first_local) % E
             if kept is not None:  # dropped assignments after every expert: outside all groups
                 key = torch.where(kept.view(-1), key, E)
-            order = torch.argsort(key, stable=True)
-            token_of_row = order // k
+            order = torch.argsort(key, stable=True)  # [T*k] sorted row -> assignment t*k + j
+            inverse = torch.empty_like(order)        # [T*k] assignment t*k + j -> sorted row
+            inverse.scatter_(0, order, torch.arange(order.numel(), device=order.device))
             local_counts = torch.roll(routed, -self.first_local)[: self.num_local]
             ends = torch.cumsum(local_counts, 0).to(torch.int32)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             x_in = copy_to_tp(x, self.topo).to(dtype)
-            x_sorted = x_in[token_of_row]  # [T*k, d]
+            x_sorted = permute_tokens(x_in, inverse, k)  # [T*k, d] gather: row inverse[t*k + j] is token t
         with phase("moe/experts"):
-            y_sorted = self.experts(x_sorted, ends)  # [T*k, d]; non-local rows are zero
+            y_sorted = self.experts(x_sorted, ends)  # [T*k, d] grouped GEMM; non-local rows are zero
 
         with phase("moe/unpermute_combine"):
-            inverse = torch.empty_like(order)
-            inverse.scatter_(0, order, torch.arange(order.numel(), device=order.device))
-            y = y_sorted[inverse].view(num_tokens, k, -1)
             weights = all_reduce_grad_tp(weights, self.topo)
-            out = (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+            out = unpermute_combine(y_sorted, inverse, weights)  # [T, d] unsort + weighted sum over k
             out = reduce_from_tp(out, self.topo)
         loss = self.aux_loss_coef * aux + self.z_loss_coef * z
         return out.view(shape), loss

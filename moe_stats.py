@@ -39,6 +39,8 @@ class StatsLayout:
         L, E, m, dp = self.L, self.num_experts, self.num_microbatches, self.dp
         # lm: [LM loss sum, number of microbatches]; losses: per layer [aux, z, entropy] sums;
         # overload / cum_overload: one slot per DP rank, so a SUM all-reduce gathers every entry.
+        # cum_overload is one number per stage (its running sum crosses the stage's layers); the stage
+        # writes it into the slots of each of its layers, so the max over the block is over DP and PP.
         sizes = {"lm": 2, "counts": L * E, "losses": L * 3, "overload": dp * L * m, "cum_overload": dp * L}
         if self.drops:  # the routing options' blocks exist only when the options are on
             sizes["drops"] = L * 3
@@ -61,35 +63,41 @@ class StatsLayout:
         return out
 
 
-def in_flight_matrix(events: Sequence[tuple], num_microbatches: int) -> torch.Tensor:
-    """[len(events), m] 0/1: after each forward/backward event, which microbatches' activations are held."""
-    held = set()
-    rows = []
-    for kind, i in events:
-        if kind == "F":
-            held.add(i)
-        rows.append([1.0 if j in held else 0.0 for j in range(num_microbatches)])
-        if kind == "B":
-            held.discard(i)
-    return torch.tensor(rows)
+def held_after_events(events: Sequence[tuple], num_microbatches: int) -> torch.Tensor:
+    """[len(events), m] 0/1: which microbatches' MoE activations are held right after each schedule event.
+    A microbatch is held from its forward ('F', i) until its backward ('B', i) releases it: the row of
+    its backward no longer holds it. Row t is the running sum of +1 per forward and -1 per backward."""
+    signs = torch.zeros(len(events), num_microbatches)
+    for t, (kind, i) in enumerate(events):
+        signs[t, i] = 1.0 if kind == "F" else -1.0
+    return signs.cumsum(0)
 
 
 @functools.lru_cache(maxsize=8)
-def _in_flight_on(events: tuple, num_microbatches: int, device: str) -> torch.Tensor:
-    return in_flight_matrix(events, num_microbatches).to(device)  # the schedule repeats every step
+def _held_on(events: tuple, num_microbatches: int, device: str) -> torch.Tensor:
+    return held_after_events(events, num_microbatches).to(device)  # the schedule repeats every step
 
 
-def overload_factors(mb_counts: torch.Tensor, ep: int, in_flight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mb_counts [..., m, E] (any leading layer dims). Returns (per-microbatch overload [..., m],
-    cumulative overload [...]): tokens on the busiest EP rank over the balanced T*k/EP; and the peak over
-    the step's event order of the tokens held on the busiest rank over the peak of the balanced count."""
-    *lead, m, E = mb_counts.shape
-    per_rank = mb_counts.reshape(*lead, m, ep, E // ep).sum(-1)  # [..., m, ep]
-    balanced = mb_counts.sum(-1) / ep  # [..., m]
+def overload_factors(mb_counts: torch.Tensor, ep: int, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pipeline stage's overload factors. mb_counts [L, m, E]: assignments per expert of each of the
+    stage's MoE layers and microbatches; held [N, m] = held_after_events of the stage's schedule.
+
+    Returns (overload [L, m], cum_overload scalar):
+    - overload: tokens on the busiest EP rank over the balanced count T*k/EP, per layer and microbatch.
+    - cum_overload (Megatron's max_cum_overload_factor): every EP rank keeps ONE running sum over the
+      stage's schedule; a microbatch's forward adds its tokens on that rank layer after layer, its backward
+      removes them in reverse layer order. The same runs for the balanced count. Result: the peak of the
+      busiest rank's running sum over the peak of the balanced one. Within one forward every record adds
+      and within one backward every record subtracts, so each running sum peaks at the end of a forward:
+      summing over the layers first and stepping per event gives exactly the same peaks."""
+    L, m, E = mb_counts.shape
+    per_rank = mb_counts.reshape(L, m, ep, E // ep).sum(-1)  # [L, m, ep]
+    balanced = mb_counts.sum(-1) / ep  # [L, m]
     overload = per_rank.amax(-1) / balanced.clamp_min(1e-9)
-    a = in_flight.to(mb_counts)
-    cum = (a @ per_rank).amax(dim=(-2, -1)) / (a @ balanced.unsqueeze(-1)).amax(dim=(-2, -1)).clamp_min(1e-9)
-    return overload, cum
+    h = held.to(mb_counts)
+    peak = (h @ per_rank.sum(0)).amax()  # [N, ep] tokens each rank holds after each event -> busiest peak
+    peak_balanced = (h @ balanced.sum(0)).amax()  # [N] -> peak
+    return overload, peak / peak_balanced.clamp_min(1e-9)
 
 
 class StepStats:
@@ -175,10 +183,10 @@ def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_los
         v["counts"][rows] = mb_counts.sum(1)
         v["losses"][rows] = mb_losses.sum(1)
         if topo.ep > 1:
-            in_flight = _in_flight_on(tuple(events), layout.num_microbatches, str(topo.device))
-            overload, cum = overload_factors(mb_counts, topo.ep, in_flight)
+            held = _held_on(tuple(events), layout.num_microbatches, str(topo.device))
+            overload, cum = overload_factors(mb_counts, topo.ep, held)
             v["overload"][topo.dp_rank, rows] = overload
-            v["cum_overload"][topo.dp_rank, rows] = cum
+            v["cum_overload"][topo.dp_rank, rows] = cum  # the stage's one value, in each of its layers' slots
         else:  # one EP rank holds every token: 1.0 by definition
             v["overload"][topo.dp_rank, rows] = 1.0
             v["cum_overload"][topo.dp_rank, rows] = 1.0
@@ -255,7 +263,9 @@ def moe_metrics(layout: StatsLayout, flat, detailed: bool = False, top_n: int = 
     u_sorted = flat_u[order]
     u_pct = _sorted_percentiles(u_sorted, (0, 25, 50, 75, 100))
     cv_sorted = np.sort(cv)
-    c_min, c_max = float(c.min()), float(c.max())
+    load = c.sum(axis=0)  # [E] counts summed over the layers: the load_* metrics describe this vector
+    load_min, load_max = float(load.min()), float(load.max())
+    layer_imbalance = c.max(axis=1) / np.maximum(c.min(axis=1), 1.0)  # [L]
     out = {"moe/aux_loss_mean": float(loss_means[0]), "moe/z_loss_mean": float(loss_means[1]),
            "moe/router_entropy_mean": float(loss_means[2]),
            "moe/cv_mean": float(cv.mean()), "moe/cv_median": float(_sorted_percentiles(cv_sorted, (50,))[0]),
@@ -266,17 +276,22 @@ def moe_metrics(layout: StatsLayout, flat, detailed: bool = False, top_n: int = 
     ids = layout.moe_layer_ids
     for idx in order[::-1][:top_n].tolist() + order[:top_n].tolist():
         out[f"moe_expert_utilization/layer_{ids[idx // E]}_expert_{idx % E}"] = float(flat_u[idx])
-    out.update({"moe/load_std": float(c.std()), "moe/load_min": c_min, "moe/load_max": c_max,
-                "moe/load_imbalance": c_max / max(c_min, 1.0),
+    out.update({"moe/load_std": float(load.std()), "moe/load_min": load_min, "moe/load_max": load_max,
+                "moe/load_imbalance": load_max / max(load_min, 1.0),
+                "moe/load_imbalance_worst_layer": float(layer_imbalance.max()),
                 "moe/avg_overload_factor": float(v["overload"].mean()),
                 "moe/max_overload_factor": float(v["overload"].max()),
                 "moe/max_cum_overload_factor": float(v["cum_overload"].max())})
     if detailed:
         util_max = util.max(axis=1)
+        overload_avg = v["overload"].mean(axis=(0, 2))  # [L]: over DP ranks and microbatches
+        overload_max = v["overload"].max(axis=(0, 2))
         for row, layer_id in enumerate(ids):
             out[f"moe/layer_{layer_id}/cv"] = float(cv[row])
             out[f"moe/layer_{layer_id}/aux_loss"] = float(losses[row, 0])
             out[f"moe/layer_{layer_id}/utilization_max"] = float(util_max[row])
+            out[f"moe/layer_{layer_id}/avg_overload_factor"] = float(overload_avg[row])
+            out[f"moe/layer_{layer_id}/max_overload_factor"] = float(overload_max[row])
         out["moe/counts"] = {str(layer_id): row for layer_id, row in zip(ids, c.astype(np.int64).tolist())}
     out.update(routing_metrics(layout, v, detailed))
     return out

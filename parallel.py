@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from profiling import phase
+
 
 class LayoutError(ValueError):
     """An impossible parallel layout; reported as one line and exit code 2."""
@@ -40,6 +42,7 @@ class Topology:
     dp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     pp_ranks: list = field(default_factory=lambda: [0])  # global ranks of my pipeline, by stage
+    control_group: Optional[dist.ProcessGroup] = None  # all ranks over gloo: host-side agreement (stop requests)
 
     @property
     def ep(self) -> int:  # expert parallelism is tied to tensor parallelism
@@ -122,6 +125,8 @@ def init_topology(tp: int, pp: int, device_type: str) -> Topology:
                 setattr(topo, f"{axis}_group", group)
                 if axis == "pp":
                     topo.pp_ranks = ranks
+    # Host-side decisions (stop after this step?) go over gloo, never through the GPU stream.
+    topo.control_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     # A first collective on each group, so later point-to-point calls find the communicators ready.
     for g in (topo.tp_group, topo.dp_group, topo.pp_group):
         if g is not None:
@@ -153,7 +158,8 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce_(grad.contiguous().clone(), ctx.group), None
+        with phase("tp/all_reduce_bwd"):
+            return all_reduce_(grad.contiguous().clone(), ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -161,7 +167,8 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce_(x.contiguous().clone(), group)
+        with phase("tp/all_reduce_fwd"):
+            return all_reduce_(x.contiguous().clone(), group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -192,27 +199,36 @@ def mark_sharded(p: nn.Parameter, dim: int, segments: Sequence[int]) -> nn.Param
     return p
 
 
+def split_spec(p: torch.Tensor) -> Optional[tuple]:
+    """(dim, full segment sizes) of a TP-sharded tensor, None for a replicated one."""
+    return getattr(p, "tp_split", None)
+
+
 def full_shape(p: torch.Tensor) -> list:
     shape = list(p.shape)
-    if hasattr(p, "tp_split"):
-        dim, segments = p.tp_split
+    spec = split_spec(p)
+    if spec is not None:
+        dim, segments = spec
         shape[dim] = sum(segments)
     return shape
 
 
-def shard_of(full: torch.Tensor, p: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
-    if not hasattr(p, "tp_split"):
+def shard_of(full: torch.Tensor, p, tp_rank: int, tp: int) -> torch.Tensor:
+    """TP rank tp_rank's shard of `full`; p is the parameter (or its split spec, a tuple or None)."""
+    spec = p if p is None or isinstance(p, tuple) else split_spec(p)
+    if spec is None:
         return full
-    dim, segments = p.tp_split
-    chunks = [seg.chunk(tp, dim=dim)[tp_rank] for seg in full.split(segments, dim=dim)]
+    dim, segments = spec
+    chunks = [seg.chunk(tp, dim=dim)[tp_rank] for seg in full.split(list(segments), dim=dim)]
     return torch.cat(chunks, dim=dim)
 
 
-def unshard(shards: Sequence[torch.Tensor], p: torch.Tensor) -> torch.Tensor:
-    """Inverse of shard_of: shards[r] is TP rank r's shard."""
-    if not hasattr(p, "tp_split"):
+def unshard(shards: Sequence[torch.Tensor], p) -> torch.Tensor:
+    """Inverse of shard_of: shards[r] is TP rank r's shard; p as in shard_of."""
+    spec = p if p is None or isinstance(p, tuple) else split_spec(p)
+    if spec is None:
         return shards[0]
-    dim, segments = p.tp_split
+    dim, segments = spec
     tp = len(shards)
     local_segments = [s // tp for s in segments]
     per_rank = [s.split(local_segments, dim=dim) for s in shards]
@@ -325,7 +341,9 @@ def grad_norm(params: Sequence[nn.Parameter], topo: Topology) -> torch.Tensor:
     def sq(grads):
         if not grads:
             return torch.zeros((), device=dev, dtype=torch.float32)
-        return torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        # One multi-tensor kernel for all the norms instead of two kernels per parameter: this runs every
+        # step, and a small model's step is bound by kernel launches.
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).pow(2).sum()
 
     total = all_reduce_(sq(sharded), topo.tp_group) + sq(replicated)
     return all_reduce_(total, topo.pp_group).sqrt()
@@ -439,7 +457,8 @@ class DataParallelGrads:
             i = self.next_to_launch
             if not force and self.ready[i] < len(self.buckets[i]):
                 return
-            self.handles.append(dist.all_reduce(self.flat[i], group=self.topo.dp_group, async_op=True))
+            with phase("dp/all_reduce_launch"):
+                self.handles.append(dist.all_reduce(self.flat[i], group=self.topo.dp_group, async_op=True))
             self.next_to_launch += 1
 
     def finish(self) -> None:
@@ -447,8 +466,9 @@ class DataParallelGrads:
         if not self.enabled:
             return
         self._launch_ready(force=True)
-        for h in self.handles:
-            h.wait()
+        with phase("dp/all_reduce_wait"):
+            for h in self.handles:
+                h.wait()
         for flat in self.flat:
             flat.div_(self.topo.dp)
         self._reset_counters()
@@ -472,7 +492,7 @@ class PipeComm:
     def __init__(self, topo: Topology, shape: Sequence[int], dtype: torch.dtype):
         self.topo, self.shape, self.dtype = topo, tuple(shape), dtype
 
-    def _run(self, sends: list, recv_from: Optional[int]) -> Optional[torch.Tensor]:
+    def _run(self, name: str, sends: list, recv_from: Optional[int]) -> Optional[torch.Tensor]:
         ops, buf = [], None
         for tensor, peer in sends:
             ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer, self.topo.pp_group))
@@ -480,8 +500,9 @@ class PipeComm:
             buf = torch.empty(self.shape, dtype=self.dtype, device=self.topo.device)
             ops.append(dist.P2POp(dist.irecv, buf, recv_from, self.topo.pp_group))
         if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+            with phase(name):  # pp/<method name>
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()
         return buf
 
     def _next(self):
@@ -491,28 +512,28 @@ class PipeComm:
         return None if self.topo.is_first_stage else self.topo.prev_rank
 
     def recv_forward(self):
-        return self._run([], self._prev())
+        return self._run("pp/recv_forward", [], self._prev())
 
     def send_forward(self, y):
         if self._next() is not None:
-            self._run([(y, self._next())], None)
+            self._run("pp/send_forward", [(y, self._next())], None)
 
     def recv_backward(self):
-        return self._run([], self._next())
+        return self._run("pp/recv_backward", [], self._next())
 
     def send_backward(self, g):
         if self._prev() is not None:
-            self._run([(g, self._prev())], None)
+            self._run("pp/send_backward", [(g, self._prev())], None)
 
     def send_forward_recv_backward(self, y):
         if self._next() is None:
             return None
-        return self._run([(y, self._next())], self._next())
+        return self._run("pp/send_forward_recv_backward", [(y, self._next())], self._next())
 
     def send_backward_recv_forward(self, g):
         if self._prev() is None:
             return None
-        return self._run([(g, self._prev())], self._prev())
+        return self._run("pp/send_backward_recv_forward", [(g, self._prev())], self._prev())
 
 
 @dataclass
@@ -549,7 +570,8 @@ def run_schedule(schedule: str, num_microbatches: int, fns: StepFunctions, comm:
     def fwd(i, x):
         if x is not None:
             x.requires_grad_(True)
-        y, own = fns.forward(i, x)
+        with phase(f"forward/mb{i}"):
+            y, own = fns.forward(i, x)
         saved[i] = (x, y, own)
         events.append(("F", i))
         return y
@@ -558,7 +580,8 @@ def run_schedule(schedule: str, num_microbatches: int, fns: StepFunctions, comm:
         fns.before_backward(i)
         x, y, own = saved.pop(i)
         events.append(("B", i))
-        return _backward(x, None if topo.is_last_stage else y, own, grad_y)
+        with phase(f"backward/mb{i}"):
+            return _backward(x, None if topo.is_last_stage else y, own, grad_y)
 
     if comm is None or topo.pp == 1:  # no pipeline: forward then backward, per microbatch
         for i in range(m):

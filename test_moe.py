@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -27,13 +28,14 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import checkpoint as ckpt  # noqa: E402
 import minimal_pretrain  # noqa: E402
 from data import DataError, batch_offsets, get_batch, load_corpus  # noqa: E402
 from model import GPT, MLP, ModelConfig, count_parameters  # noqa: E402
 from moe_layers import SparseMoE, TopKRouter, load_balancing_loss, router_z_loss  # noqa: E402
-from moe_stats import (StatsLayout, StepStats, in_flight_matrix, moe_metrics, overload_factors,  # noqa: E402
+from moe_stats import (StatsLayout, StepStats, held_after_events, moe_metrics, overload_factors,  # noqa: E402
                        pack_step_stats)
-from parallel import Topology  # noqa: E402
+from parallel import StepFunctions, Topology, run_schedule  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +363,7 @@ BAD_FLAGS = {
     "dropout_out_of_range": (["--dropout", "1.5"], "--dropout"),
     "tp_exceeds_world": (["--tensor-parallel-size", "3"], "--tensor-parallel-size"),
     "argparse_bad_choice": (["--moe-expert-impl", "fast"], "--moe-expert-impl"),  # argparse's own error path
+    "ep_not_tp": (["--expert-parallel-size", "2"], "--expert-parallel-size"),
 }
 UNTOUCHED_CASES = ("missing_data", "dropout_out_of_range")  # these also get an existing --output-dir
 PREVIOUS_LINE = '{"step": 0, "loss": 5.5}\n'
@@ -521,7 +524,7 @@ def test_training_loss_falls(tmp_path, monkeypatch):
         "--num-attention-heads", "4", "--num-key-value-heads", "2", "--max-seq-length", "64",
         "--global-batch-size", "16", "--micro-batch-size", "8", "--num-experts", "4", "--learning-rate", "3e-3",
         "--warmup-steps", "5", "--eval-iters", "2", "--eval-interval", "0", "--no-progress", "--device", "cpu",
-        "--output-dir", str(out_dir)])
+        "--log-interval", "1", "--output-dir", str(out_dir)])
     # Observed: first loss ~5.55 (ln 256 = 5.545), last-5 mean ~2.9-3.0 for seeds 0-2 and the default seed,
     # validation ~2.8-3.0. The margins below (1.5 nat) leave ~1 nat of slack and still require the model to
     # learn far more than a constant output.
@@ -594,11 +597,12 @@ def test_moe_metrics_by_hand():
     assert m["moe/expert_utilization_p75"] == approx(1.125)   # 1 + 0.25 * 0.5
     assert m["moe/expert_utilization_max"] == approx(2.0)
     assert m["moe/dead_experts"] == 1
-    # all counts [6,4,4,2,8,0,4,4]: mean 4, squared deviations sum 40, pop. variance 5
-    assert m["moe/load_std"] == approx(math.sqrt(5))
-    assert m["moe/load_min"] == approx(0.0)
-    assert m["moe/load_max"] == approx(8.0)
-    assert m["moe/load_imbalance"] == approx(8.0)  # 8 / max(0, 1)
+    # counts summed over the layers [14, 4, 8, 6]: mean 8, squared deviations 36+16+0+4 = 56, pop. variance 14
+    assert m["moe/load_std"] == approx(math.sqrt(14))
+    assert m["moe/load_min"] == approx(4.0)
+    assert m["moe/load_max"] == approx(14.0)
+    assert m["moe/load_imbalance"] == approx(3.5)  # 14 / 4
+    assert m["moe/load_imbalance_worst_layer"] == approx(8.0)  # layer 1: 6 / 2 = 3; layer 3: 8 / max(0, 1) = 8
     assert m["moe/aux_loss_mean"] == approx(0.015)
     assert m["moe/z_loss_mean"] == approx(0.003)
     assert m["moe/router_entropy_mean"] == approx(1.15)
@@ -624,6 +628,10 @@ def test_moe_metrics_by_hand():
     assert m["moe/layer_3/aux_loss"] == approx(0.02)
     assert m["moe/layer_1/utilization_max"] == approx(1.5)
     assert m["moe/layer_3/utilization_max"] == approx(2.0)
+    assert m["moe/layer_1/avg_overload_factor"] == approx(1.25)  # mean of [1.0, 1.5]
+    assert m["moe/layer_1/max_overload_factor"] == approx(1.5)
+    assert m["moe/layer_3/avg_overload_factor"] == approx(1.625)  # mean of [2.0, 1.25]
+    assert m["moe/layer_3/max_overload_factor"] == approx(2.0)
     assert m["moe/counts"] == {"1": [6, 4, 4, 2], "3": [8, 0, 4, 4]}
     assert not any(k.startswith("moe/layer_0/") or k.startswith("moe/layer_2/") for k in m)
 
@@ -634,15 +642,28 @@ def test_moe_metrics_by_hand():
                       "moe_expert_utilization/layer_1_expert_0": approx(1.5),
                       "moe_expert_utilization/layer_3_expert_1": approx(0.0),
                       "moe_expert_utilization/layer_1_expert_3": approx(0.5)}
-    assert "moe/counts" not in m2 and "moe/layer_1/cv" not in m2
+    assert "moe/counts" not in m2 and "moe/layer_1/cv" not in m2 and "moe/layer_1/max_overload_factor" not in m2
 
 
 def test_moe_metrics_imbalance_without_dead_experts():
     layout, flat = stats_case([[6, 4, 4, 2], [8, 2, 3, 3]], [[0.0] * 3, [0.0] * 3])
     m = moe_metrics(layout, flat)
     assert m["moe/dead_experts"] == 0
-    assert m["moe/load_imbalance"] == pytest.approx(4.0)  # 8 / 2
-    assert m["moe/load_min"] == 2.0
+    # summed over the layers: [14, 6, 7, 5]
+    assert m["moe/load_imbalance"] == pytest.approx(2.8)  # 14 / 5
+    assert m["moe/load_min"] == 5.0
+    assert m["moe/load_imbalance_worst_layer"] == pytest.approx(4.0)  # layer 3: 8 / 2
+
+
+def test_load_metrics_are_over_the_counts_summed_over_layers():
+    # The issue's counterexample: each layer uses half the experts, together they use all of them evenly.
+    layout, flat = stats_case([[4, 4, 0, 0], [0, 0, 4, 4]], [[0.0] * 3, [0.0] * 3])
+    m = moe_metrics(layout, flat)
+    assert m["moe/load_std"] == 0.0
+    assert m["moe/load_min"] == m["moe/load_max"] == 4.0
+    assert m["moe/load_imbalance"] == 1.0
+    assert m["moe/load_imbalance_worst_layer"] == 4.0  # each layer alone: 4 / max(0, 1)
+    assert m["moe/dead_experts"] == 4
 
 
 def _stats_torch_calls(num_layers: int) -> tuple[int, int]:
@@ -734,39 +755,39 @@ GPIPE = [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
 ONE_F_ONE_B = [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
 
 
-def test_in_flight_matrix_by_hand():
-    # A microbatch is held from its forward up to and including its backward.
-    assert in_flight_matrix(GPIPE, 2).tolist() == [[1, 0], [1, 1], [1, 1], [0, 1]]
-    assert in_flight_matrix(ONE_F_ONE_B, 2).tolist() == [[1, 0], [1, 0], [0, 1], [0, 1]]
+def test_held_after_events_by_hand():
+    # A microbatch is held from its forward until its backward releases it.
+    assert held_after_events(GPIPE, 2).tolist() == [[1, 0], [1, 1], [0, 1], [0, 0]]
+    assert held_after_events(ONE_F_ONE_B, 2).tolist() == [[1, 0], [0, 0], [0, 1], [0, 0]]
 
 
 def test_overload_factors_by_hand():
-    mb = torch.tensor([[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    mb = torch.tensor([[[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]])  # one layer, two microbatches
     # ep=2: ranks own experts {0,1} and {2,3}; per-rank tokens [[8, 0], [2, 2]], balanced [4, 2]
-    ov, cum = overload_factors(mb, 2, in_flight_matrix(GPIPE, 2))
-    assert ov.tolist() == pytest.approx([2.0, 1.0])
-    # GPipe held per rank: [8,0], [10,2], [10,2], [2,2] -> peak 10; balanced held 4, 6, 6, 2 -> 6
+    ov, cum = overload_factors(mb, 2, held_after_events(GPIPE, 2))
+    assert ov[0].tolist() == pytest.approx([2.0, 1.0])
+    # GPipe held per rank after each event: [8,0], [10,2], [2,2], [0,0] -> peak 10; balanced 4, 6, 2, 0 -> 6
     assert float(cum) == pytest.approx(10 / 6)
-    ov, cum = overload_factors(mb, 2, in_flight_matrix(ONE_F_ONE_B, 2))
-    assert ov.tolist() == pytest.approx([2.0, 1.0])
-    # 1F1B held per rank: [8,0], [8,0], [2,2], [2,2] -> peak 8; balanced 4, 4, 2, 2 -> 4
+    ov, cum = overload_factors(mb, 2, held_after_events(ONE_F_ONE_B, 2))
+    assert ov[0].tolist() == pytest.approx([2.0, 1.0])
+    # 1F1B held per rank: [8,0], [0,0], [2,2], [0,0] -> peak 8; balanced 4, 0, 2, 0 -> 4
     assert float(cum) == pytest.approx(2.0)
     # ep=1: one rank holds everything, nothing can be overloaded.
     for order in (GPIPE, ONE_F_ONE_B):
-        ov, cum = overload_factors(mb, 1, in_flight_matrix(order, 2))
-        assert ov.tolist() == pytest.approx([1.0, 1.0])
+        ov, cum = overload_factors(mb, 1, held_after_events(order, 2))
+        assert ov[0].tolist() == pytest.approx([1.0, 1.0])
         assert float(cum) == pytest.approx(1.0)
 
 
 def test_cumulative_overload_can_cancel_when_held_together():
     # Microbatch 0 loads rank 0, microbatch 1 loads rank 1: each is 2x overloaded on its own, but
     # when both are held at once (GPipe) the ranks are balanced.
-    mb = torch.tensor([[6.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 7.0]])
-    ov, cum = overload_factors(mb, 2, in_flight_matrix(GPIPE, 2))
-    assert ov.tolist() == pytest.approx([2.0, 2.0])
-    # held [8,0], [8,8], [8,8], [0,8] -> 8; balanced 4, 8, 8, 4 -> 8
+    mb = torch.tensor([[[6.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 7.0]]])
+    ov, cum = overload_factors(mb, 2, held_after_events(GPIPE, 2))
+    assert ov[0].tolist() == pytest.approx([2.0, 2.0])
+    # held [8,0], [8,8], [0,8], [0,0] -> 8; balanced 4, 8, 4, 0 -> 8
     assert float(cum) == pytest.approx(1.0)
-    _, cum = overload_factors(mb, 2, in_flight_matrix(ONE_F_ONE_B, 2))
+    _, cum = overload_factors(mb, 2, held_after_events(ONE_F_ONE_B, 2))
     assert float(cum) == pytest.approx(2.0)
 
 
@@ -800,6 +821,1140 @@ def test_no_host_sync_in_grouped_forward():
     torch.cuda.synchronize()
     assert out.shape == x.shape and torch.isfinite(out.float()).all() and torch.isfinite(loss)
     assert stats.num_microbatches == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 9, sampling: KV cache, generate, sample.py
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """Decoding runs hundreds of tiny ops; on a shared, oversubscribed CPU intra-op threads make each one
+    wait for the others (measured 20x slower with 2 threads here), so these tests use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _sampling_model(num_experts: int, seed: int = 0) -> GPT:
+    """A tiny whole model in eval mode whose matrices are scaled up from the init (std 0.02 -> 0.1), so
+    attention is far from uniform and the logits spread: a wrong position or mask changes them visibly."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_seq_length=16, num_experts=num_experts, num_experts_per_token=2)
+    model = GPT(cfg, Topology())
+    model.init_weights(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("num_experts", [4, 0], ids=["moe", "dense"])
+def test_kv_cache_logits_match_full_recompute(num_experts, one_thread):
+    from model import KVCache
+    model = _sampling_model(num_experts)
+    T = model.cfg.max_seq_length
+    ids = torch.randint(0, 64, (2, 3 * T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(ids[:, :T])  # [2, T, V], no cache
+        cache = KVCache(T)
+        # a 5-token prefill, 4 single tokens, a 3-token chunk (queries after cached keys), single tokens to T
+        feeds = [(0, 5)] + [(i, i + 1) for i in range(5, 9)] + [(9, 12)] + [(i, i + 1) for i in range(12, T)]
+        got = torch.cat([model(ids[:, a:b], kv_cache=cache)[0] for a, b in feeds], dim=1)
+        assert cache.pos == T
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+        assert full.std() > 0.3  # the scaled weights give logits far from zero (init: ~0.02)
+        with pytest.raises(ValueError, match="max_seq_length"):
+            model(ids[:, T:T + 1], kv_cache=cache)
+        # Past the window: the cache is reset and rebuilt from a later window (generate's crop), then stepped.
+        cache.reset()
+        window = ids[:, 2 * T - 3:3 * T - 3]  # T tokens starting at an arbitrary offset
+        full, _ = model(window)
+        got = torch.cat([model(window[:, :T // 2], kv_cache=cache)[0]] +
+                        [model(window[:, i:i + 1], kv_cache=cache)[0] for i in range(T // 2, T)], dim=1)
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+def _greedy_by_recompute(model: GPT, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """The documented context policy, brute force: every token recomputes its whole window, which holds at
+    most T tokens; a prompt is cropped to its last T and a window that would exceed T restarts from the
+    last T // 2 tokens."""
+    T = model.cfg.max_seq_length
+    out, start = ids, max(0, ids.shape[1] - T)
+    with torch.no_grad():
+        for _ in range(new):
+            if out.shape[1] - start > T:
+                start = out.shape[1] - T // 2
+            logits, _ = model(out[:, start:])
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("num_experts", [4, 0], ids=["moe", "dense"])
+def test_generate_greedy_matches_recompute_past_max_seq_length(num_experts, one_thread):
+    from generate import generate
+    model = _sampling_model(num_experts, seed=2)
+    T = model.cfg.max_seq_length
+    for prompt_len in (3, T + 4):  # a short prompt, and one longer than the window (cropped)
+        ids = torch.randint(0, 64, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+        new = 3 * T  # crosses the window several times
+        got = generate(model, ids, new, temperature=0.0)
+        ref = _greedy_by_recompute(model, ids, new)
+        assert got.shape == (2, prompt_len + new)
+        assert torch.equal(got, ref)
+        assert len(set(got[:, prompt_len:].flatten().tolist())) > 5  # not a constant continuation
+
+
+def test_sample_next_temperature_and_top_k():
+    from generate import sample_next
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    assert sample_next(logits, 0.0, None, None).tolist() == [[0]]  # greedy
+    assert sample_next(logits, 1.0, 1, None).tolist() == [[0]]     # top-1 is greedy too
+    n = 20000
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next(logits.expand(n, -1), 0.5, 3, gen).flatten()
+    freq = torch.bincount(draws, minlength=5).double() / n
+    expect = torch.softmax(logits[0, :3].double() / 0.5, dim=0)  # only the 3 largest survive top-k
+    assert freq[3:].sum() == 0
+    assert (freq[:3] - expect).abs().max() < 0.015, (freq, expect)
+
+
+def test_generate_is_deterministic_per_seed_and_records_no_routing(one_thread):
+    from generate import generate
+    model = _sampling_model(4, seed=3)
+    model.train()
+    for moe in model.moe_layers().values():
+        moe.record_routing = True  # as StepStats leaves it at a logging step
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    run = lambda seed: generate(model, ids, 20, 0.8, 20, torch.Generator().manual_seed(seed))
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :5], ids)
+    assert model.training  # mode restored
+    assert all(moe.last_routing is None for moe in model.moe_layers().values())
+
+
+SAMPLE_BAD_FLAGS = {
+    "zero_new_tokens": (["--max-new-tokens", "0"], "--max-new-tokens"),
+    "negative_temperature": (["--temperature", "-0.5"], "--temperature"),
+    "nan_temperature": (["--temperature", "nan"], "--temperature"),
+    "negative_top_k": (["--top-k", "-1"], "--top-k"),
+    "zero_samples": (["--num-samples", "0"], "--num-samples"),
+    "bad_device": (["--device", "tpu"], "--device"),
+    "missing_checkpoint": ([], "--checkpoint /nonexistent/ckpt"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny MoE trained for a few steps by the real trainer, which writes its checkpoints."""
+    out = tmp_path_factory.mktemp("sample_run")
+    flags = [f for f in _base_argv("mixed") if f != "--no-save"]  # the final checkpoint is what we want
+    argv = [sys.executable, "minimal_pretrain.py", *flags, "--max-steps", "4", "--output-dir", str(out)]
+    p = subprocess.run(argv, cwd=HERE, env=dict(_clean_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return out / "checkpoints"
+
+
+def _sample(*flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "sample.py", *flags], cwd=HERE, env=dict(_clean_env(), OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sample_py_end_to_end_on_a_trained_checkpoint(tiny_checkpoint, capsys, one_thread):
+    import sample
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompt", "def f(", "--max-new-tokens", "40",
+              "--num-samples", "2", "--device", "cpu"]
+    proc = _sample(*common, "--seed", "1")  # the real command line, once
+    out1, err1 = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err1
+    outs = []
+    for seed in ("1", "2"):  # the same main() in this process: seed 1 must repeat the command line's text
+        assert sample.main([*common, "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    out2, out3 = outs
+
+    def parse(out: str) -> tuple[list, str]:  # header line, samples separated by dashes, timing line
+        parts = out.split("\n---------------\n")
+        header, first = parts[0].split("\n", 1)
+        assert header.startswith("checkpoint ") and "step 4" in header, header
+        return [first] + parts[1:-1], parts[-1]
+
+    (s1, timing), (s2, _), (s3, _) = parse(out1), parse(out2), parse(out3)
+    assert "tokens/s" in timing and timing.count("\n") == 1, timing
+    assert len(s1) == 2 and all(s.startswith("def f(") and len(s) > len("def f(") for s in s1), s1
+    assert s1 == s2 and s1 != s3
+
+
+def test_sample_py_bad_flags_exit_2_with_one_line(tiny_checkpoint, capsys):
+    import sample  # in process: the same main() the command line runs, without a torch import per case
+    for name, (flags, named) in SAMPLE_BAD_FLAGS.items():
+        ckpt = "/nonexistent/ckpt" if name == "missing_checkpoint" else str(tiny_checkpoint)
+        try:
+            rc = sample.main(["--checkpoint", ckpt, "--device", "cpu", *flags])
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+        out, err = capsys.readouterr()
+        lines = err.splitlines()
+        assert rc == 2, f"{name}: exit {rc}, {err!r}"
+        assert out == "" and len(lines) == 1 and "error" in lines[0], f"{name}: {err!r}"
+        assert named in lines[0], f"{name}: {lines[0]!r}"
+
+
+def test_sample_py_refuses_a_run_on_token_files(tmp_path, monkeypatch, capsys):
+    """A run on uint16 .bin tokens has no text codec: one line naming the checkpoint and the run's --data."""
+    import sample
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 100, 4000).astype(np.uint16).tofile(tokens)
+    flags = [f for f in _base_argv("dense") if f != "--no-save"]
+    argv = flags + ["--data", str(tokens), "--max-steps", "1", "--output-dir", str(tmp_path / "run")]
+    assert minimal_pretrain.main(argv) == 0  # the later --data wins over _base_argv's
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --checkpoint ") and str(tokens) in err, err
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 12: prepare_data.py (text, directories, .jsonl, .parquet -> train/val.bin + meta.json) and
+# `--data DIR` reading it back (load_corpus, text_codec, uint32 tokens, a short training run)
+# --------------------------------------------------------------------------------------------------
+import hashlib  # noqa: E402
+import importlib  # noqa: E402
+
+import prepare_data  # noqa: E402
+from data import text_codec  # noqa: E402
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False
+
+
+HAVE_TOKENIZERS, HAVE_PYARROW = _importable("tokenizers"), _importable("pyarrow")
+needs_tokenizers = pytest.mark.skipif(not HAVE_TOKENIZERS, reason="tokenizers is not installed")
+
+# Documents with what breaks naive code: multi-byte characters, emoji, \r\n, tabs, indentation, a NUL,
+# no final newline, a line starting with a space after a newline.
+TEXT_FILES = {
+    "a.txt": "def f(x):\n    return x * 2  # ünïcode\n\n\tclass Ä:\n        pass\n" * 6,
+    "b.txt": "日本語のテキスト 🎉 and emoji\r\nsecond line\r\n no final newline",
+    "sub/c.md": "# heading\n\n  indented line\nNUL\x00byte and tabs\t\there\n",
+}
+RECORDS = [f"record {i}: {'héllo wörld ' * (i % 5 + 1)}\n{' ' * (i % 3)}line two 🙂 {i * i}" for i in range(30)]
+
+
+def _make_inputs(root: Path) -> list:
+    """Writes root/texts/... and root/records.jsonl (with a blank line and an empty record, which are no
+    documents); returns the documents in the order prepare_data.py reads them."""
+    for name, text in TEXT_FILES.items():
+        f = root / "texts" / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(text.encode("utf-8"))
+    lines = [json.dumps({"id": i, "text": t}) for i, t in enumerate(RECORDS)]
+    lines[10:10] = ["", json.dumps({"id": -1, "text": ""})]
+    (root / "records.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [TEXT_FILES[k] for k in sorted(TEXT_FILES)] + RECORDS  # a.txt, b.txt, sub/c.md: sorted paths
+
+
+def _goes_to_val(doc: str, fraction: float) -> bool:
+    """The documented split rule, computed here on its own: blake2b-64 of the text below fraction * 2^64."""
+    return int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "big") < fraction * 2 ** 64
+
+
+def _prepare_cli(args: list, env: dict = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "prepare_data.py"), *map(str, args)], cwd=HERE,
+                          env=env or _clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _read_prepared(out: Path) -> tuple:
+    meta = json.loads((out / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    return meta, np.fromfile(out / "train.bin", dtype=dtype), np.fromfile(out / "val.bin", dtype=dtype)
+
+
+def _split_docs(ids: np.ndarray, sep: int) -> list:
+    """The token ids of each document: the stream cut after every separator (which must end it)."""
+    ends = np.flatnonzero(ids == sep)
+    assert len(ends) and ends[-1] == len(ids) - 1, "the stream must end with a separator"
+    return [ids[s:e] for s, e in zip(np.r_[0, ends[:-1] + 1], ends)]
+
+
+def _train_three_steps(data_dir: Path, tmp_path: Path, monkeypatch) -> tuple:
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    args = minimal_pretrain.parse_args([
+        "--data", str(data_dir), "--max-steps", "3", "--hidden-size", "32", "--intermediate-size", "64",
+        "--num-layers", "2", "--num-attention-heads", "4", "--num-key-value-heads", "2", "--max-seq-length", "16",
+        "--global-batch-size", "4", "--num-experts", "4", "--warmup-steps", "1", "--eval-iters", "1",
+        "--no-progress", "--device", "cpu", "--log-interval", "1", "--no-save", "--output-dir", str(tmp_path / "run")])
+    result = minimal_pretrain.train(args)
+    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
+    assert result.val_loss is not None and math.isfinite(result.val_loss)
+    return result, json.loads((tmp_path / "run" / "config.json").read_text())["model"]["vocab_size"]
+
+
+def test_prepare_bytes_round_trip_and_train(tmp_path, monkeypatch):
+    docs = _make_inputs(tmp_path)
+    out = tmp_path / "prepared"
+    r = _prepare_cli([tmp_path / "texts", tmp_path / "records.jsonl", "--out", out, "--val-fraction", "0.3"])
+    assert r.returncode == 0, r.stderr
+    meta, train, val = _read_prepared(out)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"], meta["doc_separator_id"], meta["split"]) == \
+        ("bytes", 257, "uint16", 256, "hash")
+    # Independent expectation: each document's UTF-8 bytes then 256, in input order, on the side the hash says.
+    expect = {False: [], True: []}
+    for d in docs:
+        expect[_goes_to_val(d, 0.3)] += list(d.encode("utf-8")) + [256]
+    assert expect[False] and expect[True], "pick inputs that put documents on both sides"
+    np.testing.assert_array_equal(train, expect[False])
+    np.testing.assert_array_equal(val, expect[True])
+    assert (meta["train_tokens"], meta["val_tokens"], meta["documents"]) == (len(train), len(val), len(docs))
+    # Round trip through the codec a sampling script gets: ids -> text -> ids.
+    codec = text_codec(str(out))
+    decoded = [codec.decode(ids) for ids in _split_docs(train, 256) + _split_docs(val, 256)]
+    assert sorted(decoded) == sorted(docs)
+    assert all(codec.encode(d) == list(d.encode("utf-8")) for d in docs)
+    assert codec.decode([104, 105, 256, 300]) == "hi<|endoftext|>\ufffd"  # separator and padding ids
+    # load_corpus: meta's vocabulary, padded to 64 like token files; memmaps of the written ids.
+    corpus = load_corpus(str(out))
+    assert corpus.vocab_size == 320 and corpus.train.dtype == np.uint16
+    np.testing.assert_array_equal(corpus.train, train)
+    assert load_corpus(str(out), vocab_size=257).vocab_size == 257
+    with pytest.raises(DataError, match="--vocab-size"):
+        load_corpus(str(out), vocab_size=256)
+    result, model_vocab = _train_three_steps(out, tmp_path, monkeypatch)
+    assert model_vocab == 320
+    assert abs(result.losses[0] - math.log(320)) < 0.3, f"initial loss {result.losses[0]} should be about ln 320"
+
+
+def test_prepare_single_file_falls_back_to_tail_split(tmp_path):
+    text = "".join(f"line {i}: ö\n" for i in range(400))
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    r = _prepare_cli([tmp_path / "one.txt", "--out", tmp_path / "out", "--val-fraction", "0.05", "--workers", "1"])
+    assert r.returncode == 0, r.stderr
+    meta, train, val = _read_prepared(tmp_path / "out")
+    n = len(text.encode()) + 1
+    assert meta["split"] == "tail" and len(val) == round(n * 0.05) and len(train) == n - len(val)
+    np.testing.assert_array_equal(np.concatenate([train, val]), list(text.encode()) + [256])
+
+
+def test_prepare_out_equal_to_input_skips_its_own_files(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("first note\n" * 30)
+    (d / "more.txt").write_text("second note\n" * 30)
+    for _ in range(2):  # the second run must not read the first run's train.bin, val.bin or meta.json
+        r = _prepare_cli([d, "--out", d, "--workers", "1", "--val-fraction", "0.5"])
+        assert r.returncode == 0, r.stderr
+        meta, train, val = _read_prepared(d)
+        assert meta["documents"] == 2 and len(train) + len(val) == 11 * 30 + 12 * 30 + 2
+
+
+def test_text_pieces_cut_at_line_starts(tmp_path, monkeypatch):
+    code = "".join(f"def f{i}(x):\n    y = x + {i}  # ü\n\n    return y\n" for i in range(40))
+    long_line = "é" * 700 + "\n"  # no newline for 4 x chunk bytes: a forced cut, never inside a character
+    data = (code + long_line + code).encode("utf-8")
+    (tmp_path / "t.txt").write_bytes(data)
+    pieces = list(prepare_data.text_pieces(tmp_path / "t.txt", chunk=64))
+    assert len(pieces) > 10 and b"".join(pieces) == data
+    assert max(map(len, pieces)) <= 5 * 64
+    for p in pieces:
+        p.decode("utf-8")  # each piece is whole characters
+    forced = 0
+    for p, nxt in zip(pieces, pieces[1:]):
+        if p.endswith("é".encode()) and nxt.startswith("é".encode()):
+            forced += 1  # inside the long line
+        else:  # everywhere else: just before a newline that a non-space character follows
+            assert nxt[:1] == b"\n" and not nxt.decode("utf-8")[1].isspace(), (p[-20:], nxt[:20])
+    assert forced >= 1
+
+
+@needs_tokenizers
+def test_prepare_bpe_round_trip_pieces_and_given_tokenizer(tmp_path, monkeypatch):
+    docs = _make_inputs(tmp_path)
+    big = "".join(f"def g{i}(a, b):\n    return a * {i} + b  # façade\n\n" for i in range(60))
+    (tmp_path / "texts" / "z_big.py").write_text(big, encoding="utf-8")  # many pieces at CHUNK_BYTES 256
+    docs = docs[:3] + [big] + docs[3:]
+    out = tmp_path / "bpe"
+    # In-process with one worker and a tiny piece size: the pieces of z_big.py are encoded apart.
+    monkeypatch.setattr(prepare_data, "CHUNK_BYTES", 256)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    assert prepare_data.main([str(tmp_path / "texts"), str(tmp_path / "records.jsonl"), "--out", str(out),
+                              "--tokenizer", "bpe", "--vocab-size", "400", "--val-fraction", "0.3", "--workers", "1"]) == 0
+    meta, train, val = _read_prepared(out)
+    sep = meta["doc_separator_id"]
+    assert meta["tokenizer"] == "bpe" and (out / "tokenizer.json").is_file() and meta["dtype"] == "uint16"
+    assert 257 < meta["vocab_size"] <= 400 and sep is not None
+    assert max(train.max(), val.max()) < meta["vocab_size"]
+    assert len(train) + len(val) < sum(len(d.encode()) for d in docs) / 2, "BPE should merge bytes"
+    codec = text_codec(str(out))
+    split = _split_docs(train, sep) + _split_docs(val, sep)
+    assert sorted(codec.decode(ids) for ids in split) == sorted(docs)  # ids -> text
+    by_text = {codec.decode(ids): ids.tolist() for ids in split}
+    for d in docs:  # text -> ids: the codec's whole-text encoding equals what the pieces gave
+        assert codec.encode(d) == by_text[d]
+        assert codec.decode(codec.encode(d)) == d
+    # The trained tokenizer.json given back is used as is: the same ids, through the process pool this time.
+    again = tmp_path / "given"
+    r = _prepare_cli([tmp_path / "texts", tmp_path / "records.jsonl", "--out", again, "--tokenizer",
+                      out / "tokenizer.json", "--val-fraction", "0.3", "--workers", "2"])
+    assert r.returncode == 0, r.stderr
+    meta2, train2, val2 = _read_prepared(again)
+    assert meta2["tokenizer"] == "tokenizer.json" and meta2["doc_separator_id"] == sep
+    assert (again / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    # (z_big.py may change sides: its split hash covers its first piece, whose size differs between the runs)
+    assert {codec.decode(ids): ids.tolist() for ids in _split_docs(train2, sep) + _split_docs(val2, sep)} == by_text
+
+
+@needs_tokenizers
+def test_prepare_uint32_vocabulary_round_trip_and_train(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: 70_000 + i for i, c in enumerate(alphabet)}, merges=[]))  # ids > 65535
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    docs = _make_inputs(tmp_path)
+    out = tmp_path / "u32"
+    r = _prepare_cli([tmp_path / "texts", tmp_path / "records.jsonl", "--out", out, "--tokenizer",
+                      tmp_path / "tokenizer.json", "--val-fraction", "0.3"])
+    assert r.returncode == 0, r.stderr
+    meta, train, val = _read_prepared(out)
+    # No separator token in this tokenizer: documents are concatenated, in input order on each side.
+    assert (meta["dtype"], meta["vocab_size"], meta["doc_separator_id"]) == ("uint32", 70_256, None)
+    assert train.min() >= 70_000 and (out / "train.bin").stat().st_size == 4 * len(train)
+    codec = text_codec(str(out))
+    assert codec.decode(train) == "".join(d for d in docs if not _goes_to_val(d, 0.3))
+    assert codec.decode(val) == "".join(d for d in docs if _goes_to_val(d, 0.3))
+    corpus = load_corpus(str(out))
+    assert corpus.train.dtype == np.uint32 and corpus.vocab_size == 70_272  # 70,256 rounded up to 64
+    x, y = get_batch(corpus.train, torch.tensor([0, 5]), 16, torch.device("cpu"))
+    assert x.dtype == torch.int64 and int(x.min()) >= 70_000
+    np.testing.assert_array_equal(x[1].numpy(), train[5:21])
+    result, model_vocab = _train_three_steps(out, tmp_path, monkeypatch)
+    assert model_vocab == 70_272 and abs(result.losses[0] - math.log(70_272)) < 0.3
+
+
+@pytest.mark.skipif(not HAVE_PYARROW, reason="pyarrow is not installed")
+def test_prepare_parquet_round_trip(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = RECORDS[:12] + [""] + RECORDS[12:]  # the empty row is no document
+    pq.write_table(pa.table({"id": list(range(len(rows))), "content": rows}), tmp_path / "d.parquet", row_group_size=7)
+    r = _prepare_cli([tmp_path / "d.parquet", "--out", tmp_path / "out", "--text-field", "content", "--val-fraction", "0.3"])
+    assert r.returncode == 0, r.stderr
+    meta, train, val = _read_prepared(tmp_path / "out")
+    assert meta["documents"] == len(RECORDS)
+    codec = text_codec(str(tmp_path / "out"))
+    assert [codec.decode(ids) for ids in _split_docs(train, 256)] == [d for d in RECORDS if not _goes_to_val(d, 0.3)]
+    assert [codec.decode(ids) for ids in _split_docs(val, 256)] == [d for d in RECORDS if _goes_to_val(d, 0.3)]
+    r = _prepare_cli([tmp_path / "d.parquet", "--out", tmp_path / "out2", "--workers", "1"])  # no column "text"
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no column 'text'" in r.stderr, r.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def _hide_module(root: Path, name: str) -> str:
+    """A PYTHONPATH folder on which `import name` fails as if the package were not installed."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(f"raise ImportError(\"No module named '{name}'\")\n")
+    return str(root)
+
+
+def _bad_prepare_cases(root: Path) -> dict:
+    """name -> (argv, extra env, text the error line must hold, whether --out existed before)."""
+    good = "".join(f"good line {i}\n" for i in range(50))
+    (root / "ok").mkdir()
+    (root / "ok" / "a.txt").write_text(good)
+    (root / "ok" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")  # read after a.txt was tokenised
+    (root / "empty.txt").write_text("")
+    (root / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n\n")
+    records = [json.dumps({"text": good}) for _ in range(40)] + [json.dumps({"body": "x", "id": 1})]
+    (root / "missing.jsonl").write_text("\n".join(records) + "\n")
+    (root / "broken.jsonl").write_text(json.dumps({"text": "a"}) + "\n{\"text\": \n")
+    (root / "d.parquet").write_bytes(b"PAR1 not really")
+    kept = root / "kept"  # an earlier result that a failing run must leave as it was
+    kept.mkdir()
+    (kept / "train.bin").write_bytes(b"old")
+    (kept / "meta.json").write_text("{}")
+    return {
+        "missing_input": ([root / "nope.txt"], {}, "nope.txt", False),
+        "not_utf8": ([root / "ok"], {}, "b.png", False),
+        "empty_result": ([root / "empty.txt", root / "empty.jsonl"], {}, "no text", False),
+        "missing_text_field": ([root / "missing.jsonl"], {}, "missing.jsonl:41: no field 'text'", False),
+        "bad_json": ([root / "broken.jsonl"], {}, "broken.jsonl:2", False),
+        "vocab_above_2_32": ([root / "ok" / "a.txt", "--tokenizer", "bpe", "--vocab-size", str(2 ** 32 + 1)], {},
+                             "--vocab-size", False),
+        "no_pyarrow": ([root / "d.parquet"], {"PYTHONPATH": _hide_module(root / "hide_pa", "pyarrow")}, "pyarrow", False),
+        "no_tokenizers": ([root / "ok" / "a.txt", "--tokenizer", "bpe"],
+                          {"PYTHONPATH": _hide_module(root / "hide_tk", "tokenizers")}, "pip install tokenizers", False),
+        "existing_out_kept": ([root / "missing.jsonl"], {}, "--text-field", True),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_prepare_runs(tmp_path_factory):
+    """Every bad-input run at once (each is mostly interpreter start-up); --out is a nested new folder,
+    or the folder of an earlier result."""
+    root = tmp_path_factory.mktemp("bad_prepare")
+    cases, procs = _bad_prepare_cases(root), {}
+    for name, (argv, env, _, existed) in cases.items():
+        out = root / "kept" if existed else root / f"out_{name}" / "nested"
+        procs[name] = (subprocess.Popen([sys.executable, str(HERE / "prepare_data.py"), *map(str, argv), "--out", str(out)],
+                                        cwd=HERE, env={**_clean_env(), **env}, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True), out)
+    return {name: (p.communicate(timeout=180), p.returncode, out) for name, (p, out) in procs.items()}, cases, root
+
+
+@pytest.mark.parametrize("name", ["missing_input", "not_utf8", "empty_result", "missing_text_field", "bad_json",
+                                  "vocab_above_2_32", "no_pyarrow", "no_tokenizers", "existing_out_kept"])
+def test_prepare_bad_input_one_line_exit_2_nothing_written(name, bad_prepare_runs):
+    runs, cases, root = bad_prepare_runs
+    (stdout, stderr), rc, out = runs[name]
+    assert rc == 2, f"{name}: exit {rc}, stderr {stderr!r}"
+    assert "Traceback" not in stderr + stdout
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {stderr!r}"
+    assert cases[name][2] in lines[0], f"{name}: {lines[0]!r} does not say {cases[name][2]!r}"
+    if cases[name][3]:  # the earlier result is untouched and nothing was added
+        assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin"]
+        assert (out / "train.bin").read_bytes() == b"old" and (out / "meta.json").read_text() == "{}"
+    else:  # the folders this run created are gone again
+        assert not out.parent.exists(), f"{name}: left {list(out.parent.rglob('*'))}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 13: max_cum_overload_factor as Megatron defines it. Per rank, ONE running sum over the records
+# of all MoE layers of the stage in schedule order (a forward adds its tokens layer by layer, its
+# backward removes them in reverse layer order), for the actual tokens and for the balanced T*k/EP;
+# peak of the actual over peak of the balanced, max over EP ranks, then over DP and PP.
+# --------------------------------------------------------------------------------------------------
+# Two stages, four microbatches, as run_schedule orders them (1F1B: stage s warms up with pp - s - 1
+# forwards); test_hand_written_orders_are_what_run_schedule_runs checks them against the real schedule.
+PP2_M4_ORDERS = {
+    ("gpipe", 0): [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("B", 1), ("B", 2), ("B", 3)],
+    ("gpipe", 1): [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("B", 1), ("B", 2), ("B", 3)],
+    ("1f1b", 0): [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3), ("B", 2), ("B", 3)],
+    ("1f1b", 1): [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2), ("F", 3), ("B", 3)],
+}
+
+
+class _NoPeerComm:
+    """Stands in for PipeComm so one process can run one stage's real schedule: nothing to send or receive."""
+    def recv_forward(self): return None
+    def recv_backward(self): return None
+    def send_forward(self, y): pass
+    def send_backward(self, g): pass
+    def send_forward_recv_backward(self, y): return None
+    def send_backward_recv_forward(self, g): return None
+
+
+def _run_stage_schedule(schedule: str, m: int, stage: int, on_forward=lambda i: None) -> list:
+    def forward(i, x):
+        on_forward(i)
+        return torch.zeros(1), None  # (output sent down the pipeline, own loss: none to backpropagate)
+    topo = Topology(pp=2, pp_rank=stage, pp_ranks=[0, 1])
+    return run_schedule(schedule, m, StepFunctions(forward, before_backward=lambda i: None), _NoPeerComm(), topo)
+
+
+@pytest.mark.parametrize("schedule,stage", list(PP2_M4_ORDERS))
+def test_hand_written_orders_are_what_run_schedule_runs(schedule, stage):
+    assert _run_stage_schedule(schedule, 4, stage) == PP2_M4_ORDERS[(schedule, stage)]
+
+
+def _megatron_cum_overload(mb_counts: list, ep: int, events: list) -> float:
+    """Brute force, record by record as Megatron's tracker journals them: mb_counts[l][i][e]."""
+    L, E = len(mb_counts), len(mb_counts[0][0])
+    actual, balanced = [0.0] * ep, 0.0
+    peaks, peak_balanced = [-math.inf] * ep, -math.inf
+    for kind, i in events:
+        sign = 1.0 if kind == "F" else -1.0
+        for l in (range(L) if kind == "F" else reversed(range(L))):
+            for r in range(ep):
+                actual[r] += sign * sum(mb_counts[l][i][r * E // ep:(r + 1) * E // ep])
+                peaks[r] = max(peaks[r], actual[r])
+            balanced += sign * sum(mb_counts[l][i]) / ep
+            peak_balanced = max(peak_balanced, balanced)
+    return max(p / peak_balanced for p in peaks)
+
+
+def test_cum_overload_counterexample_by_hand():
+    # The issue's counterexample: layer A sends everything to EP rank 0, layer B everything to rank 1.
+    # After each forward both ranks hold 8 per microbatch, like a balanced router: 1.0. Per layer it was 2.0.
+    layer_a, layer_b = [[4.0, 4.0, 0.0, 0.0]] * 2, [[0.0, 0.0, 4.0, 4.0]] * 2
+    mb = torch.tensor([layer_a, layer_b])  # [L=2, m=2, E=4]
+    for order in (GPIPE, ONE_F_ONE_B):
+        ov, cum = overload_factors(mb, 2, held_after_events(order, 2))
+        assert ov.tolist() == [[2.0, 2.0], [2.0, 2.0]]
+        assert float(cum) == 1.0
+        assert _megatron_cum_overload(mb.tolist(), 2, order) == 1.0
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_cum_overload_matches_record_by_record_running_sum(ep):
+    g = torch.Generator().manual_seed(13)
+    for trial in range(20):
+        mb = torch.randint(0, 9, (3, 4, 8), generator=g).float()  # [L, m, E], small integers: exact sums
+        mb[..., 0] += 1  # every layer and microbatch routes something
+        for order in PP2_M4_ORDERS.values():
+            _, cum = overload_factors(mb, ep, held_after_events(order, 4))
+            assert float(cum) == pytest.approx(_megatron_cum_overload(mb.tolist(), ep, order), rel=1e-6), (trial, order)
+
+
+class _RecordedLayer:
+    """What StepStats reads from a SparseMoE: the routing record its last training forward left."""
+    def __init__(self):
+        self.record_routing, self.last_routing = False, None
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_cum_overload_across_stages_by_hand(schedule):
+    """A 4-layer all-MoE model on PP2 (stage 0: layers 0, 1; stage 1: layers 2, 3), EP2, four microbatches,
+    8 assignments per layer and microbatch. Each stage runs its real schedule, records through StepStats
+    and packs its share; the sum of the two packed tensors is what the PP all-reduce forms."""
+    from moe_layers import RoutingRecord
+    rank0, rank1, even = [4.0, 4.0, 0.0, 0.0], [0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 2.0, 2.0]
+    routing = {  # layer -> counts of microbatch i
+        0: lambda i: rank0, 1: lambda i: rank1,  # stage 0: the issue's counterexample
+        2: lambda i: rank0 if i % 2 == 0 else even, 3: lambda i: rank0 if i % 2 == 0 else even,
+    }
+    layout = StatsLayout(moe_layer_ids=[0, 1, 2, 3], num_experts=4, num_microbatches=4, dp=1)
+    total = torch.zeros(layout.numel())
+    for stage, layer_ids in ((0, [0, 1]), (1, [2, 3])):
+        layers = {l: _RecordedLayer() for l in layer_ids}
+        stats = StepStats(layers, top_k=2)
+
+        def on_forward(i):
+            for l, layer in layers.items():
+                counts = torch.tensor(routing[l](i))
+                layer.last_routing = RoutingRecord(counts, torch.tensor(1.0), torch.tensor(0.0), torch.full((4, 4), 0.25))
+            stats.end_microbatch()
+        events = _run_stage_schedule(schedule, 4, stage, on_forward)
+        assert events == PP2_M4_ORDERS[(schedule, stage)]
+        topo = Topology(world_size=4, tp=2, pp=2, pp_rank=stage, pp_ranks=[0, 1])
+        total += pack_step_stats(layout, stats, None, topo, events)
+    cum = layout.split(total)["cum_overload"][0].tolist()  # one slot per layer, each holding its stage's value
+    # Stage 0: after every forward both ranks hold 8 per microbatch held, as balanced: 1.0 (per layer: 2.0).
+    # Stage 1: microbatches alternate 16 on rank 0 / 8 and 8 spread evenly. 1F1B holds one at a time:
+    # peak 16 over balanced 8 = 2.0. GPipe holds all four: rank 0 reaches 16+8+16+8 = 48, balanced 32: 1.5.
+    stage1 = {"gpipe": 1.5, "1f1b": 2.0}[schedule]
+    assert cum == pytest.approx([1.0, 1.0, stage1, stage1])
+    m = moe_metrics(layout, total, detailed=True)
+    assert m["moe/max_cum_overload_factor"] == pytest.approx(stage1)
+    # Per microbatch: 2.0 for every entry of layers 0 and 1; [2, 1, 2, 1] on layers 2 and 3.
+    assert m["moe/max_overload_factor"] == pytest.approx(2.0)
+    assert m["moe/avg_overload_factor"] == pytest.approx(1.75)
+    for l, avg in ((0, 2.0), (1, 2.0), (2, 1.5), (3, 1.5)):
+        assert m[f"moe/layer_{l}/avg_overload_factor"] == pytest.approx(avg)
+        assert m[f"moe/layer_{l}/max_overload_factor"] == pytest.approx(2.0)
+
+
+def test_expert_parallel_size_is_tied_to_tp(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for flags in ([], ["--expert-parallel-size", "2"]):  # unset or equal to TP: accepted
+        args = minimal_pretrain.parse_args(["--tensor-parallel-size", "2"] + flags)
+        assert args.tensor_parallel_size == 2
+    assert minimal_pretrain.main(["--tensor-parallel-size", "2", "--expert-parallel-size", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "--expert-parallel-size 1" in err and "tied to TP" in err, err
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 9: checkpoints. Resume must be bit-exact (same layout), any layout must load any other, a killed
+# save must never leave a half checkpoint that --resume auto picks, and faults end the run cleanly.
+# --------------------------------------------------------------------------------------------------
+def _ckpt_argv(out: Path, *extra: str) -> list:
+    """A tiny MoE run with dropout (so the saved RNG state matters) on the small fixed corpus."""
+    return ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2", "--num-attention-heads", "4",
+            "--num-key-value-heads", "2", "--max-seq-length", "16", "--global-batch-size", "8",
+            "--micro-batch-size", "4", "--num-experts", "4", "--dropout", "0.1", "--warmup-steps", "2",
+            "--eval-iters", "1", "--eval-interval", "0", "--log-interval", "1", "--device", "cpu", "--no-progress",
+            "--data", _dist_data_file(), "--output-dir", str(out), *extra]
+
+
+def _train_in_process(argv: list, monkeypatch) -> "minimal_pretrain.TrainResult":
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    return minimal_pretrain.train(minimal_pretrain.parse_args(argv))
+
+
+def _assert_checkpoints_equal(a: Path, b: Path) -> None:
+    """Parameters, buffers and AdamW state (moments and step) bit for bit, and the same step."""
+    ma, sa = ckpt.load_consolidated(a, with_optimizer=True)
+    mb, sb = ckpt.load_consolidated(b, with_optimizer=True)
+    assert ma["step"] == mb["step"]
+    assert sa.keys() == sb.keys() and any(k.endswith("/exp_avg_sq") for k in sa)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), f"{key} differs"
+
+
+def test_resume_is_bit_exact_single_process(tmp_path, monkeypatch):
+    straight = _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "6", "--save-interval", "3"), monkeypatch)
+    half = tmp_path / "a" / "checkpoints" / "step_00000003"
+    assert ckpt.is_checkpoint(half)
+    resumed = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", "6", "--resume", str(half)), monkeypatch)
+    assert resumed.losses == straight.losses[3:]  # exact: same floats, not approximately
+    assert resumed.val_loss == straight.val_loss
+    _assert_checkpoints_equal(tmp_path / "a" / "checkpoints" / "step_00000006",
+                              tmp_path / "b" / "checkpoints" / "step_00000006")
+    # The resume is recorded in the log, and the run after it logs steps 3..5.
+    recs = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0] == {"step": 3, "resumed_from": str(half)}
+    assert [r["step"] for r in recs if "loss" in r] == [3, 4, 5]
+
+
+def test_save_format_is_sharded_with_manifest(tmp_path, monkeypatch):
+    _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "2"), monkeypatch)
+    path = ckpt.resolve_checkpoint(str(tmp_path / "checkpoints"))
+    assert path.name == "step_00000002" and (tmp_path / "checkpoints" / "latest").read_text().strip() == path.name
+    manifest = ckpt.read_manifest(path)
+    assert manifest["step"] == 2 and manifest["model"]["num_experts"] == 4 and manifest["args"]["max_steps"] == 2
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "rng_rank0.pt", "shard_pp0_tp0.pt"]
+    experts = manifest["tensors"]["model/layers.0.ffn.experts.w_gate_up"]
+    assert experts["shape"] == [4, 32, 128] and experts["tp_split"] == [0, [4]]
+    assert manifest["tensors"]["optim/layers.0.ffn.experts.w_gate_up/exp_avg"]["tp_split"] == [0, [4]]
+    assert manifest["tensors"]["optim/layers.0.ffn.experts.w_gate_up/step"]["shape"] == []
+
+
+def test_keep_last_deletes_only_the_oldest(tmp_path, monkeypatch):
+    _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "5", "--save-interval", "1", "--keep-last", "2"), monkeypatch)
+    d = tmp_path / "checkpoints"
+    assert sorted(p.name for p in d.iterdir()) == ["latest", "step_00000004", "step_00000005"]
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, monkeypatch, capsys):
+    result = _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "1", "--resume", "auto", "--no-save"), monkeypatch)
+    assert len(result.losses) == 1
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_resume_reports_changed_flags_and_eval_only_matches(tmp_path, monkeypatch, capsys):
+    first = _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "3"), monkeypatch)
+    path = tmp_path / "a" / "checkpoints" / "step_00000003"
+    capsys.readouterr()
+    more = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", "4", "--learning-rate", "1e-3",
+                                        "--resume", str(path)), monkeypatch)
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("resuming from")]
+    assert len(line) == 1 and "--max-steps 3 -> 4" in line[0] and "--learning-rate 0.003 -> 0.001" in line[0], line
+    assert len(more.losses) == 1
+    evaluated = _train_in_process(_ckpt_argv(tmp_path / "c", "--max-steps", "3", "--resume", str(path), "--eval-only"),
+                                  monkeypatch)
+    assert evaluated.val_loss == first.val_loss and evaluated.losses == []
+    assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def _run_cli(argv: list, env: Optional[dict] = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "minimal_pretrain.py"), *argv], cwd=HERE,
+                          env=env or _clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_one_error_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_resume_with_other_model_exits_2_naming_fields(tmp_path, monkeypatch):
+    _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "1"), monkeypatch)
+    before = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    r = _run_cli(_ckpt_argv(tmp_path / "b", "--max-steps", "2", "--hidden-size", "64", "--num-experts", "8",
+                            "--resume", str(tmp_path / "a" / "checkpoints")))
+    _assert_one_error_line(r, 2, "hidden_size", "num_experts")
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--router-aux-loss-coef", "nan"], "--router-aux-loss-coef"),
+    (["--output-dir", "/proc/minimal_moe_x"], "--output-dir"),
+    (["FILE_AS_DIR"], "--output-dir"),
+    (["--checkpoint-dir", "/proc/minimal_moe_x"], "--checkpoint-dir"),
+    (["--resume", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--eval-only"], "--eval-only"),
+    (["--hf-repo", "not a repo"], "--hf-repo"),
+])
+def test_fault_flags_exit_2(flags, needle, tmp_path):
+    if flags == ["FILE_AS_DIR"]:
+        (tmp_path / "afile").write_text("keep me")
+        flags = ["--output-dir", str(tmp_path / "afile")]
+    r = _run_cli(_ckpt_argv(tmp_path / "out", "--max-steps", "1")[:-2] + flags
+                 + ([] if "--output-dir" in flags else ["--output-dir", str(tmp_path / "out")]))
+    _assert_one_error_line(r, 2, needle)
+    if (tmp_path / "afile").exists():
+        assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_hf_repo_needs_the_package_and_a_token(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(ckpt.CheckpointError, match="pip install huggingface_hub"):
+        ckpt.check_hub("me/model")
+    monkeypatch.delitem(sys.modules, "huggingface_hub")
+    pytest.importorskip("huggingface_hub")
+    env = {k: v for k, v in _clean_env().items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # no stored login there
+    r = _run_cli(_ckpt_argv(tmp_path / "out", "--max-steps", "1", "--hf-repo", "me/model"), env=env)
+    _assert_one_error_line(r, 2, "--hf-repo", "token")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_upload_is_called_per_save_and_failures_do_not_stop_training(tmp_path, monkeypatch, capsys):
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_used_for_network")
+    calls = []
+
+    def fake_upload_folder(self, **kw):  # the network call itself; everything before it is real
+        calls.append(kw)
+        if len(calls) == 1:
+            raise ConnectionError("no network in this test")
+
+    monkeypatch.setattr(hub.HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(hub.HfApi, "upload_folder", fake_upload_folder)
+    result = _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "4", "--save-interval", "2",
+                                          "--hf-repo", "me/model"), monkeypatch)
+    assert len(result.losses) == 4
+    assert [c["path_in_repo"] for c in calls] == ["step_00000002", "step_00000004"]
+    assert all(c["repo_id"] == "me/model" and Path(c["folder_path"]).name == c["path_in_repo"] for c in calls)
+    out = capsys.readouterr().out
+    assert "upload of step_00000002 to me/model failed" in out and "uploaded step_00000004" in out
+
+
+def test_non_finite_gradient_exits_3_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    real_grad_norm = minimal_pretrain.grad_norm
+    calls = []
+
+    def poisoned(params, topo):  # step 3's gradient goes NaN, as a numerical blow-up would
+        calls.append(1)
+        if len(calls) == 4:
+            params[0].grad.fill_(float("nan"))
+        return real_grad_norm(params, topo)
+
+    monkeypatch.setattr(minimal_pretrain, "grad_norm", poisoned)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    d = tmp_path / "checkpoints"
+    rc = minimal_pretrain.main(_ckpt_argv(tmp_path, "--max-steps", "8", "--save-interval", "2", "--log-interval", "5"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and len(err) == 1 and "non-finite" in err[0] and "step 3" in err[0], err
+    assert [p.name for _, p in ckpt.complete_checkpoints(d)] == ["step_00000002"]
+    assert (d / "latest").read_text().strip() == "step_00000002"
+    _, state = ckpt.load_consolidated(d / "step_00000002", with_optimizer=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+_KILL_SNIPPET = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import checkpoint, minimal_pretrain
+point, nth = sys.argv[1], int(sys.argv[2])
+count = {{"save": 0, "replace": 0}}
+real_save, real_replace = torch.save, os.replace
+def dying_save(obj, f, *a, **k):
+    count["save"] += 1
+    if point == "save" and count["save"] == nth:
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:  # a torn write: the file is cut short, then the process dies
+            fh.truncate(max(1, os.path.getsize(f) // 2))
+        os._exit(9)
+    return real_save(obj, f, *a, **k)
+def dying_replace(a, b):
+    count["replace"] += 1
+    if point == "replace" and count["replace"] == nth:
+        os._exit(9)
+    return real_replace(a, b)
+torch.save = dying_save
+checkpoint.os.replace = dying_replace
+sys.exit(minimal_pretrain.main(sys.argv[3:]))
+"""
+
+
+# Saves at steps 1 and 2 (keep-last 1). Per save: torch.save shard, torch.save rng; os.replace of the
+# directory, of the `latest` marker, then (second save) of the old checkpoint to its .del- name.
+KILL_POINTS = {  # (point, nth call): the checkpoint --resume auto must find afterwards
+    "shard_write_of_2nd_save": ("save", 3, 1),
+    "rng_write_of_2nd_save": ("save", 4, 1),
+    "before_rename_of_2nd_save": ("replace", 3, 1),
+    "before_latest_marker_of_2nd_save": ("replace", 4, 2),
+    "while_deleting_the_1st": ("replace", 5, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def killed_saves(tmp_path_factory):
+    root = tmp_path_factory.mktemp("killed_saves")
+    procs = {}
+    for name, (point, nth, _) in KILL_POINTS.items():
+        argv = _ckpt_argv(root / name, "--max-steps", "2", "--save-interval", "1", "--keep-last", "1")
+        procs[name] = subprocess.Popen([sys.executable, "-c", _KILL_SNIPPET.format(here=str(HERE)), point, str(nth), *argv],
+                                       cwd=root, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for p in procs.values():
+        p.communicate(timeout=300)
+    return root, {n: p.returncode for n, p in procs.items()}
+
+
+@pytest.mark.parametrize("name", list(KILL_POINTS))
+def test_killed_save_leaves_a_complete_checkpoint(name, killed_saves):
+    root, codes = killed_saves
+    assert codes[name] == 9, f"{name}: the save was not killed (exit {codes[name]})"
+    d = root / name / "checkpoints"
+    newest = ckpt.resolve_checkpoint(str(d))
+    assert newest.name == f"step_{KILL_POINTS[name][2]:08d}"
+    manifest, state = ckpt.load_consolidated(newest, with_optimizer=True)  # every file it names is whole
+    assert manifest["step"] == KILL_POINTS[name][2] and len(state) > 10
+
+
+def test_resume_after_killed_save_continues(killed_saves, tmp_path):
+    root, _ = killed_saves
+    run = root / "shard_write_of_2nd_save"
+    r = _run_cli(_ckpt_argv(run, "--max-steps", "3", "--save-interval", "1", "--keep-last", "1", "--resume", "auto"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout and "step_00000001" in r.stdout
+    assert [p.name for _, p in ckpt.complete_checkpoints(run / "checkpoints")] == ["step_00000003"]
+    assert not list((run / "checkpoints").glob(".tmp-*")) and not list((run / "checkpoints").glob(".del-*"))
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 240.0) -> list:
+    """Reads the process's stdout until a line contains needle; returns the lines read."""
+    import time
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"never saw {needle!r}:\n" + "".join(lines[-20:]))
+
+
+# With warm-up as long as the run, the learning rate of step s does not depend on --max-steps, so a run
+# stopped by a signal and resumed for a few steps can be compared with a short straight run.
+_LONG = ["--warmup-steps", "400"]
+
+
+def test_sigterm_saves_and_resumed_run_matches_straight(tmp_path, monkeypatch):
+    import signal
+    argv = _ckpt_argv(tmp_path / "a", "--max-steps", "400", *_LONG)
+    proc = subprocess.Popen([sys.executable, str(HERE / "minimal_pretrain.py"), *argv], cwd=HERE, env=_clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_line(proc, "step     2 |")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out, out[-2000:]
+    path = ckpt.resolve_checkpoint(str(tmp_path / "a" / "checkpoints"))
+    stop = ckpt.read_manifest(path)["step"]
+    assert 3 <= stop < 400
+    resumed = _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", str(stop + 2), *_LONG, "--resume", "auto"),
+                                monkeypatch)
+    straight = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", str(stop + 2), *_LONG), monkeypatch)
+    assert resumed.losses == straight.losses[stop:]
+    _assert_checkpoints_equal(tmp_path / "a" / "checkpoints" / f"step_{stop + 2:08d}",
+                              tmp_path / "b" / "checkpoints" / f"step_{stop + 2:08d}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 10: the MoE layer's permutation, combine and SwiGLU as autograd functions (moe_ops.py) give the
+# outputs and gradients of the plain indexing formulas they replace, exactly in fp32 on the CPU.
+# --------------------------------------------------------------------------------------------------
+def _routing_case(T: int, k: int, E: int, seed: int):
+    """A random routing: order sorts the T*k assignments by expert (stable), inverse is its inverse."""
+    g = torch.Generator().manual_seed(seed)
+    expert = torch.randint(0, E, (T * k,), generator=g)
+    order = torch.argsort(expert, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(T * k)
+    return order, inverse, g
+
+
+def _grads(fn, inputs, grad_out):
+    inputs = [t.clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("T,d,k", [(13, 8, 2), (9, 16, 3), (5, 4, 1)])
+def test_permute_tokens_matches_indexing(T, d, k):
+    from moe_ops import permute_tokens
+    order, inverse, g = _routing_case(T, k, 4, seed=T)
+    x = torch.randn(T, d, generator=g)
+    grad = torch.randn(T * k, d, generator=g)
+    out, (dx,) = _grads(lambda x: permute_tokens(x, inverse, k), [x], grad)
+    ref, (dx_ref,) = _grads(lambda x: x[order // k], [x], grad)  # the former gather, atomic backward
+    assert torch.equal(out, ref)
+    if k <= 2:  # the sum over a token's k rows is then the same fp32 addition in any order
+        assert torch.equal(dx, dx_ref)
+    else:
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    # Independent check of the backward: token t's gradient is the sum of its k sorted rows.
+    by_hand = torch.stack([sum(grad[inverse[t * k + j]] for j in range(k)) for t in range(T)])
+    torch.testing.assert_close(dx, by_hand, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,d,k", [(13, 8, 2), (9, 16, 3), (5, 4, 1)])
+def test_unpermute_combine_matches_indexing(T, d, k):
+    from moe_ops import unpermute_combine
+    _, inverse, g = _routing_case(T, k, 4, seed=10 + T)
+    y = torch.randn(T * k, d, generator=g)
+    w = torch.rand(T, k, generator=g)
+    grad = torch.randn(T, d, generator=g)
+    out, (dy, dw) = _grads(lambda y, w: unpermute_combine(y, inverse, w), [y, w], grad)
+    ref, (dy_ref, dw_ref) = _grads(lambda y, w: (y[inverse].view(T, k, d) * w.unsqueeze(-1)).sum(dim=1), [y, w], grad)
+    assert torch.equal(out, ref) and torch.equal(dy, dy_ref) and torch.equal(dw, dw_ref)
+    # By hand: row inverse[t*k + j] gets w[t, j] * grad[t]; w[t, j] gets <grad[t], y[inverse[t*k + j]]>.
+    for t in range(T):
+        for j in range(k):
+            r = inverse[t * k + j]
+            torch.testing.assert_close(dy[r], w[t, j] * grad[t], rtol=0, atol=0)
+            torch.testing.assert_close(dw[t, j], (grad[t].double() @ y[r].double()).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_swiglu_matches_autograd_of_silu_times_up():
+    from moe_ops import swiglu
+    g = torch.Generator().manual_seed(3)
+    h = 3 * torch.randn(11, 2 * 24, generator=g)
+    grad = torch.randn(11, 24, generator=g)
+    out, (dh,) = _grads(swiglu, [h], grad)
+    ref, (dh_ref,) = _grads(lambda h: F.silu(h[:, :24]) * h[:, 24:], [h], grad)
+    assert torch.equal(out, ref) and torch.equal(dh, dh_ref)
+
+
+def _former_sparse_moe_forward(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+    """SparseMoE's forward before issue 10 (single process): an indexing gather with an atomic backward,
+    masks around the experts, an indexing unsort and a broadcast weighted sum."""
+    x = x.reshape(-1, x.shape[-1])
+    T, k, E = x.shape[0], moe.top_k, moe.num_experts
+    r = moe.router(x)
+    order = torch.argsort(r.indices.reshape(-1), stable=True)
+    ends = torch.cumsum(torch.bincount(r.indices.reshape(-1), minlength=E), 0).to(torch.int32)
+    x_sorted = x[order // k]
+    valid = (torch.arange(x_sorted.shape[0]) < ends[-1]).unsqueeze(-1)
+    x_sorted = torch.where(valid, x_sorted, 0.0)
+    gate, up = torch._grouped_mm(x_sorted, moe.experts.w_gate_up, offs=ends).chunk(2, dim=-1)
+    y_sorted = torch.where(valid, torch._grouped_mm(F.silu(gate) * up, moe.experts.w_down, offs=ends), 0.0)
+    inverse = torch.empty_like(order)
+    inverse.scatter_(0, order, torch.arange(order.numel()))
+    return (y_sorted[inverse].view(T, k, -1) * r.weights.unsqueeze(-1)).sum(dim=1)
+
+
+@pytest.mark.parametrize("case", ["random", "idle_experts"])
+def test_sparse_moe_matches_former_path_exactly(case):
+    """The whole layer, forward and backward, against the pre-issue-10 code path: bit for bit in fp32
+    with k = 2 (the only reordered sum, a token's two rows, is then order-independent)."""
+    if case == "random":
+        moe = make_moe(d=16, f=24, E=8, k=2, seed=5)
+        x = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(5))
+    else:
+        moe, x = skewed_router_case(6, 2, [1, 4], seed=6)
+    g = torch.randn(x.reshape(-1, 16).shape, generator=torch.Generator().manual_seed(9))
+    results = []
+    for fn in (lambda x: moe(x)[0].reshape(-1, 16), lambda x: _former_sparse_moe_forward(moe, x)):
+        moe.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out = fn(xi)
+        (out * g).sum().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in moe.named_parameters()}))
+    (out, dx, grads), (out_ref, dx_ref, grads_ref) = results
+    assert torch.equal(out, out_ref) and torch.equal(dx, dx_ref)
+    for name in grads_ref:
+        assert torch.equal(grads[name], grads_ref[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_match_torch_formulas(dtype, monkeypatch):
+    """Each CUDA kernel against the torch formula it replaces, on the same GPU inputs (fp32 accumulation
+    in the kernels; bf16 within rounding)."""
+    import moe_ops
+    torch.manual_seed(0)
+    T, d, k, f = 300, 200, 3, 72
+    _, inverse, _ = _routing_case(T, k, 5, seed=1)
+    inverse = inverse.cuda()
+    x, y, w = (torch.randn(T, d, device="cuda", dtype=dtype), torch.randn(T * k, d, device="cuda", dtype=dtype),
+               torch.rand(T, k, device="cuda"))
+    h, gact = torch.randn(T, 2 * f, device="cuda", dtype=dtype), torch.randn(T, f, device="cuda", dtype=dtype)
+    calls = [(moe_ops.scatter_rows, (x, inverse, None, k)), (moe_ops.scatter_rows, (x, inverse, w, k)),
+             (moe_ops.gather_sum, (y, inverse, None, k)), (moe_ops.gather_sum, (y, inverse, w, k)),
+             (moe_ops.row_dots, (x, y, inverse)), (moe_ops.swiglu_fwd, (h,)), (moe_ops.swiglu_bwd, (gact, h))]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for op, args in calls:
+        got = op(*args)
+        monkeypatch.setattr(moe_ops, "_use_triton", lambda t: False)
+        ref = op(*(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+        monkeypatch.undo()
+        torch.testing.assert_close(got.double(), ref.double(), **tol, msg=str(op))
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 12, part 1: profiler traces. Without --profile the named ranges are a shared no-op context and
+# nothing is written; bad --profile flags are one line and exit code 2.
+# --------------------------------------------------------------------------------------------------
+def _our_ranges(names) -> set:
+    """The names of our phase() ranges among profiler event names (torch's own ops are not ours)."""
+    return {n for n in names if n == "optimizer" or n.startswith(("moe/", "tp/", "dp/", "pp/", "forward/mb", "backward/mb"))}
+
+
+def test_profile_off_enters_no_range_and_writes_nothing(tmp_path, monkeypatch):
+    import profiling
+    from torch.profiler import ProfilerActivity, profile
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    argv = _base_argv("mixed") + ["--moe-metrics", "brief"]
+    argv[argv.index("--max-steps") + 1] = "2"
+
+    def names_seen(out_dir):  # event names an external profiler records around a whole training run
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            minimal_pretrain.train(minimal_pretrain.parse_args(argv + ["--output-dir", str(out_dir)]))
+        return _our_ranges(e.name for e in prof.events())
+
+    assert not profiling._enabled and profiling.phase("moe/router") is profiling.phase("optimizer")
+    assert names_seen(tmp_path / "off") == set()
+    assert sorted(str(p.relative_to(tmp_path / "off")) for p in (tmp_path / "off").rglob("*") if p.is_file()) == \
+        ["config.json", "metrics.jsonl"]
+    # Control: the same run with the ranges switched on shows them to the same external profiler.
+    monkeypatch.setattr(profiling, "_enabled", True)
+    on = names_seen(tmp_path / "on")
+    assert {"forward/mb0", "forward/mb3", "backward/mb3", "moe/router", "moe/experts", "optimizer", "moe/stats"} <= on, on
+
+
+PROFILE_BAD_FLAGS = [
+    (["--profile", "--profile-steps", "0"], "--profile-steps"),
+    (["--profile", "--profile-wait", "-1"], "--profile-wait"),
+    (["--profile-warmup", "-2"], "--profile-warmup"),
+    (["--profile", "--max-steps", "8"], "--max-steps 8"),  # window 5 + 3 + 5 = 13 steps
+    (["--trace-dir", "somewhere"], "--trace-dir"),
+    (["--profile-gzip"], "--profile-gzip"),
+    (["--profile", "--eval-only", "--resume", "auto"], "--eval-only"),
+]
+
+
+@pytest.mark.parametrize("flags,expect", PROFILE_BAD_FLAGS, ids=[f[1] for f in PROFILE_BAD_FLAGS])
+def test_bad_profile_flags_exit_2_with_one_line(flags, expect, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert minimal_pretrain.main(flags + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and expect in err, err
+
+
+def test_trace_dir_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (tmp_path / "f").write_text("x")
+    for trace_dir, expect in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "sub", "cannot create")):
+        argv = _base_argv("dense") + ["--profile", "--profile-wait", "0", "--profile-warmup", "0", "--profile-steps", "1",
+                                      "--trace-dir", str(trace_dir), "--output-dir", str(tmp_path / "run")]
+        assert minimal_pretrain.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--trace-dir" in err and expect in err, err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -923,6 +2078,53 @@ def test_large_capacity_equals_no_drop_exactly(policy):
     assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
 
 
+class _PoisonTail(torch.autograd.Function):
+    """Rows at and after ends[-1] become NaN, forward and backward: what the grouped GEMM leaves in rows
+    outside its groups is undefined (uninitialised memory), so the layer must never let them through."""
+
+    @staticmethod
+    def forward(ctx, t, ends):
+        ctx.end = int(ends[-1])
+        out = t.clone()
+        out[ctx.end:] = float("nan")
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[ctx.end:] = float("nan")
+        return g, None
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_dropped_rows_never_reach_output_or_gradients(policy, monkeypatch):
+    """With every expert local, dropped assignments are the only rows past the last group: their
+    undefined expert outputs and input gradients must be masked, not multiplied by a zero weight."""
+    import moe_layers
+    for name in ("_grouped_swiglu", "_grouped_swiglu_eager"):
+        real = getattr(moe_layers, name)
+        monkeypatch.setattr(moe_layers, name, lambda x, w1, w2, ends, real=real: _PoisonTail.apply(
+            real(_PoisonTail.apply(x, ends), w1, w2, ends), ends))
+    base, x = skewed_router_case(4, 2, [1], T=40, **MILD)
+    moe = make_moe(d=16, f=24, E=4, k=2, capacity_factor=1.0, drop_policy=policy, expert_impl="grouped")
+    moe.load_state_dict(base.state_dict())
+    x = x.view(2, 20, 16).requires_grad_(True)
+    out, loss = moe(x)
+    (out.pow(2).sum() + loss).backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in moe.parameters())
+    # The same layer through the per-expert loop (no rows outside groups are ever computed) agrees.
+    ref = make_moe(d=16, f=24, E=4, k=2, capacity_factor=1.0, drop_policy=policy, expert_impl="loop")
+    ref.load_state_dict(base.state_dict())
+    xr = x.detach().clone().requires_grad_(True)
+    out_r, loss_r = ref(xr)
+    (out_r.pow(2).sum() + loss_r).backward()
+    torch.testing.assert_close(out, out_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(moe.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_sigmoid_router_matches_bruteforce(normalize, with_bias):
@@ -1016,6 +2218,24 @@ def test_bias_balancing_drives_load_cv_down(score):
     assert with_bias[0] == without[0] > 0.4, (with_bias[0], without[0])  # the skewed start
     assert with_bias[-10:].mean() < 0.5 * with_bias[0], with_bias
     assert with_bias[-10:].mean() < 0.5 * without[-10:].mean(), (with_bias, without)
+
+
+def test_resume_with_capacity_and_bias_is_bit_exact(tmp_path, monkeypatch):
+    """The expert biases are persistent buffers: saved in the checkpoint and restored on resume, so a
+    resumed run with capacity and bias balancing continues exactly as the straight one."""
+    flags = ["--moe-capacity-factor", "1.0", "--moe-drop-policy", "probs", "--moe-router-score", "sigmoid",
+             "--moe-bias-update-rate", "0.01", "--max-steps", "6"]
+    straight = _train_in_process(_ckpt_argv(tmp_path / "a", *flags, "--save-interval", "3"), monkeypatch)
+    half = tmp_path / "a" / "checkpoints" / "step_00000003"
+    resumed = _train_in_process(_ckpt_argv(tmp_path / "b", *flags, "--resume", str(half)), monkeypatch)
+    assert resumed.losses == straight.losses[3:]
+    assert [r["moe/bias_abs_mean"] for r in resumed.records] == [r["moe/bias_abs_mean"] for r in straight.records[3:]]
+    _assert_checkpoints_equal(tmp_path / "a" / "checkpoints" / "step_00000006",
+                              tmp_path / "b" / "checkpoints" / "step_00000006")
+    _, saved = ckpt.load_consolidated(half, with_optimizer=False)
+    biases = [k for k in saved if k.endswith("router.expert_bias")]
+    assert len(biases) == 2 and all(saved[k].abs().max() > 0 for k in biases), biases
+    assert not any("step_load" in k for k in saved)
 
 
 def test_routing_metrics_by_hand():
@@ -1248,7 +2468,8 @@ def _base_argv(moe: str) -> list:
             "--num-key-value-heads", "2", "--max-seq-length", "16", "--global-batch-size", "8",
             "--micro-batch-size", "2", "--max-steps", "3", "--warmup-steps", "1", "--learning-rate", "1e-3",
             "--eval-iters", "0", "--no-progress", "--moe-metrics", "off", "--data", _dist_data_file(),
-            "--expert-intermediate-size", "32", "--min-lr", "1e-4", "--device", "cpu"]
+            "--expert-intermediate-size", "32", "--min-lr", "1e-4", "--device", "cpu", "--log-interval", "1",
+            "--no-save"]
     if moe == "dense":
         return argv + ["--num-experts", "0"]
     if moe == "mixed":
@@ -1416,6 +2637,11 @@ def test_ep_router_gradient_check_detects_missing_all_reduce(tmp_path):
 # they measure the busiest EP rank, so they are exactly 1 when EP = 1 and >= 1 under EP.
 # --------------------------------------------------------------------------------------------------
 OVERLOAD_KEYS = ("moe/avg_overload_factor", "moe/max_overload_factor", "moe/max_cum_overload_factor")
+
+
+def _overload_keys(rec: dict) -> set:
+    """The step-level overload keys and, in detailed mode, moe/layer_{l}/avg|max_overload_factor."""
+    return {k for k in rec if k.startswith("moe/") and k.endswith("_overload_factor")}
 METRIC_LAYOUTS = [  # (id, world size, extra flags, expert-parallel size)
     ("dp2", 2, [], 1),
     ("pp2-1f1b", 2, ["--pipeline-parallel-size", "2", "--pipeline-schedule", "1f1b"], 1),
@@ -1466,11 +2692,15 @@ def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_pat
         for key in ("loss", "aux_loss", "z_loss"):
             assert g[key] is not None and _close(g[key], r[key]), f"step {step} {key}: got {g[key]}, single {r[key]}"
         # The reference's overload factors: EP = 1, so every token is on the one rank.
-        for key in OVERLOAD_KEYS:
+        overload_keys = _overload_keys(r)
+        assert overload_keys == set(OVERLOAD_KEYS) | {f"moe/layer_{l}/{s}_overload_factor" for l in (1, 3)
+                                                     for s in ("avg", "max")}, sorted(overload_keys)
+        assert _overload_keys(g) == overload_keys
+        for key in overload_keys:
             assert r[key] == 1.0, f"single process, step {step}: {key} = {r[key]}, expected exactly 1.0"
-        moe_keys = {k for k in r if k.startswith("moe/")} - set(OVERLOAD_KEYS)
+        moe_keys = {k for k in r if k.startswith("moe/")} - overload_keys
         assert len(moe_keys) >= 20 and "moe/counts" in moe_keys and "moe/layer_3/cv" in moe_keys, sorted(moe_keys)
-        assert {k for k in g if k.startswith("moe/")} - set(OVERLOAD_KEYS) == moe_keys
+        assert {k for k in g if k.startswith("moe/")} - overload_keys == moe_keys
         assert g["moe/counts"] == r["moe/counts"], f"step {step}: counts {g['moe/counts']} vs single {r['moe/counts']}"
         for key in sorted(moe_keys - {"moe/counts"}):
             assert _close(g[key], r[key]), f"step {step} {key}: got {g[key]}, single {r[key]}"
@@ -1485,12 +2715,18 @@ def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_pat
             assert gu.keys() == ru.keys(), (sorted(gu), sorted(ru))
         # Overload factors of this layout.
         if ep == 1:
-            for key in OVERLOAD_KEYS:
+            for key in overload_keys:
                 assert g[key] == 1.0, f"EP = 1, step {step}: {key} = {g[key]}, expected exactly 1.0"
         else:
-            for key in OVERLOAD_KEYS:
+            for key in overload_keys:
                 assert 1.0 <= g[key] <= ep + 1e-6, f"EP = {ep}, step {step}: {key} = {g[key]}"
             assert g["moe/avg_overload_factor"] <= g["moe/max_overload_factor"] + 1e-9
+            # Both layers have the same number of (DP rank, microbatch) entries: the step's mean and max
+            # are the mean and max of the per-layer ones.
+            layer_avg = [g[f"moe/layer_{l}/avg_overload_factor"] for l in (1, 3)]
+            layer_max = [g[f"moe/layer_{l}/max_overload_factor"] for l in (1, 3)]
+            assert _close(g["moe/avg_overload_factor"], sum(layer_avg) / 2) and _close(g["moe/max_overload_factor"], max(layer_max))
+            assert all(a <= b + 1e-9 for a, b in zip(layer_avg, layer_max)), (layer_avg, layer_max)
             # The busiest microbatch is at least as overloaded as the step's summed counts are.
             step_level = max(max(sum(c[i * 4 // ep:(i + 1) * 4 // ep]) for i in range(ep)) / (sum(c) / ep)
                              for c in g["moe/counts"].values())
@@ -1633,6 +2869,169 @@ def test_refused_layout_from_the_command_line(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--tensor-parallel-size" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 9, distributed: bit-exact resume under DP2 x TP2 x PP2, resharding to one process and to TP4/EP4,
+# and a signal reaching one rank of two stops both after the same step with one checkpoint.
+# --------------------------------------------------------------------------------------------------
+DP2_TP2_PP2 = ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"]
+
+
+def _ckpt_dist_argv(ckpt_dir: Path, *extra: str) -> list:
+    argv = _base_argv("all8") + ["--dropout", "0.1", "--checkpoint-dir", str(ckpt_dir), *extra]
+    argv.remove("--no-save")
+    return argv
+
+
+@pytest.fixture(scope="module")
+def dp2_tp2_pp2_checkpoints(tmp_path_factory):
+    """A straight 4-step DP2xTP2xPP2 run saving at step 2 and at the end."""
+    root = tmp_path_factory.mktemp("ckpt_8ranks")
+    (root / "a").mkdir()
+    straight = _launch(8, _ckpt_dist_argv(root / "ckpts", "--max-steps", "4", "--save-interval", "2", *DP2_TP2_PP2),
+                       root / "a")
+    return root, straight
+
+
+def test_resume_is_bit_exact_dp2_tp2_pp2(dp2_tp2_pp2_checkpoints, tmp_path):
+    root, straight = dp2_tp2_pp2_checkpoints
+    resumed = _launch(8, _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "4", *DP2_TP2_PP2,
+                                         "--resume", str(root / "ckpts" / "step_00000002")), tmp_path)
+    assert resumed["losses"] == straight["losses"][2:]
+    _assert_checkpoints_equal(root / "ckpts" / "step_00000004", tmp_path / "ckpts" / "step_00000004")
+    assert sorted(p.name for p in (tmp_path / "ckpts" / "step_00000004").glob("shard_*")) == [
+        f"shard_pp{p}_tp{t}.pt" for p in range(2) for t in range(2)]
+
+
+RESHARD_LAYOUTS = {"one-process": (1, []), "tp4-ep4": (4, ["--tensor-parallel-size", "4"])}
+
+
+def test_reshard_dp2_tp2_pp2_checkpoint(dp2_tp2_pp2_checkpoints, tmp_path):
+    """The DP2xTP2xPP2 checkpoint loads into one process and into TP4/EP4 with the saved parameters bit for
+    bit, and TP4 continues training with the losses one process produces from it. Dropout is switched off
+    for the continuation: its random streams depend on the layout (they restart from the seed)."""
+    root, _ = dp2_tp2_pp2_checkpoints
+    half = root / "ckpts" / "step_00000002"
+    _, saved = ckpt.load_consolidated(half)
+    losses = {}
+    for name, (world_size, flags) in RESHARD_LAYOUTS.items():
+        run = tmp_path / name
+        run.mkdir()
+        loaded = _launch(world_size, _ckpt_dist_argv(run / "e", "--max-steps", "2", "--resume", str(half),
+                                                     "--eval-only", "--eval-iters", "1") + flags, run)
+        assert loaded["state"].keys() == saved.keys()
+        for key, t in saved.items():  # the gathered parameters are the saved ones, bit for bit
+            assert torch.equal(loaded["state"][key], t), f"{name}: {key}"
+        cont = _launch(world_size, _ckpt_dist_argv(run / "c", "--max-steps", "4", "--resume", str(half),
+                                                   "--dropout", "0") + flags, run)
+        losses[name] = cont["losses"]
+    ref = losses["one-process"]
+    assert len(ref) == 2
+    for a, b in zip(losses["tp4-ep4"], ref):  # another layout: fp32 sums in another order
+        assert abs(a - b) <= REL_TOL * abs(b), losses
+
+
+def test_sigterm_to_one_rank_stops_all_ranks(tmp_path):
+    import signal
+    port = _free_port()
+    argv = _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "400", "--warmup-steps", "400",
+                           "--output-dir", str(tmp_path / "run"))
+    procs = []
+    for rank in range(2):
+        env = dict(_clean_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "minimal_pretrain.py"), *argv,
+                                       "--pipeline-parallel-size", "2"], cwd=HERE, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        _wait_for_line(procs[0], "step     2 |")
+        procs[1].send_signal(signal.SIGTERM)  # only the last stage hears it
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "stopped by" in outs[0]
+    path = ckpt.resolve_checkpoint(str(tmp_path / "ckpts"))
+    assert sorted(p.name for p in path.glob("shard_*")) == ["shard_pp0_tp0.pt", "shard_pp1_tp0.pt"]
+    assert 3 <= ckpt.read_manifest(path)["step"] < 400
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 12, part 1: profiler traces from every rank of a 2-rank gloo run.
+# --------------------------------------------------------------------------------------------------
+def _launch_cli(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> list:
+    """Runs minimal_pretrain.py as `world_size` ranks; returns each rank's output."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(HERE / "minimal_pretrain.py"), *argv],
+                              env=dict(_clean_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(r), OMP_NUM_THREADS="1"),
+                              cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world_size)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+    return logs
+
+
+def _load_trace(path: Path) -> list:
+    import gzip
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+PROFILED_LAYOUTS = {  # layout flags, ranges only that layout has, --profile-gzip, microbatches (8 / (2 x DP))
+    "tp2": (["--tensor-parallel-size", "2"], {"tp/all_reduce_fwd", "tp/all_reduce_bwd"}, False, 4),
+    "dp2": ([], {"dp/all_reduce_launch", "dp/all_reduce_wait"}, True, 2),
+    "pp2": (["--pipeline-parallel-size", "2"], set(), False, 4),  # per stage, in the test
+}
+
+
+@pytest.mark.parametrize("layout", list(PROFILED_LAYOUTS))
+def test_profile_writes_a_trace_per_rank_with_the_named_ranges(layout, tmp_path):
+    flags, own, gz, m = PROFILED_LAYOUTS[layout]
+    wait, warmup, active = 1, 1, 2
+    argv = _base_argv("mixed") + flags + ["--moe-metrics", "brief", "--profile", "--profile-wait", str(wait),
+                                          "--profile-warmup", str(warmup), "--profile-steps", str(active),
+                                          "--output-dir", str(tmp_path / "run")] + (["--profile-gzip"] if gz else [])
+    argv[argv.index("--max-steps") + 1] = str(wait + warmup + active)
+    logs = _launch_cli(2, argv, tmp_path)
+    first = wait + warmup
+    names = [f"trace_rank{r}_step{first}.json" + (".gz" if gz else "") for r in range(2)]
+    assert sorted(p.name for p in (tmp_path / "run" / "traces").iterdir()) == names  # no partial file left
+    common = {"optimizer", "moe/stats", "moe/router", "moe/permute", "moe/experts", "moe/unpermute_combine"}
+    for rank, name in enumerate(names):
+        path = tmp_path / "run" / "traces" / name
+        assert f"profile: rank {rank} wrote {path} (steps {first}-{first + active - 1})" in logs[rank], logs[rank]
+        events = [e for e in _load_trace(path) if e.get("ph") == "X"]
+        seen = {e["name"] for e in events}
+        # Only the recorded steps are in the trace, each marked by the profiler's own step range.
+        assert {n for n in seen if n.startswith("ProfilerStep#")} == {f"ProfilerStep#{s}" for s in range(first, first + active)}
+        mb = {f"{d}/mb{i}" for d in ("forward", "backward") for i in range(m)}
+        # The mixed model has MoE layers 1 and 3: under PP2 each stage (layers 0-1, 2-3) holds one. 1F1B with
+        # 4 microbatches: stage 0 sends activations and receives gradients, stage 1 the other way round.
+        if layout == "pp2":
+            own = ({"pp/send_forward", "pp/send_forward_recv_backward", "pp/recv_backward"} if rank == 0 else
+                   {"pp/recv_forward", "pp/send_backward_recv_forward", "pp/send_backward"})
+        assert mb | common | own <= seen, sorted(_our_ranges(seen))
+        assert sum(e["name"] == "forward/mb0" for e in events) == active  # one per recorded step
+
+    # Rank 0's summary table against its own trace: the forward share is the forward ranges' time over
+    # the profiler's step ranges, computed here from the trace events.
+    events = [e for e in _load_trace(tmp_path / "run" / "traces" / names[0]) if e.get("ph") == "X"]
+    step_us = sum(e["dur"] for e in events if e["name"].startswith("ProfilerStep#"))
+    fwd_us = sum(e["dur"] for e in events if e["name"].startswith("forward/mb"))
+    row = next(line.split() for line in logs[0].splitlines() if line.strip().startswith("forward/mb*"))
+    calls, ms, share = float(row[1]), float(row[2]), float(row[3].rstrip("%"))
+    assert calls == m
+    assert ms == pytest.approx(fwd_us / 1e3 / active, rel=0.02, abs=0.002)
+    assert share == pytest.approx(100 * fwd_us / step_us, abs=0.15)
+    assert "profile: rank 1" not in logs[0] and "ms/step" not in logs[1]  # each rank prints its own line, the table only rank 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def instrument() -> None:
 
 def one_run(batch: str, mode: str, steps: int, interleave: bool = False, sync: bool = False) -> dict:
     args = minimal_pretrain.parse_args(MODEL + BATCHES[batch] + ["--moe-metrics", mode, "--max-steps", str(steps),
-                                                                  "--output-dir", tempfile.mkdtemp(prefix="bench_moe_")])
+                                                                  "--no-save", "--output-dir", tempfile.mkdtemp(prefix="bench_moe_")])
     state.update(sync=sync, interleave=interleave, stats_on=[], step_start=[], host_s={}, gc=[])
     res = minimal_pretrain.train(args)
     tokens = args.global_batch_size * args.max_seq_length

@@ -30,7 +30,7 @@ def run(name: str, nproc: int, flags: list, steps: int, log_every: int, script: 
     out = tempfile.mkdtemp(prefix=f"bench_{name}_")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29533",
            os.path.join(ROOT, script), *MODEL, *flags, "--max-steps", str(steps), "--log-interval", str(log_every),
-           "--output-dir", out]
+           "--no-save", "--output-dir", out]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
                OMP_NUM_THREADS="4")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -181,10 +181,11 @@ class IdentityExperts(nn.Module):
         return torch.where(valid.unsqueeze(-1), x, 0.0)
 
 
-def routing_moe(args, logits: torch.Tensor, device: torch.device) -> SparseMoE:
+def routing_moe(args, logits: torch.Tensor, device: torch.device, capacity_factor: float,
+                drop_policy: str) -> SparseMoE:
     """The training code's SparseMoE on one process, routed by the fixed logits, identity experts."""
     moe = SparseMoE(args.hidden_dim, 16, args.num_experts, args.top_k, Topology(device=device),
-                    router_score=args.router_score)
+                    router_score=args.router_score, capacity_factor=capacity_factor, drop_policy=drop_policy)
     moe.experts = IdentityExperts()  # before moving: the real experts' weights never reach the device
     moe.to(device)
     moe.router.forward = lambda x: route_topk(logits, args.top_k, args.router_score, True)
@@ -235,8 +236,7 @@ def bench_routing(args, device: torch.device, bench: str, logits_kind: str, capa
     logits = make_logits(args, logits_kind == "skewed", device)
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(args.num_tokens, args.hidden_dim, generator=g).to(device=device, dtype=DTYPES[args.dtype])
-    moe = routing_moe(args, logits, device)
-    moe.capacity_factor, moe.drop_policy = capacity_factor, drop_policy or "position"
+    moe = routing_moe(args, logits, device, capacity_factor, drop_policy or "position")
     check_identity_routing(moe, x, logits, args)
     with PhaseTimer(device) as timer, torch.no_grad():
         for i in range(args.warmup + args.iters):

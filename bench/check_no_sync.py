@@ -38,7 +38,7 @@ def main() -> None:
         raise SystemExit("check_no_sync.py needs a CUDA device")
     SparseMoE.forward = guarded("SparseMoE.forward", SparseMoE.forward)
     StepStats.end_microbatch = guarded("StepStats.end_microbatch", StepStats.end_microbatch)
-    argv = ["--max-steps", "5", "--eval-iters", "0", "--no-progress", "--output-dir", "/tmp/check_no_sync"] + sys.argv[1:]
+    argv = ["--max-steps", "5", "--eval-iters", "0", "--no-progress", "--no-save", "--output-dir", "/tmp/check_no_sync"] + sys.argv[1:]
     minimal_pretrain.train(minimal_pretrain.parse_args(argv))
     assert all(calls.values()), calls
     print("OK, no host sync under set_sync_debug_mode('error') in " + ", ".join(f"{n} {k} calls" for k, n in calls.items()))

@@ -1,0 +1,366 @@
+"""Sharded, atomic, layout-independent checkpoints.
+
+A checkpoint is a directory `<checkpoint-dir>/step_XXXXXXXX` (XXXXXXXX = optimizer steps completed):
+
+    manifest.json          every tensor's full shape, dtype, how it is split over TP, and the files
+                           holding its shards; the step, the model config, the flags, the layout
+    shard_pp{P}_tp{T}.pt   what the (pipeline stage P, TP rank T) ranks own: parameters, persistent
+                           buffers and AdamW state, written once by DP rank 0 of that stage and TP rank
+    rng_rank{R}.pt         each rank's RNG states (dropout)
+
+Tensor keys are layout-independent: `model/<parameter name>` (layers are keyed by their global index),
+`optim/<parameter name>/{exp_avg,exp_avg_sq,step}`. Loading builds, one tensor at a time, this rank's
+shard under the *current* layout from the saved shards, so any DP x TP x PP layout loads into any other.
+
+Atomicity: every rank writes into `.tmp-step_XXXXXXXX`, fsyncs its files, and after a barrier rank 0
+writes the manifest, fsyncs, renames the directory to `step_XXXXXXXX`, and only then rewrites the
+`latest` marker (also by rename). A directory named `step_*` with a manifest is therefore complete:
+a kill at any instant leaves the previous checkpoint or the new one, never a half one that resume picks.
+Files are plain `torch.save` archives (see MOE_GUIDE.md for why), read back with mmap.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from parallel import Topology, full_shape, shard_of, split_spec, unshard
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; reported as one line and exit code 2."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding checkpoints
+# --------------------------------------------------------------------------------------------------
+def complete_checkpoints(ckpt_dir: Path) -> list:
+    """[(step, path)] of the complete checkpoints in ckpt_dir, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for d in ckpt_dir.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / MANIFEST).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint directory as given, or the newest complete checkpoint of a checkpoint-dir."""
+    p = Path(path)
+    if is_checkpoint(p):
+        return p
+    if p.is_dir():
+        found = complete_checkpoints(p)
+        if found:
+            return found[-1][1]
+        raise CheckpointError(f"{path}: no complete checkpoint in this directory (expected step_*/{MANIFEST})")
+    raise CheckpointError(f"{path}: no such checkpoint (give a step_* checkpoint directory or a checkpoint-dir)")
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        with open(path / MANIFEST) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({e})") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier(topo: Topology) -> None:
+    if topo.world_size > 1:
+        dist.barrier()
+
+
+def _owned_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{key: (tensor, split spec)} of everything this rank owns, parameters first."""
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        out[f"model/{name}"] = (t.detach(), split_spec(t))
+    for name, p in model.named_parameters():
+        for slot, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                spec = split_spec(p) if value.shape == p.shape else None  # moments follow the parameter
+                out[f"optim/{name}/{slot}"] = (value.detach(), spec)
+    return out
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    topo: Topology, meta: dict, keep_last: int = 0, protected: frozenset = frozenset()) -> Path:
+    """Collective: every rank calls it. Writes step_XXXXXXXX atomically and returns its path. meta
+    (JSON-serialisable: the model config and flags) goes into the manifest. keep_last > 0 deletes all
+    but the newest keep_last complete checkpoints, after the new one is complete, except those named
+    in `protected` (being uploaded)."""
+    final = ckpt_dir / step_dir_name(step)
+    tmp = ckpt_dir / f".tmp-{final.name}"
+    if topo.rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(".tmp-step_*"):  # left by saves that were killed
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in ckpt_dir.glob(".del-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(topo)
+
+    writes_model = topo.dp_rank == 0  # DP replicas hold the same tensors: one writes them
+    shard_file = f"shard_pp{topo.pp_rank}_tp{topo.tp_rank}.pt"
+    entries = {}
+    if writes_model:
+        owned = _owned_tensors(model, optimizer)
+        torch.save({k: t.to("cpu", copy=True) for k, (t, _) in owned.items()}, tmp / shard_file)
+        _fsync_path(tmp / shard_file)
+        for key, (t, spec) in owned.items():
+            shape = list(t.shape)
+            if spec is not None:
+                shape[spec[0]] = sum(spec[1])
+            entries[key] = {"shape": shape, "dtype": str(t.dtype).removeprefix("torch."),
+                            "tp_split": [spec[0], list(spec[1])] if spec is not None else None,
+                            "pp": topo.pp_rank, "tp": topo.tp_rank, "file": shard_file}
+    rng_file = f"rng_rank{topo.rank}.pt"
+    torch.save(_rng_state(topo.device), tmp / rng_file)
+    _fsync_path(tmp / rng_file)
+
+    gathered = [entries]
+    if topo.world_size > 1:
+        gathered = [None] * topo.world_size
+        dist.all_gather_object(gathered, entries)
+    if topo.rank == 0:
+        tensors = {}
+        for part in gathered:
+            for key, e in part.items():
+                entry = tensors.setdefault(key, {k: e[k] for k in ("shape", "dtype", "tp_split", "pp")} | {"files": {}})
+                entry["files"][str(e["tp"])] = e["file"]
+        for entry in tensors.values():  # replicated tensors: TP rank 0's copy; sharded: every TP rank's, in order
+            files = entry.pop("files")
+            entry["files"] = [files["0"]] if entry["tp_split"] is None else [files[str(r)] for r in range(topo.tp)]
+        manifest = {"format": FORMAT_VERSION, "step": step, **meta,
+                    "layout": {"world_size": topo.world_size, "dp": topo.dp, "tp": topo.tp, "pp": topo.pp},
+                    "rng_files": [f"rng_rank{r}.pt" for r in range(topo.world_size)], "tensors": tensors}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(tmp)
+        if final.exists():  # the same step saved before (e.g. a re-run final save): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_path(ckpt_dir)
+        marker_tmp = ckpt_dir / f".{LATEST}.tmp"
+        marker_tmp.write_text(final.name + "\n")
+        _fsync_path(marker_tmp)
+        os.replace(marker_tmp, ckpt_dir / LATEST)
+        _fsync_path(ckpt_dir)
+        if keep_last > 0:
+            for _, old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+                if old.name not in protected:  # renamed first: a kill mid-delete leaves no half checkpoint
+                    doomed = ckpt_dir / f".del-{old.name}"
+                    os.replace(old, doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
+    _barrier(topo)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+class _ShardReader:
+    """Opens each shard file once (memory-mapped) and builds full or resharded tensors from it."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.tensors = path, manifest["tensors"]
+        self.files = {}
+
+    def _file(self, name: str) -> dict:
+        if name not in self.files:
+            try:
+                self.files[name] = torch.load(self.path / name, map_location="cpu", mmap=True, weights_only=True)
+            except (OSError, RuntimeError) as e:
+                raise CheckpointError(f"{self.path}: cannot read {name} ({e})") from None
+        return self.files[name]
+
+    def full(self, key: str) -> torch.Tensor:
+        entry = self.tensors[key]
+        shards = [self._file(f)[key] for f in entry["files"]]
+        spec = None if entry["tp_split"] is None else (entry["tp_split"][0], entry["tp_split"][1])
+        return unshard(shards, spec)
+
+    def local(self, key: str, shape, spec, topo: Topology) -> torch.Tensor:
+        """This rank's shard (under `topo`, split by `spec`) of the saved tensor `key`; checks its shape."""
+        if key not in self.tensors:
+            raise CheckpointError(f"{self.path}: no tensor {key} in the checkpoint")
+        t = shard_of(self.full(key), spec, topo.tp_rank, topo.tp)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{self.path}: {key} has shape {list(t.shape)} here, {list(shape)} expected")
+        return t
+
+
+@torch.no_grad()
+def load_checkpoint(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    topo: Topology) -> dict:
+    """Loads this rank's parameters, buffers and (if optimizer is given) AdamW state from the checkpoint
+    at `path`, whatever layout it was saved under. RNG states are restored when the layout is the same.
+    Returns the manifest."""
+    manifest = read_manifest(path)
+    reader = _ShardReader(path, manifest)
+    for name, t in model.state_dict(keep_vars=True).items():
+        t.copy_(reader.local(f"model/{name}", t.shape, split_spec(t), topo))
+    if optimizer is not None:
+        index = {p: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        state = optimizer.state_dict()
+        for name, p in model.named_parameters():
+            prefix = f"optim/{name}/"
+            slots = {}
+            for key, entry in reader.tensors.items():
+                if key.startswith(prefix):
+                    # Moments have the parameter's shape and split; the step count is a scalar.
+                    sharded_like_p = entry["shape"] == full_shape(p)
+                    slots[key[len(prefix):]] = reader.local(key, p.shape if sharded_like_p else entry["shape"],
+                                                            split_spec(p) if sharded_like_p else None, topo).clone()
+            if slots:
+                state["state"][index[p]] = slots
+        optimizer.load_state_dict(state)
+    layout = manifest["layout"]
+    if (layout["world_size"], layout["dp"], layout["tp"], layout["pp"]) == (topo.world_size, topo.dp, topo.tp, topo.pp):
+        rng = torch.load(path / manifest["rng_files"][topo.rank], map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and topo.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], topo.device)
+    return manifest
+
+
+def load_consolidated(path: Path, with_optimizer: bool = False) -> tuple[dict, dict]:
+    """(manifest, {name: full tensor}) for one process, e.g. sampling: the model's parameters and
+    buffers keyed as in `GPT(cfg, Topology()).state_dict()`; with_optimizer adds the `optim/...` keys."""
+    manifest = read_manifest(path)
+    reader = _ShardReader(path, manifest)
+    state = {}
+    for key in manifest["tensors"]:
+        if key.startswith("model/"):
+            state[key[len("model/"):]] = reader.full(key).clone()
+        elif with_optimizer:
+            state[key] = reader.full(key).clone()
+    return manifest, state
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming under other flags
+# --------------------------------------------------------------------------------------------------
+# Model fields that may change on resume: they alter training, not the parameters' meaning.
+CHANGEABLE_MODEL_FIELDS = {"dropout", "router_aux_loss_coef", "router_z_loss_coef", "moe_expert_impl"}
+# Flags worth a word when they differ from the checkpoint's run (they change what training does next).
+REPORTED_FLAGS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+                  "adam_eps", "grad_clip", "seed", "global_batch_size", "data", "dropout", "router_aux_loss_coef",
+                  "router_z_loss_coef")
+
+
+def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology) -> str:
+    """Checks that the checkpoint's model is the one these flags build (raises CheckpointError naming
+    the differing fields otherwise) and returns one line saying what resumes and what changed."""
+    saved, now = manifest["model"], meta["model"]
+    differing = [f"{k} (checkpoint {saved.get(k)}, now {now.get(k)})" for k in sorted(set(saved) | set(now))
+                 if k not in CHANGEABLE_MODEL_FIELDS and k in saved and k in now and saved[k] != now[k]]
+    if differing:
+        raise CheckpointError(f"--resume {path}: the checkpoint's model differs from these flags in "
+                              + ", ".join(differing))
+    old_args, new_args = manifest.get("args", {}), meta["args"]
+    changes = [f"--{k.replace('_', '-')} {old_args[k]} -> {new_args[k]}" for k in REPORTED_FLAGS
+               if k in old_args and old_args[k] != new_args.get(k)]
+    lay = manifest["layout"]
+    if (lay["dp"], lay["tp"], lay["pp"]) != (topo.dp, topo.tp, topo.pp):
+        changes.append(f"layout DP{lay['dp']}xTP{lay['tp']}xPP{lay['pp']} -> DP{topo.dp}xTP{topo.tp}xPP{topo.pp} "
+                       f"(dropout RNG restarts from the seed)")
+    return f"resuming from {path} at step {manifest['step']}" + ("; changed: " + ", ".join(changes) if changes else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face Hub upload (optional extra, imported only when --hf-repo is given)
+# --------------------------------------------------------------------------------------------------
+def check_hub(repo: str) -> None:
+    """Before training: the package and a token must be there (one-line error otherwise)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise CheckpointError(f"--hf-repo {repo}: expected OWNER/NAME")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CheckpointError("--hf-repo needs the huggingface_hub package: pip install huggingface_hub") from None
+    if not huggingface_hub.get_token():
+        raise CheckpointError("--hf-repo: no Hugging Face token (set HF_TOKEN or run `huggingface-cli login`)")
+
+
+class HubUploader:
+    """Uploads each saved checkpoint to a Hub model repo from a background thread, so training does not
+    wait on the network. A failed upload is reported and training goes on: the local copy is the truth.
+    Checkpoints still queued or uploading are not deleted by --keep-last until their upload ends."""
+
+    def __init__(self, repo: str, say=print):
+        import queue
+        import threading
+        from huggingface_hub import HfApi
+        self.repo, self.say, self.api = repo, say, HfApi()
+        self.queue: "queue.Queue[Optional[Path]]" = queue.Queue()
+        self.busy: set = set()
+        self.thread = threading.Thread(target=self._run, name="hf-upload", daemon=True)
+        self.thread.start()
+
+    def upload(self, path: Path) -> None:
+        self.busy.add(path.name)
+        self.queue.put(path)
+
+    def _run(self) -> None:
+        while (path := self.queue.get()) is not None:
+            try:
+                self.api.create_repo(self.repo, exist_ok=True, private=True)
+                self.api.upload_folder(repo_id=self.repo, folder_path=str(path), path_in_repo=path.name,
+                                       commit_message=f"checkpoint {path.name}")
+                self.say(f"uploaded {path.name} to the Hugging Face Hub repo {self.repo}")
+            except Exception as e:  # the network, the token's rights, the Hub: report and carry on
+                self.say(f"warning: upload of {path.name} to {self.repo} failed ({type(e).__name__}: {e}); "
+                         f"the local checkpoint is kept")
+            finally:
+                self.busy.discard(path.name)
+
+    def close(self) -> None:
+        """Waits for queued uploads to finish."""
+        self.queue.put(None)
+        self.thread.join()

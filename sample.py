@@ -1,0 +1,120 @@
+"""Sample text from a trained checkpoint (any training layout) in one process, with a KV cache.
+
+    python sample.py --checkpoint runs/a/checkpoints --prompt "def fibonacci(" --max-new-tokens 200
+
+The text is encoded and decoded with the tokenizer of the run's --data (bytes for the byte-level corpora,
+decoded as UTF-8 with replacement). --temperature 0 is greedy decoding. Contexts longer than the model's
+max_seq_length are cropped as generate.py describes.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+import checkpoint
+from data import DataError, text_codec
+from generate import generate
+from model import GPT, ModelConfig
+from parallel import Topology
+
+
+class SampleError(ValueError):
+    """A bad flag value; reported as one line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Generate text from a checkpoint of minimal_pretrain.py.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint directory, or a checkpoint-dir (its newest complete checkpoint is used)")
+    p.add_argument("--prompt", default="\n", help="text the samples continue (default: %(default)r, a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens generated per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy: the most likely token)")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens only (0 = all)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
+    p.add_argument("--num-samples", type=int, default=1, help="samples, generated together as one batch")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA if available (bf16 autocast), else CPU (fp32)")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    for name in ("max_new_tokens", "num_samples"):
+        if getattr(args, name) <= 0:
+            raise SampleError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise SampleError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise SampleError(f"--top-k must be >= 0 (0 = no restriction), got {args.top_k}")
+    if not -2 ** 63 <= args.seed < 2 ** 64:
+        raise SampleError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+    if args.prompt == "":
+        raise SampleError("--prompt must not be empty (the default is a newline)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SampleError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+
+
+def load_model(meta: dict, state: dict, device: torch.device) -> GPT:
+    """The whole model on one device from a consolidated (unsharded) state."""
+    # The expert kernel is a choice of the machine, not part of the model: let this one pick.
+    cfg = ModelConfig(**{**meta["model"], "moe_expert_impl": "auto"})
+    model = GPT(cfg, Topology(device=device))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        validate(args)
+        path = checkpoint.resolve_checkpoint(args.checkpoint)
+        meta, state = checkpoint.load_consolidated(path)
+        data_flag = meta["args"].get("data")
+        try:
+            codec = text_codec(data_flag)
+        except DataError as e:
+            raise SampleError(f"--checkpoint {path}: its run's {e}") from None
+        if codec.vocab_size != meta["model"]["vocab_size"]:
+            raise SampleError(f"--checkpoint {path}: the model's vocabulary ({meta['model']['vocab_size']}) is not "
+                              f"the {codec.vocab_size} tokens of the byte-level text of its run's --data {data_flag}")
+    except SampleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except checkpoint.CheckpointError as e:  # its messages start with the path
+        print(f"error: --checkpoint {e}", file=sys.stderr)
+        return 2
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    model = load_model(meta, state, device)
+    prompt = torch.tensor([codec.encode(args.prompt)] * args.num_samples, dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    print(f"checkpoint {path} (step {meta['step']}), device {device}"
+          f"{', bf16 autocast' if device.type == 'cuda' else ', fp32'}")
+
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, gen)
+    rows = out.tolist()  # waits for the device
+    seconds = time.perf_counter() - start
+
+    for row in rows:
+        print(codec.decode(row))
+        print("---------------")
+    n = args.num_samples * args.max_new_tokens
+    print(f"{n} tokens in {seconds:.2f} s: {n / seconds:,.1f} tokens/s "
+          f"({args.num_samples} x {args.max_new_tokens}, prompt {prompt.shape[1]} tokens, prefill included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
