@@ -28,7 +28,9 @@ routing and capacity both, (2 + 2k) * d * bytes (with drops the same formula, so
 work asked). bw_GiBps_strict = bytes_per_token_strict * T / median time / 2^30.
 
 Logits: "random" are N(0, 1); "skewed" add a fixed per-expert offset skew * z_e, z_e ~ N(0, 1), as a
-trained router's favourites do (random logits spread the load evenly and hide the drops).
+trained router's favourites do (random logits spread the load evenly and hide the drops). At the default
+sizes (16384 tokens, 128 experts, top-2) load_cv is 0.07 for random logits and 0.66 with --skew 0.25,
+where capacity factor 1.25 drops 16% of the assignments (probs policy; CPU run, seed 17).
 load_cv = population std / mean of the per-expert assignment counts. Capacity rows add the capacity
 per expert, avg_drop_rate (dropped assignments / T*k) and token_drop_rate (tokens with all k dropped / T).
 Output: one JSON line per configuration on stdout, appended to --out if given.
