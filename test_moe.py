@@ -2378,6 +2378,7 @@ def test_sweep_runs_resumes_and_summarises(tmp_path):
         recs = [json.loads(line) for line in (out / f"{r['config']}_s17" / "metrics.jsonl").read_text().splitlines()]
         assert float(r["val_loss"]) == pytest.approx(recs[-1]["val_loss"])
         assert float(r["load_cv"]) == pytest.approx([x for x in recs if "loss" in x][-1]["moe/cv_mean"])
+        assert not (out / f"{r['config']}_s17" / "checkpoints").exists()  # sweeps save no checkpoints
     assert float(runs[0]["drop_rate"]) == 0.0 and float(runs[1]["drop_rate"]) > 0.0
     for r in runs:  # tokens/s from the config's timing run, trained alone: median of its logged steps
         recs = [json.loads(line) for line in (out / "timing" / r["config"] / "metrics.jsonl").read_text().splitlines()]

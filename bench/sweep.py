@@ -5,8 +5,9 @@
         [--timing-steps 60] -- <any other minimal_pretrain.py flags>
 
 Every combination of the grid flags is a config; every config runs once per seed, each run in its own
-directory OUT/<config>_s<seed> (train.log holds its console output). A run that finished is skipped, so
-re-running the same command resumes an interrupted sweep. Runs go --parallel at a time (several short
+directory OUT/<config>_s<seed> (train.log holds its console output; no checkpoints are saved unless
+`--save-interval N` follows --). A run that finished is skipped, so re-running the same command resumes
+an interrupted sweep (an interrupted run starts over). Runs go --parallel at a time (several short
 runs share one GPU well, as small models leave it mostly idle).
 
 Sharing a GPU slows every run by an amount that depends on its neighbours, so tokens/s of concurrent
@@ -48,6 +49,7 @@ GRID_FLAGS = {  # sweep flag -> minimal_pretrain flag
     "num_experts": "--num-experts", "top_k": "--num-experts-per-token", "capacity_factor": "--moe-capacity-factor",
     "router": "--moe-router-score", "bias_update": "--moe-bias-update-rate"}
 OWNED = set(GRID_FLAGS.values()) | {"--seed", "--max-steps", "--output-dir"}  # set by the sweep, per run
+NO_CHECKPOINTS = ["--no-save", "--save-interval", "0"]  # a sweep compares configs; `-- --save-interval N` overrides
 METRICS = ("val_loss", "tokens_per_s", "drop_rate", "load_cv")
 COLUMNS = (["row", "config", *GRID_FLAGS, "seed", "n", "status"]
            + [c for m in METRICS for c in (m, m + "_std")] + ["active_params", "total_params", "tokens_per_s_source"])
@@ -150,16 +152,16 @@ def make_runs(args, passthrough: list) -> tuple:
         args.num_experts, args.top_k, args.capacity_factors, args.router, args.bias_update)]
     runs, timing = [], []
     for cfg in configs:
+        common = [*NO_CHECKPOINTS, *passthrough, *cfg.flags(), "--no-progress"]
         for seed in args.seeds:
             out = os.path.join(args.out, f"{cfg.label}_s{seed}")
-            runs.append(Run(cfg, seed, out, [*passthrough, *cfg.flags(), "--seed", str(seed), "--max-steps",
-                                             str(args.max_steps), "--output-dir", out, "--no-progress"]))
+            runs.append(Run(cfg, seed, out, [*common, "--seed", str(seed), "--max-steps", str(args.max_steps),
+                                             "--output-dir", out]))
         if args.timing_steps:
             out = os.path.join(args.out, "timing", cfg.label)
             # Log every few steps (each log step records statistics), no evaluation.
-            timing.append(Run(cfg, None, out, [*passthrough, *cfg.flags(), "--seed", str(args.seeds[0]),
-                                               "--max-steps", str(args.timing_steps), "--output-dir", out,
-                                               "--no-progress", "--eval-iters", "0",
+            timing.append(Run(cfg, None, out, [*common, "--seed", str(args.seeds[0]), "--max-steps",
+                                               str(args.timing_steps), "--output-dir", out, "--eval-iters", "0",
                                                "--log-interval", str(max(1, args.timing_steps // 12))]))
     return runs, timing
 
