@@ -26,7 +26,7 @@ from checkpoint import (CheckpointError, HubUploader, check_hub, complete_checkp
                         read_manifest, resolve_checkpoint, save_checkpoint)
 from data import Corpus, DataError, batch_offsets, check_lengths, get_batch, load_corpus
 from model import GPT, ModelConfig, compile_model, count_parameters
-from moe_layers import grouped_mm_available
+from moe_layers import grouped_mm_available, update_expert_biases
 from moe_stats import StatsLayout, StepStats, moe_metrics, pack_step_stats
 from parallel import (DataParallelGrads, LayoutError, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
                       clip_grads_, destroy_topology, env_world_size, full_state_dict, grad_norm, init_topology,
@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the raw softmax probabilities of the top-k experts as combine weights")
     e.add_argument("--moe-expert-impl", choices=["auto", "grouped", "loop"], default="auto",
                    help="expert GEMMs: torch._grouped_mm, a per-expert loop (syncs with the host), or auto")
+    e.add_argument("--moe-capacity-factor", type=float, default=0.0,
+                   help="each expert takes at most ceil(C * tokens * k / experts) assignments per microbatch, "
+                        "the rest are dropped (0 = no-drop)")
+    e.add_argument("--moe-drop-policy", choices=["position", "probs"], default="position",
+                   help="over capacity, drop the latest positions in the sequence, or the lowest router scores")
+    e.add_argument("--moe-renorm-after-drop", action="store_true",
+                   help="rescale a token's kept combine weights to sum to 1 after drops")
+    e.add_argument("--moe-router-score", choices=["softmax", "sigmoid"], default="softmax",
+                   help="router scores: softmax over experts, or per-expert sigmoid (DeepSeek-V3)")
+    e.add_argument("--moe-bias-update-rate", type=float, default=0.0,
+                   help="auxiliary-loss-free balancing: after each step every expert bias moves by "
+                        "R * sign(mean load - load) (0 = off)")
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, default=None,
                    help="sequences per microbatch per DP rank (default min(8, global/DP), or derived from --num-microbatches)")
@@ -172,6 +184,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     non_negative("num_experts", "warmup_steps", "weight_decay", "grad_clip", "min_lr", "eval_interval",
                  "eval_iters", "moe_detailed_every", "moe_histogram_every", "router_aux_loss_coef",
                  "router_z_loss_coef", "gc_interval", "save_interval", "keep_last")
+    for name in ("moe_capacity_factor", "moe_bias_update_rate"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
@@ -291,7 +306,10 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         num_experts=args.num_experts, num_experts_per_token=args.num_experts_per_token,
         moe_layer_interval=args.moe_layer_interval, expert_intermediate_size=args.expert_intermediate_size,
         router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
-        router_normalize_topk=args.router_normalize_topk, moe_expert_impl=args.moe_expert_impl)
+        router_normalize_topk=args.router_normalize_topk, moe_expert_impl=args.moe_expert_impl,
+        moe_capacity_factor=args.moe_capacity_factor, moe_drop_policy=args.moe_drop_policy,
+        moe_renorm_after_drop=args.moe_renorm_after_drop, moe_router_score=args.moe_router_score,
+        moe_bias_update_rate=args.moe_bias_update_rate)
 
 
 def lr_at(step: int, args) -> float:
@@ -577,7 +595,8 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         dp_grads=dp_grads, autocast=torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
         comm=PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None,
         step_stats=StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=stats_on),
-        stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.num_experts, m, topo.dp),
+        stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.num_experts, m, topo.dp,
+                                 drops=cfg.moe_capacity_factor > 0, bias=cfg.moe_bias_update_rate > 0),
         run_log=run_log, checkpoint_dir=checkpoint_dir, uploader=uploader, emit=print if is_main else say,
         flops_per_token=flops_per_token(cfg, active), peak_flops=peak_flops(topo.device, precision))
 
@@ -647,6 +666,7 @@ def train_step(t: Trainer, step: int, record_stats: bool) -> StepOutput:
         norm = grad_norm(t.params, topo)
         clip_grads_(t.params, norm, args.grad_clip)
         t.optimizer.step()
+        update_expert_biases(t.model.moe_layers().values(), topo)  # aux-loss-free balancing (if on)
     return StepOutput(lr, norm, lm_loss_sum, events)
 
 

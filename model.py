@@ -39,6 +39,11 @@ class ModelConfig:
     router_z_loss_coef: float = 0.001
     router_normalize_topk: bool = True
     moe_expert_impl: str = "auto"
+    moe_capacity_factor: float = 0.0  # 0 = no-drop
+    moe_drop_policy: str = "position"
+    moe_renorm_after_drop: bool = False
+    moe_router_score: str = "softmax"
+    moe_bias_update_rate: float = 0.0  # 0 = no aux-loss-free bias balancing
     rope_theta: float = 10000.0
 
     @property
@@ -190,7 +195,10 @@ class Block(nn.Module):
         if cfg.is_moe_layer(layer_id):
             self.ffn = SparseMoE(cfg.hidden_size, cfg.expert_ffn_size, cfg.num_experts, cfg.num_experts_per_token,
                                  topo, cfg.router_aux_loss_coef, cfg.router_z_loss_coef, cfg.router_normalize_topk,
-                                 out_init_std=out_std, expert_impl=cfg.moe_expert_impl)
+                                 out_init_std=out_std, expert_impl=cfg.moe_expert_impl,
+                                 capacity_factor=cfg.moe_capacity_factor, drop_policy=cfg.moe_drop_policy,
+                                 renorm_after_drop=cfg.moe_renorm_after_drop, router_score=cfg.moe_router_score,
+                                 bias_update_rate=cfg.moe_bias_update_rate)
         else:
             self.ffn = MLP(cfg, topo, out_std)
         self.drop = nn.Dropout(cfg.dropout)

@@ -1,4 +1,5 @@
-"""Mixture-of-Experts layers: TopKRouter, stacked experts, SparseMoE (no-drop) and the router losses.
+"""Mixture-of-Experts layers: TopKRouter, stacked experts, SparseMoE and the router losses; optional
+expert capacity (token dropping) and auxiliary-loss-free bias balancing.
 
 Expert parallelism is tied to tensor parallelism: TP rank r owns experts [r*E/TP, (r+1)*E/TP) in full.
 The router is replicated; every rank routes all tokens, runs its local experts on the tokens sent to
@@ -7,15 +8,16 @@ device value back to the host (on the grouped-GEMM path): counts and group offse
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_ops import permute_tokens, swiglu, unpermute_combine
-from parallel import Topology, all_reduce_grad_tp, copy_to_tp, mark_sharded, reduce_from_tp
+from parallel import Topology, all_reduce_, all_reduce_grad_tp, copy_to_tp, mark_sharded, reduce_from_tp
 from profiling import phase
 
 
@@ -26,8 +28,9 @@ from profiling import phase
 class RouterOutput:
     indices: torch.Tensor  # [T, k] expert ids
     weights: torch.Tensor  # [T, k] combine weights (fp32)
-    probs: torch.Tensor    # [T, E] softmax over all experts (fp32)
+    probs: torch.Tensor    # [T, E] routing distribution (fp32): the softmax, or the sigmoid scores / their sum
     logits: torch.Tensor   # [T, E] fp32
+    scores: Optional[torch.Tensor] = None  # [T, E] unbiased scores: softmax probabilities or sigmoids (fp32)
 
 
 class RoutingRecord(NamedTuple):
@@ -38,26 +41,53 @@ class RoutingRecord(NamedTuple):
     aux: torch.Tensor     # load-balancing loss (scalar)
     z: torch.Tensor       # router z-loss (scalar)
     probs: torch.Tensor   # [T, E] router probabilities (fp32), for the entropy
+    drops: Optional[torch.Tensor] = None  # [2] dropped assignments, tokens with all k dropped (capacity only)
+
+
+def route_topk(logits: torch.Tensor, top_k: int, score: str = "softmax", normalize_topk: bool = True,
+               bias: Optional[torch.Tensor] = None) -> RouterOutput:
+    """Router logits [T, E] (fp32) -> top-k experts and combine weights.
+
+    score "softmax": s = softmax(logits); "sigmoid": s = sigmoid(logits) (DeepSeek-V3). The k experts
+    are the top-k of s + bias (bias: [E], aux-loss-free balancing; it steers the choice only), the
+    combine weights are the chosen unbiased s, divided by their sum when normalize_topk."""
+    if score == "softmax":
+        scores = probs = logits.softmax(dim=-1)
+    elif score == "sigmoid":
+        scores = logits.sigmoid()
+        probs = scores / scores.sum(dim=-1, keepdim=True)  # a distribution, for the aux loss and the entropy
+    else:
+        raise ValueError(f"router score must be softmax or sigmoid, got {score}")
+    if bias is None:
+        weights, indices = scores.topk(top_k, dim=-1)
+    else:
+        indices = (scores.detach() + bias).topk(top_k, dim=-1).indices
+        weights = scores.gather(-1, indices)
+    if normalize_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return RouterOutput(indices, weights, probs, logits, scores)
 
 
 class TopKRouter(nn.Module):
-    """Linear router in fp32, softmax over experts, top-k, optionally renormalised top-k weights."""
+    """Linear router in fp32, softmax or sigmoid scores, top-k, optionally renormalised top-k weights.
+    With bias balancing on, `expert_bias` [E] is a persistent buffer (saved with the model, not trained
+    by the optimizer) added to the scores for choosing the experts; see update_expert_biases."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_topk: bool = True,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, score: str = "softmax", expert_bias: bool = False):
         super().__init__()
-        self.num_experts, self.top_k, self.normalize_topk = num_experts, top_k, normalize_topk
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"router score must be softmax or sigmoid, got {score}")
+        self.num_experts, self.top_k, self.normalize_topk, self.score = num_experts, top_k, normalize_topk, score
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.weight.init_std = init_std
+        self.expert_bias: Optional[torch.Tensor]
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None, persistent=True)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
-        probs = logits.softmax(dim=-1)
-        weights, indices = probs.topk(self.top_k, dim=-1)
-        if self.normalize_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return RouterOutput(indices, weights, probs, logits)
+        return route_topk(logits, self.top_k, self.score, self.normalize_topk, self.expert_bias)
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -72,6 +102,74 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """mean over tokens of logsumexp(logits)^2 (ST-MoE)."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Capacity (token dropping) and auxiliary-loss-free bias balancing
+# --------------------------------------------------------------------------------------------------
+DROP_POLICIES = ("position", "probs")
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """ceil(C * T * k / E) assignments per expert, at least 1: a host number from the shapes alone.
+    The product is rounded to 6 decimals first so that float noise (1.1 * 10 = 11.000000000000002)
+    does not add a slot."""
+    return max(1, math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 6)))
+
+
+def capacity_mask(indices: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor, capacity: int,
+                  policy: str = "position", seq_len: Optional[int] = None) -> torch.Tensor:
+    """Which of the T*k assignments each expert keeps: [T, k] bool, at most `capacity` per expert.
+
+    indices [T, k] expert ids of the T tokens in [batch * seq] order; scores [T, E] the router's unbiased
+    scores; counts [E] assignments per expert (as SparseMoE computes them). Every expert keeps its
+    `capacity` highest-priority assignments:
+      position: the earliest positions in the sequence, across the microbatch's sequences (position 0 of
+                every sequence, then position 1, ...; ties by sequence index). seq_len: tokens per
+                sequence (default: all T tokens are one sequence).
+      probs:    the highest router scores s[t, e] (ties: the earlier token in [batch * seq] order).
+    On the device, no host sync: one or two sorts and a cumsum."""
+    num_tokens, k = indices.shape
+    n = num_tokens * k
+    flat = indices.reshape(-1)  # [T*k]
+    arange = torch.arange(n, device=flat.device)
+    if policy == "position":
+        seq_len = seq_len or num_tokens
+        token = arange // k
+        # Rank of each token in position-major order: t = (b, p) -> p * B + b.
+        priority = (token % seq_len) * (num_tokens // seq_len) + token // seq_len
+    elif policy == "probs":
+        s = scores.detach().gather(-1, indices).reshape(-1)  # [T*k]
+        priority = torch.empty_like(arange)
+        priority[torch.argsort(-s, stable=True)] = arange  # 0 = highest score
+    else:
+        raise ValueError(f"drop policy must be one of {DROP_POLICIES}, got {policy}")
+    # Sort by (expert, priority); keys are unique (a token is routed to an expert at most once).
+    order = torch.argsort(flat * n + priority)
+    counts = counts.long()
+    starts = torch.cumsum(counts, 0) - counts  # [E] first sorted row of each expert
+    slot = arange - starts[flat[order]]  # rank of the sorted assignment inside its expert's group
+    kept = torch.empty(n, dtype=torch.bool, device=flat.device)
+    kept[order] = slot < capacity
+    return kept.view(num_tokens, k)
+
+
+@torch.no_grad()
+def update_expert_biases(moe_layers: Iterable["SparseMoE"], topo: Topology) -> None:
+    """Auxiliary-loss-free balancing, called once after each optimizer step: every MoE layer with a
+    bias update rate R moves its expert bias by R * sign(mean load - load), from the expert counts of
+    the step's training forwards (all microbatches, summed over the DP group). One all-reduce for all
+    layers, no host sync. TP ranks route the same tokens with the same router, so they need no
+    reduction; each pipeline stage updates the layers it holds."""
+    layers = [m for m in moe_layers if m.bias_update_rate > 0]
+    if not layers:
+        return
+    loads = torch.stack([m.step_load for m in layers])  # [L, E]
+    all_reduce_(loads, topo.dp_group)
+    deltas = list(torch.sign(loads.mean(dim=-1, keepdim=True) - loads).unbind(0))  # L x [E]
+    torch._foreach_mul_(deltas, [m.bias_update_rate for m in layers])  # host scalars: no copy to the device
+    torch._foreach_add_([m.router.expert_bias for m in layers], deltas)
+    torch._foreach_zero_([m.step_load for m in layers])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +202,8 @@ class GroupedExperts(nn.Module):
 
     forward(x, ends) takes tokens sorted by local expert, ends[e] being the exclusive end row of expert
     e's group (int32, on the device). Rows at and after ends[-1] belong to no local expert (they exist
-    only under EP, when some experts live on other ranks): their outputs are zero.
+    under EP, when some experts live on other ranks, and with a capacity factor, for dropped
+    assignments): their outputs are zero.
     """
 
     def __init__(self, num_experts: int, num_local: int, hidden_size: int, ffn_size: int,
@@ -158,9 +257,16 @@ class GroupedExperts(nn.Module):
 # SparseMoE
 # --------------------------------------------------------------------------------------------------
 class SparseMoE(nn.Module):
-    """No-drop top-k MoE: every token is processed by exactly its k experts.
+    """Top-k MoE, no-drop by default: every token is processed by exactly its k experts.
 
     sort the T*k assignments by expert -> gather -> grouped GEMM -> unsort -> weighted sum over k.
+
+    With capacity_factor C > 0 each expert keeps at most expert_capacity(T, k, E, C) assignments of the
+    T tokens this rank routes (capacity_mask; under EP every rank routes all tokens, so every layout
+    drops the same ones). A dropped assignment sorts after every local expert, so no expert computes
+    it, and its combine weight is zero: a token with all k dropped keeps only its residual.
+    With bias_update_rate > 0 the router's expert bias steers the top-k choice and the training
+    forwards add their expert counts to `step_load`, which update_expert_biases consumes.
 
     forward returns (output, loss) where loss = aux_coef * aux + z_coef * z for this layer. A training
     forward also leaves `last_routing` (counts, losses, probabilities: references, no copies) for the
@@ -169,18 +275,35 @@ class SparseMoE(nn.Module):
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, topo: Topology,
                  aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001, normalize_topk: bool = True,
-                 init_std: float = 0.02, out_init_std: float = 0.02, expert_impl: str = "auto"):
+                 init_std: float = 0.02, out_init_std: float = 0.02, expert_impl: str = "auto",
+                 capacity_factor: float = 0.0, drop_policy: str = "position", renorm_after_drop: bool = False,
+                 router_score: str = "softmax", bias_update_rate: float = 0.0):
         super().__init__()
         if num_experts % topo.ep:
             raise ValueError(f"num experts {num_experts} not divisible by the EP size {topo.ep}")
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop policy must be one of {DROP_POLICIES}, got {drop_policy}")
+        if not (math.isfinite(capacity_factor) and capacity_factor >= 0):
+            raise ValueError(f"capacity factor must be a finite number >= 0, got {capacity_factor}")
+        if not (math.isfinite(bias_update_rate) and bias_update_rate >= 0):
+            raise ValueError(f"bias update rate must be a finite number >= 0, got {bias_update_rate}")
+        self.capacity_factor, self.drop_policy, self.renorm_after_drop = capacity_factor, drop_policy, renorm_after_drop
+        self.bias_update_rate = bias_update_rate
         self.topo = topo
         self.num_experts, self.top_k = num_experts, top_k
         self.num_local = num_experts // topo.ep
         self.first_local = topo.ep_rank * self.num_local
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.router = TopKRouter(hidden_size, num_experts, top_k, normalize_topk, init_std)
+        self.router = TopKRouter(hidden_size, num_experts, top_k, normalize_topk, init_std, router_score,
+                                 expert_bias=bias_update_rate > 0)
+        # This step's expert counts of the training forwards, for the bias update (not saved).
+        self.step_load: Optional[torch.Tensor]
+        self.register_buffer("step_load", torch.zeros(num_experts) if bias_update_rate > 0 else None,
+                             persistent=False)
         self.experts = GroupedExperts(num_experts, self.num_local, hidden_size, ffn_size, init_std,
                                       out_init_std, expert_impl)
+        if capacity_factor > 0:  # dropped assignments sort past the last group even with every expert local
+            self.experts.all_local = False
         # Statistics: while record_routing is set (by moe_stats.StepStats, at logging steps), a training
         # forward leaves its RoutingRecord here; StepStats takes it after each microbatch.
         self.record_routing = False
@@ -198,17 +321,33 @@ class SparseMoE(nn.Module):
             counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.float32))
             aux = load_balancing_loss(r.probs, counts, k)
             z = router_z_loss(r.logits)
-        if self.training and self.record_routing:
-            self.last_routing = RoutingRecord(counts, aux, z, r.probs)  # read without autograd, taken right after
+            if self.step_load is not None and self.training:
+                self.step_load.add_(counts)
+        weights, routed, kept, drops = r.weights, counts, None, None  # routed: assignments the experts compute
+        if self.capacity_factor > 0:
+            with phase("moe/capacity"):
+                capacity = expert_capacity(num_tokens, k, E, self.capacity_factor)
+                kept = capacity_mask(r.indices, r.scores, counts, capacity, self.drop_policy,
+                                     shape[-2] if len(shape) > 2 else None)  # [T, k]
+                routed = counts.clamp(max=capacity)
+                weights = torch.where(kept, weights, 0.0)
+                if self.renorm_after_drop:  # kept weights sum to 1 (a token with none kept stays all zero)
+                    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+                if self.training and self.record_routing:
+                    drops = torch.stack([(~kept).sum(), (~kept.any(dim=-1)).sum()]).float()
+        if self.training and self.record_routing:  # read without autograd, taken right after
+            self.last_routing = RoutingRecord(counts, aux, z, r.probs, drops)
 
         with phase("moe/permute"):
             # Sort the T*k assignments by expert, local experts first: key = (expert - first_local) mod E
             # puts this rank's experts at 0..L-1.
             key = (flat_expert - self.first_local) % E
+            if kept is not None:  # dropped assignments after every expert: outside all groups
+                key = torch.where(kept.view(-1), key, E)
             order = torch.argsort(key, stable=True)  # [T*k] sorted row -> assignment t*k + j
             inverse = torch.empty_like(order)        # [T*k] assignment t*k + j -> sorted row
             inverse.scatter_(0, order, torch.arange(order.numel(), device=order.device))
-            local_counts = torch.roll(counts, -self.first_local)[: self.num_local]
+            local_counts = torch.roll(routed, -self.first_local)[: self.num_local]
             ends = torch.cumsum(local_counts, 0).to(torch.int32)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             x_in = copy_to_tp(x, self.topo).to(dtype)
@@ -217,7 +356,7 @@ class SparseMoE(nn.Module):
             y_sorted = self.experts(x_sorted, ends)  # [T*k, d] grouped GEMM; non-local rows are zero
 
         with phase("moe/unpermute_combine"):
-            weights = all_reduce_grad_tp(r.weights, self.topo)
+            weights = all_reduce_grad_tp(weights, self.topo)
             out = unpermute_combine(y_sorted, inverse, weights)  # [T, d] unsort + weighted sum over k
             out = reduce_from_tp(out, self.topo)
         loss = self.aux_loss_coef * aux + self.z_loss_coef * z

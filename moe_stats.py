@@ -28,6 +28,8 @@ class StatsLayout:
     num_experts: int
     num_microbatches: int  # per DP rank per step
     dp: int
+    drops: bool = False  # capacity on: per layer [dropped assignments, tokens with all k dropped, tokens]
+    bias: bool = False   # bias balancing on: per layer mean |expert bias|, summed over DP ranks
 
     @property
     def L(self) -> int:
@@ -39,7 +41,12 @@ class StatsLayout:
         # overload / cum_overload: one slot per DP rank, so a SUM all-reduce gathers every entry.
         # cum_overload is one number per stage (its running sum crosses the stage's layers); the stage
         # writes it into the slots of each of its layers, so the max over the block is over DP and PP.
-        return {"lm": 2, "counts": L * E, "losses": L * 3, "overload": dp * L * m, "cum_overload": dp * L}
+        sizes = {"lm": 2, "counts": L * E, "losses": L * 3, "overload": dp * L * m, "cum_overload": dp * L}
+        if self.drops:  # the routing options' blocks exist only when the options are on
+            sizes["drops"] = L * 3
+        if self.bias:
+            sizes["bias"] = L
+        return sizes
 
     def numel(self) -> int:
         return sum(self.sizes().values())
@@ -47,7 +54,8 @@ class StatsLayout:
     def split(self, flat):
         """Views of each block of a flat torch tensor or numpy array."""
         L, E, m, dp = self.L, self.num_experts, self.num_microbatches, self.dp
-        shapes = {"lm": (2,), "counts": (L, E), "losses": (L, 3), "overload": (dp, L, m), "cum_overload": (dp, L)}
+        shapes = {"lm": (2,), "counts": (L, E), "losses": (L, 3), "overload": (dp, L, m), "cum_overload": (dp, L),
+                  "drops": (L, 3), "bias": (L,)}
         out, off = {}, 0
         for name, n in self.sizes().items():
             out[name] = flat[off:off + n].reshape(shapes[name])
@@ -113,6 +121,7 @@ class StepStats:
         self.counts: list = []   # [E] per microbatch and layer, microbatch-major
         self.losses: list = []   # per microbatch: L aux losses, then L z-losses (scalars)
         self.entropy: list = []  # per microbatch [L]: sum over tokens of -sum_e p ln p
+        self.drops: list = []    # per microbatch [L, 2] (capacity only): dropped assignments, dropped tokens
         for moe in self.layers:
             moe.record_routing = self.enabled
             moe.last_routing = None
@@ -134,6 +143,8 @@ class StepStats:
             moe.last_routing = None
         self.counts += [r.counts for r in records]
         self.losses += [r.aux for r in records] + [r.z for r in records]
+        if records[0].drops is not None:
+            self.drops.append(torch.stack([r.drops for r in records]))
         # -p ln p with 0 ln 0 = 0, written over the stacked copy of the probabilities (one [L, T, E] buffer).
         probs = torch.stack([r.probs for r in records])
         self.entropy.append(torch.special.entr(probs, out=probs).sum(dim=(1, 2)))
@@ -179,9 +190,47 @@ def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_los
         else:  # one EP rank holds every token: 1.0 by definition
             v["overload"][topo.dp_rank, rows] = 1.0
             v["cum_overload"][topo.dp_rank, rows] = 1.0
+        if layout.drops or layout.bias:
+            _pack_routing_stats(layout, step_stats, v, rows)
     all_reduce_(flat, topo.pp_group)
     all_reduce_(flat, topo.dp_group)
     return flat
+
+
+def _pack_routing_stats(layout: StatsLayout, step_stats: StepStats, v: dict, rows: slice) -> None:
+    """The capacity and bias-balancing block: per layer the step's dropped assignments, tokens with all
+    k assignments dropped and tokens routed (sums over microbatches), and the mean |expert bias|."""
+    if layout.drops:
+        if len(step_stats.drops) != layout.num_microbatches:
+            raise RuntimeError(f"pack_step_stats: drop counts of {len(step_stats.drops)} microbatches, "
+                               f"expected {layout.num_microbatches}")
+        v["drops"][rows, :2] = torch.stack(step_stats.drops).sum(0)
+        v["drops"][rows, 2] = v["counts"][rows].sum(-1) / step_stats.top_k
+    if layout.bias:
+        v["bias"][rows] = torch.stack([moe.router.expert_bias for moe in step_stats.layers]).abs().mean(-1)
+
+
+def routing_metrics(layout: StatsLayout, v: dict, detailed: bool = False) -> dict:
+    """moe/drop_rate (dropped assignments / T*k), moe/token_drop_rate (tokens with all k dropped / T),
+    pooled over layers, and moe/bias_abs_mean; per layer too in detailed mode. v: the host-side blocks."""
+    out = {}
+    ids = layout.moe_layer_ids
+    if layout.drops:
+        d = v["drops"]  # [L, 3]
+        assignments = v["counts"].sum(axis=1)  # [L] = T*k summed over the step
+        out["moe/drop_rate"] = float(d[:, 0].sum() / max(assignments.sum(), 1.0))
+        out["moe/token_drop_rate"] = float(d[:, 1].sum() / max(d[:, 2].sum(), 1.0))
+        if detailed:
+            for row, layer_id in enumerate(ids):
+                out[f"moe/layer_{layer_id}/drop_rate"] = float(d[row, 0] / max(assignments[row], 1.0))
+                out[f"moe/layer_{layer_id}/token_drop_rate"] = float(d[row, 1] / max(d[row, 2], 1.0))
+    if layout.bias:
+        b = v["bias"] / layout.dp  # the same on every DP rank, summed by the reduction
+        out["moe/bias_abs_mean"] = float(b.mean())
+        if detailed:
+            for row, layer_id in enumerate(ids):
+                out[f"moe/layer_{layer_id}/bias_abs_mean"] = float(b[row])
+    return out
 
 
 def _sorted_percentiles(sorted_values: np.ndarray, qs: Sequence[float]) -> np.ndarray:
@@ -244,4 +293,5 @@ def moe_metrics(layout: StatsLayout, flat, detailed: bool = False, top_n: int = 
             out[f"moe/layer_{layer_id}/avg_overload_factor"] = float(overload_avg[row])
             out[f"moe/layer_{layer_id}/max_overload_factor"] = float(overload_max[row])
         out["moe/counts"] = {str(layer_id): row for layer_id, row in zip(ids, c.astype(np.int64).tolist())}
+    out.update(routing_metrics(layout, v, detailed))
     return out

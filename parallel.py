@@ -359,9 +359,11 @@ def clip_grads_(params: Sequence[nn.Parameter], norm: torch.Tensor, max_norm: fl
 
 
 def full_state_dict(model: nn.Module, topo: Topology) -> Optional[dict]:
-    """Unsharded parameters of the whole model on global rank 0 (None elsewhere). Parameter names are
-    global (layers are keyed by their global index), so stages merge by name."""
+    """Unsharded parameters and persistent buffers (e.g. the routers' expert biases, replicated over TP)
+    of the whole model on global rank 0 (None elsewhere). Names are global (layers are keyed by their
+    global index), so stages merge by name."""
     local = {}
+    saved = model.state_dict(keep_vars=True)  # parameters and persistent buffers
     for name, p in model.named_parameters():
         t = p.detach()
         if topo.tp > 1 and hasattr(p, "tp_split"):
@@ -369,6 +371,9 @@ def full_state_dict(model: nn.Module, topo: Topology) -> Optional[dict]:
             dist.all_gather(shards, t.contiguous(), group=topo.tp_group)
             t = unshard(shards, p)
         local[name] = t.float().cpu().clone()
+    for name, buf in model.named_buffers():
+        if name in saved:
+            local[name] = buf.detach().float().cpu().clone()
     if topo.pp == 1:
         return local if topo.rank == 0 else None
     gathered = [None] * topo.pp

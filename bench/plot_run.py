@@ -1,6 +1,8 @@
-"""Plot a training run from its metrics.jsonl: losses, MoE load balance, per-layer expert utilization.
+"""Plot a training run from its metrics.jsonl: losses, MoE load balance, per-layer expert utilization;
+or overlay several runs.
 
     python bench/plot_run.py RUN_DIR [--out DIR]
+    python bench/plot_run.py RUN1 RUN2 ... [--out DIR]
 
 Needs matplotlib (pip install matplotlib); the training script itself does not.
 """
@@ -15,6 +17,8 @@ from types import ModuleType
 from typing import Any, Optional
 
 DESCRIPTION = """Writes loss.png, load_cv.png and utilization_heatmap.png for RUN_DIR/metrics.jsonl.
+With several run directories, writes overlay_loss.png (training loss, smoothed, and validation loss of
+every run) and overlay_load_cv.png (moe/cv_mean), by default into overlay/ beside the first run.
 metrics.jsonl is appended to by every run in RUN_DIR, so it may hold several runs one after another:
 only the LAST run is plotted (a new run starts where the step number goes back down, or a training
 step repeats). The heatmap needs the expert count matrix, logged with --moe-metrics detailed or
@@ -179,6 +183,38 @@ def plot_heatmap(plt: ModuleType, recs: list[dict], title: str, path: str) -> Op
     return save(plt, fig, path)
 
 
+def plot_overlay(plt: ModuleType, runs: list, out: str) -> list:
+    """runs: [(name, records)]. One colour per run: smoothed training loss (line) and validation loss
+    (markers); and the mean load CV over layers when the runs logged it."""
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for i, (name, recs) in enumerate(runs):
+        c = colors(i % colors.N)
+        steps, loss = series(recs, "loss")
+        if loss:
+            ax.plot(steps, ema(loss, max(1, len(loss) // 50)), lw=1.1, color=c, label=f"{name} train (EMA)")
+        vs, vv = series(recs, "val_loss")
+        if vs:
+            ax.plot(vs, vv, "o--", ms=4, lw=0.8, color=c, label=f"{name} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(f"{len(runs)} runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(runs) > 6 else 1)
+    written = [save(plt, fig, os.path.join(out, "overlay_loss.png"))]
+    if any(series(recs, "moe/cv_mean")[0] for _, recs in runs):
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        for i, (name, recs) in enumerate(runs):
+            ax.plot(*series(recs, "moe/cv_mean"), lw=1, color=colors(i % colors.N), label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("CV of tokens per expert (mean over layers)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2 if len(runs) > 6 else 1)
+        written.append(save(plt, fig, os.path.join(out, "overlay_load_cv.png")))
+    return written
+
+
 def save(plt: ModuleType, fig: Any, path: str) -> str:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)  # free it: pyplot keeps every open figure alive
@@ -187,8 +223,9 @@ def save(plt: ModuleType, fig: Any, path: str) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output-dir")
-    p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="a training run's --output-dir (several: overlay)")
+    p.add_argument("--out", default=None,
+                   help="where to write the PNGs (default RUN_DIR/plots; for an overlay, overlay/ beside the first run)")
     args = p.parse_args(argv)
     try:
         import matplotlib
@@ -197,6 +234,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ImportError:
         print("plot_run.py needs matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
+    if len(args.run_dirs) > 1:
+        return main_overlay(plt, args.run_dirs, args.out)
+    args.run_dir = args.run_dirs[0]
     try:
         metrics = os.path.join(args.run_dir, "metrics.jsonl")
         if not os.path.isdir(args.run_dir):
@@ -226,6 +266,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("note: no moe/counts records; the utilization heatmap needs --moe-metrics detailed "
               "(or --moe-detailed-every N); skipped utilization_heatmap.png")
     for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def main_overlay(plt: ModuleType, run_dirs: list, out: Optional[str]) -> int:
+    try:
+        runs = []
+        for d in run_dirs:
+            metrics = os.path.join(d, "metrics.jsonl")
+            if not os.path.isfile(metrics):
+                raise PlotError(f"no metrics.jsonl in {d}")
+            runs.append((os.path.basename(os.path.abspath(d)), read_last_run(metrics)[0]))
+        out = out or os.path.join(os.path.dirname(os.path.abspath(run_dirs[0])), "overlay")
+        os.makedirs(out, exist_ok=True)
+    except (PlotError, OSError) as e:
+        print(f"plot_run.py: error: {e}", file=sys.stderr)
+        return 2
+    for path in plot_overlay(plt, runs, out):
         print(f"wrote {path}")
     return 0
 
