@@ -182,8 +182,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
             f.flush()
             os.fsync(f.fileno())
         _fsync_path(tmp)
-        if final.exists():  # the same step saved before (e.g. a re-run final save): replace it
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved before: renamed away first, so no half copy keeps the name
+            os.replace(final, ckpt_dir / f".del-{final.name}")
         os.replace(tmp, final)
         _fsync_path(ckpt_dir)
         marker_tmp = ckpt_dir / f".{LATEST}.tmp"
@@ -191,6 +191,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
         _fsync_path(marker_tmp)
         os.replace(marker_tmp, ckpt_dir / LATEST)
         _fsync_path(ckpt_dir)
+        shutil.rmtree(ckpt_dir / f".del-{final.name}", ignore_errors=True)
         if keep_last > 0:
             for _, old in complete_checkpoints(ckpt_dir)[:-keep_last]:
                 if old.name not in protected:  # renamed first: a kill mid-delete leaves no half checkpoint
@@ -229,7 +230,12 @@ class _ShardReader:
         """This rank's shard (under `topo`, split by `spec`) of the saved tensor `key`; checks its shape."""
         if key not in self.tensors:
             raise CheckpointError(f"{self.path}: no tensor {key} in the checkpoint")
-        t = shard_of(self.full(key), spec, topo.tp_rank, topo.tp)
+        entry = self.tensors[key]
+        saved_spec = None if entry["tp_split"] is None else (entry["tp_split"][0], list(entry["tp_split"][1]))
+        if spec is not None and len(entry["files"]) == topo.tp and saved_spec == (spec[0], list(spec[1])):
+            t = self._file(entry["files"][topo.tp_rank])[key]  # the same TP split: this rank's own shard
+        else:
+            t = shard_of(self.full(key), spec, topo.tp_rank, topo.tp)
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.path}: {key} has shape {list(t.shape)} here, {list(shape)} expected")
         return t
@@ -237,11 +243,11 @@ class _ShardReader:
 
 @torch.no_grad()
 def load_checkpoint(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    topo: Topology) -> dict:
+                    topo: Topology, manifest: Optional[dict] = None) -> dict:
     """Loads this rank's parameters, buffers and (if optimizer is given) AdamW state from the checkpoint
     at `path`, whatever layout it was saved under. RNG states are restored when the layout is the same.
-    Returns the manifest."""
-    manifest = read_manifest(path)
+    Returns the manifest (read here unless given)."""
+    manifest = manifest or read_manifest(path)
     reader = _ShardReader(path, manifest)
     for name, t in model.state_dict(keep_vars=True).items():
         t.copy_(reader.local(f"model/{name}", t.shape, split_spec(t), topo))
@@ -271,27 +277,32 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optional[torch.opti
 
 def load_consolidated(path: Path, with_optimizer: bool = False) -> tuple[dict, dict]:
     """(manifest, {name: full tensor}) for one process, e.g. sampling: the model's parameters and
-    buffers keyed as in `GPT(cfg, Topology()).state_dict()`; with_optimizer adds the `optim/...` keys."""
+    buffers keyed as in `GPT(cfg, Topology()).state_dict()`; with_optimizer adds the `optim/...` keys.
+    Unsharded tensors are memory-mapped views of the files (copied where they are loaded into a model)."""
     manifest = read_manifest(path)
     reader = _ShardReader(path, manifest)
     state = {}
     for key in manifest["tensors"]:
         if key.startswith("model/"):
-            state[key[len("model/"):]] = reader.full(key).clone()
+            state[key[len("model/"):]] = reader.full(key)
         elif with_optimizer:
-            state[key] = reader.full(key).clone()
+            state[key] = reader.full(key)
     return manifest, state
 
 
 # --------------------------------------------------------------------------------------------------
 # Resuming under other flags
 # --------------------------------------------------------------------------------------------------
-# Model fields that may change on resume: they alter training, not the parameters' meaning.
-CHANGEABLE_MODEL_FIELDS = {"dropout", "router_aux_loss_coef", "router_z_loss_coef", "moe_expert_impl"}
+# Model fields that may change on resume: they alter how training goes on, not what the parameters mean.
+# The bias update rate may change too, but not between zero and non-zero (the expert-bias buffer exists
+# only when it is on).
+CHANGEABLE_MODEL_FIELDS = {"dropout", "router_aux_loss_coef", "router_z_loss_coef", "moe_expert_impl",
+                           "moe_capacity_factor", "moe_drop_policy", "moe_renorm_after_drop", "moe_bias_update_rate"}
 # Flags worth a word when they differ from the checkpoint's run (they change what training does next).
 REPORTED_FLAGS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
                   "adam_eps", "grad_clip", "seed", "global_batch_size", "data", "dropout", "router_aux_loss_coef",
-                  "router_z_loss_coef")
+                  "router_z_loss_coef", "moe_capacity_factor", "moe_drop_policy", "moe_renorm_after_drop",
+                  "moe_bias_update_rate")
 
 
 def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology) -> str:
@@ -300,6 +311,10 @@ def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology) -> s
     saved, now = manifest["model"], meta["model"]
     differing = [f"{k} (checkpoint {saved.get(k)}, now {now.get(k)})" for k in sorted(set(saved) | set(now))
                  if k not in CHANGEABLE_MODEL_FIELDS and k in saved and k in now and saved[k] != now[k]]
+    rate = "moe_bias_update_rate"
+    if bool(saved.get(rate, 0.0)) != bool(now.get(rate, 0.0)):
+        differing.append(f"{rate} (checkpoint {saved.get(rate, 0.0)}, now {now.get(rate)}: bias balancing "
+                         f"cannot be switched on or off on resume)")
     if differing:
         raise CheckpointError(f"--resume {path}: the checkpoint's model differs from these flags in "
                               + ", ".join(differing))

@@ -183,10 +183,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
              "expert_intermediate_size", "vocab_size")
     non_negative("num_experts", "warmup_steps", "weight_decay", "grad_clip", "min_lr", "eval_interval",
                  "eval_iters", "moe_detailed_every", "moe_histogram_every", "router_aux_loss_coef",
-                 "router_z_loss_coef", "gc_interval", "save_interval", "keep_last")
-    for name in ("moe_capacity_factor", "moe_bias_update_rate"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
+                 "router_z_loss_coef", "gc_interval", "save_interval", "keep_last", "moe_capacity_factor",
+                 "moe_bias_update_rate")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
@@ -269,7 +267,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         check_hub(args.hf_repo)
 
 
-def ensure_writable_dir(path: str, flag: str, rank: int) -> None:
+def ensure_writable_dir(path: str, flag: str) -> None:
     """Proves that `path` can be created and written, or raises ConfigError naming the flag. Directories
     it had to create are removed again: a run that fails later (bad --data, say) leaves nothing behind,
     and each directory is made for real when something is first written into it."""
@@ -280,14 +278,14 @@ def ensure_writable_dir(path: str, flag: str, rank: int) -> None:
             created.append(missing)
             missing = missing.parent
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{rank}-{os.getpid()}")
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
     finally:
-        for d in created:  # deepest first; another rank may already have removed it or written into it
+        for d in created:  # deepest first
             with contextlib.suppress(OSError):
                 d.rmdir()
 
@@ -343,7 +341,6 @@ class TrainResult:
     val_loss: Optional[float] = None
     state_dict: Optional[dict] = None  # full unsharded parameters at the end (rank 0, if asked for)
     checkpoint: Optional[str] = None  # the last checkpoint written or loaded
-    stopped_early: bool = False  # a SIGTERM/SIGINT ended the run after a checkpoint
 
 
 class NonFiniteError(RuntimeError):
@@ -370,14 +367,19 @@ def scheduled_gc():
             gc.enable()
 
 
-class StopSignals:
-    """SIGTERM/SIGINT ask the run to stop after the current step (a checkpoint is then saved). A second
-    SIGINT interrupts at once. `agreed` makes every rank stop at the same step: one rank's signal is
-    enough, shared through a host-side (gloo) all-reduce that never touches the GPU stream."""
+class RunControl:
+    """Decisions every rank must take at the same step. SIGTERM/SIGINT ask the run to stop (after a
+    checkpoint); a second SIGINT interrupts at once. Rank 0 may also have seen a non-finite loss at a
+    logging step. `exchange` shares these as a code (0 go on, STOP, NONFINITE; the largest wins) through a
+    host-side (gloo) all-reduce that never touches the GPU stream. It is asynchronous: the exchange launched
+    after step s is read after step s + 1, so no rank waits for the others' hosts, and every rank reads the
+    same verdict at the same step."""
+    STOP, NONFINITE = 1, 2
 
     def __init__(self):
         self.received: Optional[str] = None
         self._previous = {}
+        self._pending = None  # (work, buffer) of the exchange in flight
 
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
@@ -394,27 +396,45 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
-    def agreed(self, topo: Topology) -> bool:
+    def exchange(self, topo: Topology, nonfinite_seen: bool) -> int:
+        code = max(self.NONFINITE if nonfinite_seen else 0, self.STOP if self.received else 0)
         if topo.world_size == 1:
-            return self.received is not None
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=topo.control_group)
-        if flag.item() and self.received is None:
+            return code
+        verdict = 0
+        if self._pending is not None:
+            work, buf = self._pending
+            work.wait()
+            verdict = int(buf.item())  # a CPU tensor: no device sync
+        buf = torch.tensor([code], dtype=torch.int32)
+        self._pending = (dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=topo.control_group, async_op=True), buf)
+        if verdict == self.STOP and self.received is None:
             self.received = "a signal on another rank"
-        return bool(flag.item())
+        return verdict
+
+    def finish(self) -> None:
+        """Completes the exchange still in flight (every rank calls it after its last step)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 class FiniteWatch:
     """Remembers, on the device and without a host sync, the first step whose loss or gradient norm was
-    not finite. `check` (at logging and saving steps, and at the end) reads it on every rank."""
+    not finite. Rank 0 reads whether there is one in its logging transfer (`seen_on_host`); `check`, a
+    collective, reads the step on every rank before each save, at the end, and when rank 0 saw one."""
     NONE = 2 ** 62
 
     def __init__(self, device: torch.device):
         self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.seen_on_host = False
 
     def update(self, step: int, norm: torch.Tensor, loss_sum: torch.Tensor) -> None:
         bad = ~torch.isfinite(norm.detach().float() + loss_sum.detach().float())  # NaN/inf survive the sum
         self.first_bad = torch.minimum(self.first_bad, torch.where(bad, step, self.NONE))
+
+    def flag(self) -> torch.Tensor:
+        """1.0 if a non-finite step was seen (device scalar), to ride along a transfer the host makes anyway."""
+        return (self.first_bad != self.NONE).float().view(1)
 
     def check(self, topo: Topology, last_good: Optional[str]) -> None:
         first = self.first_bad.clone()
@@ -442,6 +462,7 @@ class Trainer:
     stats_layout: StatsLayout
     run_log: Optional[RunLog]
     checkpoint_dir: Path
+    resume_from: Optional[Path]  # the checkpoint --resume resolved to (None: start at step 0)
     uploader: Optional[HubUploader]
     emit: Callable  # prints on rank 0 without garbling the progress bar
     flops_per_token: float
@@ -474,7 +495,7 @@ def train(args: argparse.Namespace, return_state: bool = False) -> TrainResult:
 def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: contextlib.ExitStack) -> TrainResult:
     t = setup(args, topo, precision, cleanup)
     result = TrainResult()
-    start = resume(t, result) if args.resume else 0
+    start = resume(t, result)
     if args.eval_only:
         evaluate_and_log(t, start - 1, result)
     else:
@@ -493,9 +514,11 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
         from tqdm import tqdm
         progress = tqdm(total=args.max_steps, initial=start, desc="train", dynamic_ncols=True, leave=False)
         t.emit = progress.write
+        if t.uploader is not None:  # its thread prints too
+            t.uploader.say = t.emit
     if args.gc_interval:
         cleanup.enter_context(scheduled_gc())
-    signals = cleanup.enter_context(StopSignals())
+    control = cleanup.enter_context(RunControl())
     watch = FiniteWatch(topo.device)
     clock = Throughput(start - 1)
     t.model.train()
@@ -508,28 +531,31 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
         out = train_step(t, step, record_stats=log_now and args.moe_metrics != "off")
         watch.update(step, out.norm, out.lm_loss_sum)
         if log_now:
-            watch.check(topo, result.checkpoint)
-            log_step(t, step, out, clock, result)
+            log_step(t, step, out, clock, result, watch)
         if progress is not None:
             progress.update(1)
         if args.eval_iters > 0 and ((args.eval_interval > 0 and (step + 1) % args.eval_interval == 0)
                                     or step == args.max_steps - 1):
             with clock.paused():  # evaluation time is not training throughput
                 evaluate_and_log(t, step, result)
-        stop = signals.agreed(topo)
+        verdict = control.exchange(topo, watch.seen_on_host)
+        if verdict == RunControl.NONFINITE:
+            watch.check(topo, result.checkpoint)  # raises on every rank
+        stop = verdict == RunControl.STOP
         done = step + 1
         if stop or (args.save_interval and done % args.save_interval == 0 and done < args.max_steps):
             watch.check(topo, result.checkpoint)  # never save a broken state over a good checkpoint
             with clock.paused():  # nor is saving
                 save(t, done, result)
         if stop:
-            t.emit(f"stopped by {signals.received} after step {step}: checkpoint {result.checkpoint}; "
+            control.finish()
+            t.emit(f"stopped by {control.received} after step {step}: checkpoint {result.checkpoint}; "
                    f"continue with --resume auto (or --resume {result.checkpoint})")
-            result.stopped_early = True
             break
         clock.excluded += profiler.step()  # writing the trace is not training throughput
     else:
         watch.check(topo, result.checkpoint)
+        control.finish()
         if not args.no_save and args.max_steps > start:
             save(t, args.max_steps, result)
     if progress is not None:
@@ -540,7 +566,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     """Data, model, optimizer, communication, statistics and logging: everything before the first step."""
     is_main = topo.rank == 0
     say = print if is_main else (lambda *a, **k: None)
-    output_dir, checkpoint_dir = run_dirs(args, topo)
+    output_dir, checkpoint_dir, resume_from = run_dirs(args, topo)
     corpus = load_corpus(args.data, args.vocab_size)
     check_lengths(corpus, args.max_seq_length, args.data)
     if corpus.vocab_size % topo.tp:
@@ -597,31 +623,53 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         step_stats=StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=stats_on),
         stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.num_experts, m, topo.dp,
                                  drops=cfg.moe_capacity_factor > 0, bias=cfg.moe_bias_update_rate > 0),
-        run_log=run_log, checkpoint_dir=checkpoint_dir, uploader=uploader, emit=print if is_main else say,
+        run_log=run_log, checkpoint_dir=checkpoint_dir, resume_from=resume_from, uploader=uploader, emit=say,
         flops_per_token=flops_per_token(cfg, active), peak_flops=peak_flops(topo.device, precision))
 
 
-def run_dirs(args, topo: Topology) -> tuple[Path, Path]:
-    """The output and checkpoint directories, the same on every rank. Rank 0 checks that they can be
-    created and written before any model is built and shares its verdict, so a bad path is one line and
-    exit code 2 on every rank."""
+def run_dirs(args, topo: Topology) -> tuple[Path, Path, Optional[Path]]:
+    """The output and checkpoint directories and the checkpoint to resume from (None: a fresh start), the
+    same on every rank. Rank 0 decides, before any model is built, and shares its verdict, so a bad path
+    is one line and exit code 2 on every rank and no rank waits for another that failed."""
     output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     checkpoint_dir = args.checkpoint_dir or os.path.join(output_dir, "checkpoints")
-    error = None
+    resume_from, error = None, None
     if topo.rank == 0:
         try:
-            ensure_writable_dir(output_dir, "--output-dir", topo.rank)
-            if not (args.eval_only or (args.no_save and not args.save_interval)):  # else nothing is saved
-                ensure_writable_dir(checkpoint_dir, "--checkpoint-dir", topo.rank)
-        except ConfigError as e:
+            ensure_writable_dir(output_dir, "--output-dir")
+            will_save = not args.no_save or 0 < args.save_interval < args.max_steps
+            if will_save and not args.eval_only:
+                ensure_writable_dir(checkpoint_dir, "--checkpoint-dir")
+            resume_from = checkpoint_to_resume(args, Path(checkpoint_dir), will_save)
+        except (ConfigError, CheckpointError) as e:
             error = str(e)
     if topo.world_size > 1:  # ranks may also read the clock in different seconds: rank 0's names win
-        shared = [output_dir, checkpoint_dir, error]
+        shared = [output_dir, checkpoint_dir, resume_from, error]
         dist.broadcast_object_list(shared, src=0)
-        output_dir, checkpoint_dir, error = shared
+        output_dir, checkpoint_dir, resume_from, error = shared
     if error:
         raise ConfigError(error)
-    return Path(output_dir), Path(checkpoint_dir)
+    return Path(output_dir), Path(checkpoint_dir), resume_from
+
+
+def checkpoint_to_resume(args, checkpoint_dir: Path, will_save: bool) -> Optional[Path]:
+    """--resume PATH or auto -> the checkpoint to load (None: start at step 0). A fresh run that would save
+    into a directory holding an earlier run's checkpoints is refused: --keep-last would delete its new
+    checkpoints in favour of the old ones, and a later --resume auto would take the old run's."""
+    found = complete_checkpoints(checkpoint_dir)
+    if args.resume is None:
+        if found and will_save:
+            raise ConfigError(f"--checkpoint-dir {checkpoint_dir} already holds checkpoints of an earlier run (newest "
+                              f"{found[-1][1].name}): continue it with --resume auto, or choose another "
+                              f"--output-dir / --checkpoint-dir")
+        return None
+    if args.resume != "auto":
+        return resolve_checkpoint(args.resume)
+    if found:
+        return found[-1][1]
+    if args.eval_only:
+        raise CheckpointError(f"--eval-only --resume auto: no checkpoint in {checkpoint_dir} to evaluate")
+    return None
 
 
 def rank_batch(t: Trainer, split: str, tokens, step: int):
@@ -689,7 +737,8 @@ class Throughput:
         return tps
 
 
-def log_step(t: Trainer, step: int, out: StepOutput, clock: Throughput, result: TrainResult) -> None:
+def log_step(t: Trainer, step: int, out: StepOutput, clock: Throughput, result: TrainResult,
+             watch: FiniteWatch) -> None:
     """Reduces this step's statistics (two collectives) and, on rank 0, logs one record everywhere."""
     args, topo = t.args, t.topo
     detailed = args.moe_metrics == "detailed" or (args.moe_detailed_every > 0 and step % args.moe_detailed_every == 0)
@@ -698,8 +747,10 @@ def log_step(t: Trainer, step: int, out: StepOutput, clock: Throughput, result: 
     if not t.is_main:
         return
     tps = clock.tokens_per_sec(step, args.global_batch_size * args.max_seq_length)
-    # The one device-to-host transfer of the logging step: the statistics and the grad norm.
-    host = torch.cat([flat, out.norm.detach().float().view(1)]).cpu().numpy().astype(np.float64)
+    # The one device-to-host transfer of the logging step: the statistics, the grad norm, the non-finite flag.
+    host = torch.cat([flat, out.norm.detach().float().view(1), watch.flag()]).cpu().numpy().astype(np.float64)
+    watch.seen_on_host = bool(host[-1])
+    host = host[:-1]
     parts = t.stats_layout.split(host[:-1])
     lm = parts["lm"].tolist()
     metrics = moe_metrics(t.stats_layout, host[:-1], detailed)
@@ -745,7 +796,10 @@ def evaluate_and_log(t: Trainer, step: int, result: TrainResult) -> None:
 
 
 def checkpoint_meta(t: Trainer) -> dict:
-    return {"model": t.cfg.to_dict(), "args": vars(t.args)}
+    """The manifest's record of the run: the model config and every flag, --data as an absolute path (the
+    sampler finds the tokenizer through it from any working directory)."""
+    data = os.path.abspath(t.args.data) if t.args.data else None
+    return {"model": t.cfg.to_dict(), "args": {**vars(t.args), "data": data}}
 
 
 def save(t: Trainer, done_steps: int, result: TrainResult) -> None:
@@ -760,19 +814,16 @@ def save(t: Trainer, done_steps: int, result: TrainResult) -> None:
 
 
 def resume(t: Trainer, result: TrainResult) -> int:
-    """Loads the checkpoint --resume names into the model and optimizer; returns the first step to run."""
-    args = t.args
-    if args.resume == "auto":
-        found = complete_checkpoints(t.checkpoint_dir)
-        if not found:
+    """Loads the checkpoint --resume resolved to into the model (and, to train on, the optimizer); returns
+    the first step to run."""
+    args, path = t.args, t.resume_from
+    if path is None:
+        if args.resume == "auto":
             t.emit(f"resume auto: no checkpoint in {t.checkpoint_dir}, starting from step 0")
-            return 0
-        path = found[-1][1]
-    else:
-        path = resolve_checkpoint(args.resume)
+        return 0
     manifest = read_manifest(path)
     t.emit(describe_resume(path, manifest, checkpoint_meta(t), t.topo))
-    load_checkpoint(path, t.model, t.optimizer, t.topo)
+    load_checkpoint(path, t.model, None if args.eval_only else t.optimizer, t.topo, manifest)
     result.checkpoint = str(path)
     if t.is_main:
         t.run_log.log({"step": manifest["step"], "resumed_from": str(path)})

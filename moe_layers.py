@@ -207,12 +207,14 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, num_local: int, hidden_size: int, ffn_size: int,
-                 init_std: float = 0.02, out_init_std: float = 0.02, impl: str = "auto"):
+                 init_std: float = 0.02, out_init_std: float = 0.02, impl: str = "auto", drops: bool = False):
         super().__init__()
         if impl not in ("auto", "grouped", "loop"):
             raise ValueError(f"expert impl must be auto, grouped or loop, got {impl}")
         self.num_local, self.hidden_size, self.ffn_size, self.impl = num_local, hidden_size, ffn_size, impl
-        self.all_local = num_local == num_experts  # then every row belongs to a local expert
+        # Rows past the last group exist under EP (experts on other ranks) and when assignments are dropped
+        # (drops=True); otherwise every row belongs to a group and no mask is needed.
+        self.tail_rows = num_local < num_experts or drops
         # Sharded over the EP (= TP) group along the expert dimension.
         self.w_gate_up = mark_sharded(nn.Parameter(torch.empty(num_local, hidden_size, 2 * ffn_size)), 0, [num_experts])
         self.w_down = mark_sharded(nn.Parameter(torch.empty(num_local, ffn_size, hidden_size)), 0, [num_experts])
@@ -228,7 +230,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype)
-        if self.all_local:  # no rows past the last group: nothing to mask
+        if not self.tail_rows:  # every row belongs to a group: nothing to mask
             return self._run(x, ends, w1, w2)
         valid = (torch.arange(x.shape[0], device=x.device) < ends[-1]).unsqueeze(-1)
         # Rows past the last group are never written by the grouped GEMM: mask them in and out so
@@ -300,10 +302,9 @@ class SparseMoE(nn.Module):
         self.step_load: Optional[torch.Tensor]
         self.register_buffer("step_load", torch.zeros(num_experts) if bias_update_rate > 0 else None,
                              persistent=False)
+        # Dropped assignments sort past the last group, even when every expert is local.
         self.experts = GroupedExperts(num_experts, self.num_local, hidden_size, ffn_size, init_std,
-                                      out_init_std, expert_impl)
-        if capacity_factor > 0:  # dropped assignments sort past the last group even with every expert local
-            self.experts.all_local = False
+                                      out_init_std, expert_impl, drops=capacity_factor > 0)
         # Statistics: while record_routing is set (by moe_stats.StepStats, at logging steps), a training
         # forward leaves its RoutingRecord here; StepStats takes it after each microbatch.
         self.record_routing = False

@@ -493,6 +493,9 @@ def main(argv=None) -> int:
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an --out that cannot be created or written, a full disk
+        print(f"error: --out {args.out}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+        return 2
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -83,9 +83,17 @@ def main(argv=None) -> int:
             codec = text_codec(data_flag)
         except DataError as e:
             raise SampleError(f"--checkpoint {path}: its run's {e}") from None
-        if codec.vocab_size != meta["model"]["vocab_size"]:
-            raise SampleError(f"--checkpoint {path}: the model's vocabulary ({meta['model']['vocab_size']}) is not "
-                              f"the {codec.vocab_size} tokens of the byte-level text of its run's --data {data_flag}")
+        # The model's vocabulary may be larger than the tokenizer's (padded to a multiple of 64), not smaller.
+        if codec.vocab_size > meta["model"]["vocab_size"]:
+            raise SampleError(f"--checkpoint {path}: the model's vocabulary ({meta['model']['vocab_size']}) is smaller "
+                              f"than the {codec.vocab_size} tokens of its run's --data {data_flag}")
+        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                              else "cpu")
+        try:
+            model = load_model(meta, state, device)
+        except (TypeError, RuntimeError) as e:  # a config field or a tensor this code does not know
+            raise SampleError(f"--checkpoint {path}: cannot build its model here "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     except SampleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -93,9 +101,6 @@ def main(argv=None) -> int:
         print(f"error: --checkpoint {e}", file=sys.stderr)
         return 2
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    model = load_model(meta, state, device)
     prompt = torch.tensor([codec.encode(args.prompt)] * args.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     print(f"checkpoint {path} (step {meta['step']}), device {device}"

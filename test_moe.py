@@ -1540,9 +1540,10 @@ def test_resume_reports_changed_flags_and_eval_only_matches(tmp_path, monkeypatc
     path = tmp_path / "a" / "checkpoints" / "step_00000003"
     capsys.readouterr()
     more = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", "4", "--learning-rate", "1e-3",
-                                        "--resume", str(path)), monkeypatch)
+                                        "--moe-capacity-factor", "2.0", "--resume", str(path)), monkeypatch)
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("resuming from")]
     assert len(line) == 1 and "--max-steps 3 -> 4" in line[0] and "--learning-rate 0.003 -> 0.001" in line[0], line
+    assert "--moe-capacity-factor 0.0 -> 2.0" in line[0], line  # capacity changes routing, not the parameters
     assert len(more.losses) == 1
     evaluated = _train_in_process(_ckpt_argv(tmp_path / "c", "--max-steps", "3", "--resume", str(path), "--eval-only"),
                                   monkeypatch)
@@ -1562,6 +1563,34 @@ def _assert_one_error_line(r: subprocess.CompletedProcess, code: int, *needles: 
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def test_fresh_run_over_old_checkpoints_and_eval_only_without_one_exit_2(tmp_path, monkeypatch):
+    _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "1"), monkeypatch)
+    d = tmp_path / "a" / "checkpoints"
+    before = sorted(p.name for p in d.iterdir())
+    r = _run_cli(_ckpt_argv(tmp_path / "a", "--max-steps", "2"))  # would save next to the old run's checkpoints
+    _assert_one_error_line(r, 2, "--checkpoint-dir", "--resume auto")
+    assert sorted(p.name for p in d.iterdir()) == before
+    r = _run_cli(_ckpt_argv(tmp_path / "a", "--max-steps", "1", "--no-save"))  # saves nothing: allowed
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run_cli(_ckpt_argv(tmp_path / "empty", "--max-steps", "1", "--resume", "auto", "--eval-only"))
+    _assert_one_error_line(r, 2, "--eval-only", "no checkpoint")
+
+
+def test_sample_a_run_on_prepared_bytes_from_another_directory(tmp_path, monkeypatch, capsys):
+    """prepare_data's bytes tokenizer has 257 ids and the model a padded 320; --data was relative."""
+    import prepare_data
+    import sample
+    (tmp_path / "text.txt").write_text("def add(x, y):\n    return x + y\n\n" * 300)
+    monkeypatch.chdir(tmp_path)
+    assert prepare_data.main(["text.txt", "--out", "prepared", "--val-fraction", "0.1"]) == 0
+    _train_in_process(_ckpt_argv(tmp_path / "run", "--max-steps", "2", "--data", "prepared"), monkeypatch)
+    monkeypatch.chdir(tmp_path / "run")
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--device", "cpu",
+                        "--max-new-tokens", "5", "--prompt", "def"]) == 0, capsys.readouterr().err
+    assert "tokens/s" in capsys.readouterr().out
 
 
 def test_resume_with_other_model_exits_2_naming_fields(tmp_path, monkeypatch):
