@@ -2482,12 +2482,23 @@ MODULE = Path(__file__).stem  # the worker subprocesses import this file by name
 
 
 def _dist_data_file() -> str:
-    """A small fixed text corpus for the equivalence runs (the project's own model source)."""
+    """A small fixed text corpus for the equivalence runs: code-like lines drawn from a seeded generator.
+    It must not depend on the code under test (it once was the project's own source, so every edit of
+    moe_layers.py changed the data of every equivalence test) nor on the Python version."""
     global _DIST_DATA
     if _DIST_DATA is None:
+        import random
+        rng = random.Random(20261123)
+        words = ["def", "return", "self", "import", "for", "in", "if", "else", "while", "x", "y", "z", "i", "=",
+                 "+", "-", "*", "(", ")", "[", "]", ":", ",", "0", "1", "2", "torch", "tensor", "expert", "token",
+                 "layer", "weight", "grad", "shape", "None", "True"]
+        lines = []
+        for _ in range(1500):
+            indent = "    " * rng.randrange(3)
+            lines.append(indent + " ".join(rng.choice(words) for _ in range(rng.randrange(2, 10))))
         fd, path = tempfile.mkstemp(suffix=".txt", prefix="moe_dist_data_")
-        with os.fdopen(fd, "wb") as f:
-            f.write((HERE / "moe_layers.py").read_bytes() + (HERE / "model.py").read_bytes())
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
         _DIST_DATA = path
     return _DIST_DATA
 
