@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -80,8 +79,8 @@ def main() -> int:
     res = {"parameters": n_params, "checkpoint_bytes": size, "bytes_per_parameter": size / n_params,
            "save_s": save_s, "load_s": load_s, "save_GBps": size / save_s / 1e9, "load_GBps": size / load_s / 1e9,
            "bit_exact": same, "device": gpu, "torch": torch.__version__, "dir": str(path)}
-    print(f"| parameters | checkpoint size | save | load | bit-exact |")
-    print(f"|---|---|---|---|---|")
+    print("| parameters | checkpoint size | save | load | bit-exact |")
+    print("|---|---|---|---|---|")
     print(f"| {n_params / 1e6:.1f}M | {size / 2**30:.2f} GiB ({size / n_params:.1f} B/param) | {save_s:.2f} s "
           f"({res['save_GBps']:.2f} GB/s) | {load_s:.2f} s ({res['load_GBps']:.2f} GB/s) | {same} |")
     print(f"device {gpu}, torch {torch.__version__}, checkpoint {path}")
