@@ -27,6 +27,7 @@ from checkpoint import (CheckpointError, HubUploader, check_hub, complete_checkp
 from data import Corpus, DataError, batch_offsets, check_lengths, get_batch, load_corpus
 from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
+from mixed_precision import ExpertWeightCopies
 from moe_stats import StatsLayout, StepStats, moe_metrics, pack_step_stats
 from parallel import (DataParallelGrads, LayoutError, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
                       clip_grads_, destroy_topology, env_world_size, full_state_dict, grad_norm, init_topology,
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the raw softmax probabilities of the top-k experts as combine weights")
     e.add_argument("--moe-expert-impl", choices=["auto", "grouped", "loop"], default="auto",
                    help="expert GEMMs: torch._grouped_mm, a per-expert loop (syncs with the host), or auto")
+    e.add_argument("--moe-bf16-weights", choices=["on", "off"], default="on",
+                   help="under bf16: keep bf16 copies of the expert weights, refreshed once per optimizer step, with "
+                        "their gradients added straight into the fp32 ones (off: cast at every microbatch)")
     e.add_argument("--moe-capacity-factor", type=float, default=0.0,
                    help="each expert takes at most ceil(C * tokens * k / experts) assignments per microbatch, "
                         "the rest are dropped (0 = no-drop)")
@@ -104,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     t.add_argument("--compile", action="store_true", help="torch.compile the model (see --compile-scope)")
-    t.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
-                   help="with --compile: each transformer block on its own (one graph shared by the layers, short "
-                        "compile) or the whole stage in one graph (fewer launches and Python calls per step)")
+    t.add_argument("--compile-scope", choices=["blocks", "model"], default="model",
+                   help="with --compile: the whole stage in one graph (fewer launches and Python calls per step) or "
+                        "each transformer block on its own (one graph shared by the layers, shorter compilation)")
     t.add_argument("--gc-interval", type=int, default=50,
                    help="0: Python's automatic garbage collector; N: freeze the objects of set-up, turn automatic "
                         "collection off while training and collect the young generations every N steps")
@@ -456,6 +460,7 @@ class Trainer:
     params: list
     optimizer: torch.optim.Optimizer
     dp_grads: DataParallelGrads
+    weight_copies: Optional[ExpertWeightCopies]  # bf16 expert weights: refresh() after every change of the masters
     autocast: contextlib.AbstractContextManager
     comm: Optional[PipeComm]
     step_stats: StepStats
@@ -599,6 +604,10 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
 
     params = list(model.parameters())
     dp_grads = DataParallelGrads(params, topo, args.ddp_bucket_size_mb)
+    weight_copies = None
+    if precision == "bf16" and args.moe_bf16_weights == "on" and cfg.num_experts:
+        weight_copies = ExpertWeightCopies([moe.experts for moe in model.moe_layers().values()], torch.bfloat16,
+                                           dp_grads.grad_ready)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -618,7 +627,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     stats_on = args.moe_metrics != "off"
     return Trainer(
         args=args, topo=topo, cfg=cfg, corpus=corpus, model=model, params=params, optimizer=optimizer,
-        dp_grads=dp_grads, autocast=torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
+        dp_grads=dp_grads, weight_copies=weight_copies, autocast=torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
         comm=PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None,
         step_stats=StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=stats_on),
         stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.num_experts, m, topo.dp,
@@ -714,6 +723,8 @@ def train_step(t: Trainer, step: int, record_stats: bool) -> StepOutput:
         norm = grad_norm(t.params, topo)
         clip_grads_(t.params, norm, args.grad_clip)
         t.optimizer.step()
+        if t.weight_copies is not None:
+            t.weight_copies.refresh()
         update_expert_biases(t.model.moe_layers().values(), topo)  # aux-loss-free balancing (if on)
     return StepOutput(lr, norm, lm_loss_sum, events)
 
@@ -824,6 +835,8 @@ def resume(t: Trainer, result: TrainResult) -> int:
     manifest = read_manifest(path)
     t.emit(describe_resume(path, manifest, checkpoint_meta(t), t.topo))
     load_checkpoint(path, t.model, None if args.eval_only else t.optimizer, t.topo, manifest)
+    if t.weight_copies is not None:
+        t.weight_copies.refresh()
     result.checkpoint = str(path)
     if t.is_main:
         t.run_log.log({"step": manifest["step"], "resumed_from": str(path)})

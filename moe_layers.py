@@ -219,6 +219,9 @@ class GroupedExperts(nn.Module):
         self.w_gate_up = mark_sharded(nn.Parameter(torch.empty(num_local, hidden_size, 2 * ffn_size)), 0, [num_experts])
         self.w_down = mark_sharded(nn.Parameter(torch.empty(num_local, ffn_size, hidden_size)), 0, [num_experts])
         self.w_gate_up.init_std, self.w_down.init_std = init_std, out_init_std
+        # (w_gate_up, w_down) in bf16, kept by mixed_precision.ExpertWeightCopies when training under bf16:
+        # used instead of casting the fp32 weights at every forward.
+        self.compute_copies: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def use_grouped(self, x: torch.Tensor) -> bool:
         if self.impl == "loop":
@@ -228,8 +231,14 @@ class GroupedExperts(nn.Module):
             raise RuntimeError(f"torch._grouped_mm is not available for {x.dtype} on {x.device}")
         return ok
 
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_gate_up, w_down) in the compute dtype: the kept bf16 copies if there are any, else a cast."""
+        if self.compute_copies is not None and self.compute_copies[0].dtype == dtype:
+            return self.compute_copies
+        return self.w_gate_up.to(dtype), self.w_down.to(dtype)
+
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        w1, w2 = self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype)
+        w1, w2 = self.weights(x.dtype)
         if not self.tail_rows:  # every row belongs to a group: nothing to mask
             return self._run(x, ends, w1, w2)
         valid = (torch.arange(x.shape[0], device=x.device) < ends[-1]).unsqueeze(-1)
@@ -342,7 +351,7 @@ class SparseMoE(nn.Module):
         with phase("moe/permute"):
             # Sort the T*k assignments by expert, local experts first: key = (expert - first_local) mod E
             # puts this rank's experts at 0..L-1.
-            key = (flat_expert - self.first_local) % E
+            key = ((flat_expert - self.first_local) % E).to(torch.int32)  # 32-bit keys: half the radix passes
             if kept is not None:  # dropped assignments after every expert: outside all groups
                 key = torch.where(kept.view(-1), key, E)
             order = torch.argsort(key, stable=True)  # [T*k] sorted row -> assignment t*k + j

@@ -425,7 +425,7 @@ class DataParallelGrads:
         self._reset_counters()
         if self.enabled:
             for p in self.params:
-                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+                p.register_post_accumulate_grad_hook(self.grad_ready)
 
     def _attach_views(self) -> None:
         for flat, b in zip(self.flat, self.buckets):
@@ -446,8 +446,10 @@ class DataParallelGrads:
             flat.zero_()
         self._attach_views()
 
-    def _on_grad_ready(self, p: nn.Parameter) -> None:
-        if not self.sync:
+    def grad_ready(self, p: nn.Parameter) -> None:
+        """p's gradient of this microbatch is complete (a post-accumulate hook; ExpertWeightCopies calls it
+        for the masters it accumulates into by hand)."""
+        if not (self.sync and self.enabled):
             return
         self.ready[self.bucket_of[p]] += 1
         self._launch_ready()

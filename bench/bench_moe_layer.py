@@ -1,7 +1,7 @@
 """The MoE layer alone on one GPU against a dense SwiGLU MLP of the same FLOPs, the grouped-GEMM roof and
 the copy bandwidth, in one run so that the ratios are comparable.
 
-    python bench/bench_moe_layer.py [--shapes T,d,f,E,k ...] [--regimes autocast bf16] [--profile]
+    python bench/bench_moe_layer.py [--shapes T,d,f,E,k ...] [--regimes autocast copies bf16] [--profile]
                                     [--compile] [--iters 30] [--out bench_moe_layer.json]
 
 Per shape (T tokens, d_model d, expert FFN f, E experts, top-k) and precision regime:
@@ -13,9 +13,13 @@ Per shape (T tokens, d_model d, expert FFN f, E experts, top-k) and precision re
     bytes (2 + 2k) * d * 2 per token (each token read once, written k times sorted, k rows read back,
     one row written);
   - peak memory of one forward + backward above what was allocated before it.
-Regimes: "autocast" = fp32 parameters and fp32 input under bf16 autocast (what training does: the
-expert weights are cast to bf16 at every forward); "bf16" = bf16 parameters and input, no autocast.
-Gradients are set to None before each iteration (written fresh, not accumulated). Timing: CUDA events
+Regimes: "autocast" = fp32 parameters and fp32 input under bf16 autocast, the expert weights cast to
+bf16 at every forward (training with --moe-bf16-weights off); "copies" = the same under the trainer's
+default, mixed_precision.ExpertWeightCopies: bf16 expert weights refreshed from the fp32 masters in
+every iteration (one microbatch per optimizer step, the worst case) and the bf16 weight gradients added
+into persistent fp32 gradients, every other gradient accumulated as the trainer's buffers do too (the
+dense MLP casts as in training); "bf16" = bf16 parameters and input, no autocast. Except under
+"copies", gradients are set to None before each iteration (written fresh, not accumulated). Timing: CUDA events
 around each call, warm-up first, median of --iters. --profile adds a torch.profiler breakdown of the
 layer's GPU kernels (the expert grouped GEMMs' share) at every shape. --compile also times the MoE
 layer and the MLP under torch.compile.
@@ -34,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import MLP, ModelConfig  # noqa: E402
 from moe_layers import SparseMoE  # noqa: E402
+from mixed_precision import ExpertWeightCopies  # noqa: E402
 from parallel import Topology  # noqa: E402
 
 try:
@@ -75,14 +80,18 @@ def copy_bandwidth(iters: int) -> float:
 def fwd_bwd(module, x, grad, regime: str):
     """A closure running one forward + backward of module on x (MoE: output and loss; MLP: output)."""
     params = list(module.parameters())
+    copies = ExpertWeightCopies([module.experts], torch.bfloat16) if regime == "copies" and hasattr(module, "experts") else None
 
     def zero():
-        for p in params:
-            p.grad = None
+        if regime != "copies":  # under "copies" gradients accumulate into persistent fp32 buffers
+            for p in params:
+                p.grad = None
         x.grad = None
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=regime == "autocast"):
+        if copies is not None:
+            copies.refresh()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=regime in ("autocast", "copies")):
             out, loss = module(x)
         if loss is None:
             out.backward(grad)
@@ -129,7 +138,7 @@ def bench_shape(shape: str, regime: str, iters: int, copy_bw: float, do_profile:
     with torch.no_grad():
         for p in list(moe.parameters()) + list(mlp.parameters()):
             p.normal_(0.0, 0.02)
-    pdtype = torch.float32 if regime == "autocast" else torch.bfloat16
+    pdtype = torch.bfloat16 if regime == "bf16" else torch.float32
     moe.to(pdtype), mlp.to(pdtype)
     x = torch.randn(T, d, device=dev, dtype=pdtype, requires_grad=True)
     grad = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
@@ -214,7 +223,8 @@ def bench_shape(shape: str, regime: str, iters: int, copy_bw: float, do_profile:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="T,d,f,E,k per shape")
-    ap.add_argument("--regimes", nargs="+", choices=["autocast", "bf16"], default=["autocast", "bf16"])
+    ap.add_argument("--regimes", nargs="+", choices=["autocast", "copies", "bf16"],
+                    default=["autocast", "copies", "bf16"])
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="kernel breakdown of the MoE layer at every shape")
     ap.add_argument("--compile", action="store_true", help="also time both layers under torch.compile")

@@ -1,6 +1,6 @@
 """Whole-model training throughput on one GPU, side by side in one run (issue 10, targets 4 and 5).
 
-    python bench/bench_throughput.py moe [--micro-batch-size 8] [--steps 30]
+    python bench/bench_throughput.py moe [--micro-batch-size 8] [--steps 30] [--moe-variant="--moe-bf16-weights off"]
     python bench/bench_throughput.py small --nanogpt DIR [--steps 100] [--compile-scopes blocks model]
 
 moe:   the 8-layer d_model 1024 MoE model (32 experts, top-4, expert FFN 512, 72M active parameters)
@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--micro-batch-size", type=int, nargs="+", default=[8], help="moe suite: one pair of runs each")
     ap.add_argument("--compile-scopes", nargs="+", default=["blocks", "model"], choices=["blocks", "model"])
+    ap.add_argument("--moe-variant", action="append", default=[], metavar="FLAGS",
+                    help="moe suite: also run the MoE model with these extra flags (quoted; repeatable), "
+                         "e.g. '--moe-bf16-weights off'")
     ap.add_argument("--nanogpt", default=None, help="small suite: path of a nanoGPT checkout")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -94,10 +97,14 @@ def main() -> None:
         for mbs in a.micro_batch_size:
             for scope in a.compile_scopes:
                 extra = ["--micro-batch-size", str(mbs), "--compile-scope", scope]
-                moe = ours(f"MoE mbs{mbs} {scope}", MOE_COMMON + MOE + extra, steps, 5)
+                moe = [ours(f"MoE mbs{mbs} {scope}", MOE_COMMON + MOE + extra, steps, 5)]
+                for variant in a.moe_variant:
+                    moe.append(ours(f"MoE mbs{mbs} {scope} {variant}", MOE_COMMON + MOE + extra + variant.split(),
+                                    steps, 5))
                 dense = ours(f"dense mbs{mbs} {scope}", MOE_COMMON + DENSE + extra, steps, 5)
-                moe["moe_over_dense"] = moe["tokens_per_sec"] / dense["tokens_per_sec"]
-                rows += [moe, dense]
+                for r in moe:
+                    r["moe_over_dense"] = r["tokens_per_sec"] / dense["tokens_per_sec"]
+                rows += [*moe, dense]
     else:
         if not a.nanogpt:
             raise SystemExit("error: the small suite needs --nanogpt DIR (a checkout of karpathy/nanoGPT)")
@@ -114,7 +121,7 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     for r in rows:
         ratio = r.get("moe_over_dense", r.get("ours_over_nanogpt"))
-        print(f"{r['name']:<28} {r['tokens_per_sec']:>12,.0f} tokens/s" + (f"   ratio {ratio:.3f}" if ratio else ""))
+        print(f"{r['name']:<48} {r['tokens_per_sec']:>12,.0f} tokens/s" + (f"   ratio {ratio:.3f}" if ratio else ""))
     out = a.out or f"bench_throughput_{a.suite}.json"
     json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, open(out, "w"), indent=2)
     print(f"wrote {out}")
