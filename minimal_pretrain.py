@@ -627,7 +627,8 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     stats_on = args.moe_metrics != "off"
     return Trainer(
         args=args, topo=topo, cfg=cfg, corpus=corpus, model=model, params=params, optimizer=optimizer,
-        dp_grads=dp_grads, weight_copies=weight_copies, autocast=torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
+        dp_grads=dp_grads, weight_copies=weight_copies,
+        autocast=torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
         comm=PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None,
         step_stats=StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=stats_on),
         stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.num_experts, m, topo.dp,

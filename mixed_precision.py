@@ -51,7 +51,7 @@ class ExpertWeightCopies:
             torch._foreach_copy_(self.copies, self.masters)
 
     def _accumulate(self, master: nn.Parameter, copy: torch.Tensor) -> None:
-        if master.grad is None:
+        if master.grad is None:  # no gradient buffers (a layer used on its own); the trainer's always exist
             master.grad = copy.grad.to(master.dtype)
         else:
             master.grad.add_(copy.grad)  # fp32 += bf16, summed in fp32

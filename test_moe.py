@@ -2474,8 +2474,9 @@ def _bf16_moe_microbatches(copies: bool):
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0.0, 0.2)
-    ready = []
-    kept = ExpertWeightCopies([moe.experts], torch.bfloat16, ready.append) if copies else None
+    ready = []  # (master, its gradient when reported complete)
+    kept = ExpertWeightCopies([moe.experts], torch.bfloat16, lambda m: ready.append((m, m.grad.clone())))\
+        if copies else None
     gen = torch.Generator().manual_seed(1)
     outs = []
     for _ in range(2):  # two microbatches: the second accumulates
@@ -2494,8 +2495,13 @@ def test_expert_weight_copies_equal_the_cast_path_bit_for_bit():
     for (name, p), q in zip(moe.named_parameters(), ref.parameters()):
         assert p.grad is not None and torch.equal(p.grad, q.grad), name
     assert all(c.grad is None for c in kept.copies)  # freed after each add
-    # each master was reported complete once per microbatch (what the DP all-reduce counts)
-    assert sorted(map(id, ready)) == sorted([id(moe.experts.w_gate_up), id(moe.experts.w_down)] * 2)
+    # each master was reported complete once per microbatch (what the DP all-reduce counts), and only
+    # after this microbatch's gradient was added: the last report already holds the final gradient
+    masters = (moe.experts.w_gate_up, moe.experts.w_down)
+    assert sorted(id(m) for m, _ in ready) == sorted(map(id, masters * 2))
+    for master in masters:
+        first, last = [g for m, g in ready if m is master]
+        assert torch.equal(last, master.grad) and not torch.equal(first, master.grad)
 
 
 def test_expert_weight_copies_are_what_the_layer_reads_until_refreshed():
@@ -2672,10 +2678,13 @@ def test_pp_uneven_split_matches_single_process(tmp_path, tmp_path_factory):
     assert_same_run(_launch(3, _base_argv("mixed") + ["--pipeline-parallel-size", "3"], tmp_path), ref)
 
 
-def test_dp2_bf16_weight_copies_match_the_cast_path(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--tensor-parallel-size", "2"], ["--pipeline-parallel-size", "2"]],
+                         ids=["dp2", "tp2-ep2", "pp2-1f1b"])
+def test_bf16_weight_copies_match_the_cast_path_in_parallel(flags, tmp_path):
     """Under DP the copies report each master's gradient to the bucketed all-reduce by hand (no autograd
-    hook fires on the masters): the result must equal the cast path bit for bit."""
-    argv = _base_argv("mixed") + ["--precision", "bf16"]
+    hook fires on the masters; one parameter per bucket here), under TP/EP each rank keeps copies of its
+    own experts, under PP of its own stage's: every layout must equal the cast path bit for bit."""
+    argv = _base_argv("mixed") + ["--precision", "bf16", "--ddp-bucket-size-mb", "1e-5"] + flags
     (tmp_path / "on").mkdir()
     (tmp_path / "off").mkdir()
     on = _launch(2, argv, tmp_path / "on")

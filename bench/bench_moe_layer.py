@@ -19,8 +19,8 @@ default, mixed_precision.ExpertWeightCopies: bf16 expert weights refreshed from 
 every iteration (one microbatch per optimizer step, the worst case) and the bf16 weight gradients added
 into persistent fp32 gradients, every other gradient accumulated as the trainer's buffers do too (the
 dense MLP casts as in training); "bf16" = bf16 parameters and input, no autocast. Except under
-"copies", gradients are set to None before each iteration (written fresh, not accumulated). Timing: CUDA events
-around each call, warm-up first, median of --iters. --profile adds a torch.profiler breakdown of the
+"copies", gradients are set to None before each iteration (written fresh, not accumulated). Timing:
+CUDA events around each call, warm-up first, median of --iters. --profile adds a torch.profiler breakdown of the
 layer's GPU kernels (the expert grouped GEMMs' share) at every shape. --compile also times the MoE
 layer and the MLP under torch.compile.
 """
@@ -80,7 +80,9 @@ def copy_bandwidth(iters: int) -> float:
 def fwd_bwd(module, x, grad, regime: str):
     """A closure running one forward + backward of module on x (MoE: output and loss; MLP: output)."""
     params = list(module.parameters())
-    copies = ExpertWeightCopies([module.experts], torch.bfloat16) if regime == "copies" and hasattr(module, "experts") else None
+    copies = None
+    if regime == "copies" and hasattr(module, "experts"):  # the MoE layer: bf16 expert weights as training keeps them
+        copies = ExpertWeightCopies([module.experts], torch.bfloat16)
 
     def zero():
         if regime != "copies":  # under "copies" gradients accumulate into persistent fp32 buffers
