@@ -794,21 +794,27 @@ def test_cumulative_overload_can_cancel_when_held_together():
 # --------------------------------------------------------------------------------------------------
 # 11. No host-device sync in the grouped MoE forward and its statistics (CUDA only)
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs can only be detected on CUDA")
-@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype feature")
-def test_no_host_sync_in_grouped_forward():
-    # Checked on an H100 (torch 2.11): passes with the grouped path, and the same forward with
-    # expert_impl="loop" (which reads the group ends back to the host) fails with "called a
-    # synchronizing CUDA operation", so the check does detect a sync.
+def _cuda_moe_for_sync_check(**kw) -> tuple:
+    """A small SparseMoE on CUDA (E8, top-2) with initialised weights, a bf16 input and its StepStats; skips
+    where the grouped GEMM (the path without host reads) is not available."""
     torch.manual_seed(0)
-    moe = SparseMoE(128, 256, 8, 2, Topology(device=torch.device("cuda")), expert_impl="auto").cuda()
+    moe = SparseMoE(128, 256, 8, 2, Topology(device=torch.device("cuda")), **kw).cuda()
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0.0, 0.02)
     x = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
     if not moe.experts.use_grouped(x):
         pytest.skip("torch._grouped_mm is not available for bf16 on this GPU")
-    stats = StepStats({0: moe}, top_k=2)
+    return moe, x, StepStats({0: moe}, top_k=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs can only be detected on CUDA")
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype feature")
+def test_no_host_sync_in_grouped_forward():
+    # Checked on an H100 (torch 2.11): passes with the grouped path, and the same forward with
+    # expert_impl="loop" (which reads the group ends back to the host) fails with "called a
+    # synchronizing CUDA operation", so the check does detect a sync.
+    moe, x, stats = _cuda_moe_for_sync_check(expert_impl="auto")
     moe(x)  # warm-up outside the sync check (lazy initialisation may sync)
     stats.end_microbatch()
     torch.cuda.synchronize()
@@ -2306,16 +2312,8 @@ def test_routing_bad_flags_exit_2(flags, name, capsys, monkeypatch, tmp_path):
 @pytest.mark.parametrize("policy", ["position", "probs"])
 def test_no_host_sync_with_capacity_and_bias(policy):
     """Capacity selection, renormalisation, the drop statistics and the bias update stay on the device."""
-    torch.manual_seed(0)
-    moe = SparseMoE(128, 256, 8, 2, Topology(device=torch.device("cuda")), capacity_factor=1.0,
-                    drop_policy=policy, renorm_after_drop=True, router_score="sigmoid", bias_update_rate=1e-3).cuda()
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0.0, 0.02)
-    x = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
-    if not moe.experts.use_grouped(x):
-        pytest.skip("torch._grouped_mm is not available for bf16 on this GPU")
-    stats = StepStats({0: moe}, top_k=2)
+    moe, x, stats = _cuda_moe_for_sync_check(capacity_factor=1.0, drop_policy=policy, renorm_after_drop=True,
+                                             router_score="sigmoid", bias_update_rate=1e-3)
     moe(x)[0].float().sum().backward()  # warm-up outside the sync check (lazy initialisation may sync)
     stats.end_microbatch()
     torch.cuda.synchronize()
