@@ -132,7 +132,9 @@ def scatter_rows(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[tor
     rows = src.repeat_interleave(k, dim=0)  # [T*k, d] in assignment order t*k + j
     if weights is not None:
         rows = rows * weights.reshape(-1, 1).to(rows.dtype)
-    return torch.empty_like(rows).index_copy_(0, inverse, rows)
+    # Out of place: an in-place op inside an autograd.Function breaks torch 2.11's compile (see
+    # parallel.all_reduced).
+    return torch.empty_like(rows).index_copy(0, inverse, rows)
 
 
 def gather_sum(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[torch.Tensor], k: int) -> torch.Tensor:

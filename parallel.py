@@ -140,9 +140,21 @@ def destroy_topology() -> None:
 
 
 def all_reduce_(t: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce, for eager code outside the model (statistics, norms, evaluation)."""
     if group is not None:
         dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def all_reduced(t: torch.Tensor, group: Optional[dist.ProcessGroup], op: str = "sum") -> torch.Tensor:
+    """Out-of-place all-reduce (op "sum" or "max"): a new tensor, t is left as it was. The model's autograd
+    functions use this functional collective and no in-place op: torch.compile traces it as a plain op, while
+    an in-place op inside an autograd.Function makes torch 2.11's compile route the gradient to the wrong
+    output (pytorch/pytorch#180642: wrong TP gradients under --compile)."""
+    if group is None:
+        return t
+    out = torch.ops._c10d_functional.all_reduce(t.contiguous(), op, group.group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)  # orders the current stream after it; no host sync
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,7 +171,7 @@ class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         with phase("tp/all_reduce_bwd"):
-            return all_reduce_(grad.contiguous().clone(), ctx.group), None
+            return all_reduced(grad, ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -168,7 +180,7 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         with phase("tp/all_reduce_fwd"):
-            return all_reduce_(x.contiguous().clone(), group)
+            return all_reduced(x, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -296,29 +308,25 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, vocab_start, group):
+        # No in-place ops here or in backward (see all_reduced).
         logits = logits.float()
-        local_max = logits.max(dim=-1).values
-        all_reduce_(local_max, group, dist.ReduceOp.MAX)
-        shifted = logits - local_max.unsqueeze(-1)
-        exp = shifted.exp()
-        sum_exp = all_reduce_(exp.sum(dim=-1), group)
+        logits_max = all_reduced(logits.max(dim=-1).values, group, "max")
+        shifted = logits - logits_max.unsqueeze(-1)
         local_t = target - vocab_start
         inside = (local_t >= 0) & (local_t < logits.shape[-1])
         local_t = local_t.masked_fill(~inside, 0)
-        target_logit = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * inside
-        all_reduce_(target_logit, group)
+        target_logit = all_reduced(shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * inside, group)
+        exp = shifted.exp()
+        sum_exp = all_reduced(exp.sum(dim=-1), group)
         loss = sum_exp.log() - target_logit
-        exp.div_(sum_exp.unsqueeze(-1))  # softmax, kept for backward
-        ctx.save_for_backward(exp, local_t, inside)
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local_t, inside)  # the softmax
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         softmax, local_t, inside = ctx.saved_tensors
-        grad = softmax.clone()
-        grad.scatter_add_(-1, local_t.unsqueeze(-1), -inside.to(grad.dtype).unsqueeze(-1))
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None
+        grad = softmax.scatter_add(-1, local_t.unsqueeze(-1), -inside.to(softmax.dtype).unsqueeze(-1))
+        return grad * grad_loss.unsqueeze(-1), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, topo: Topology) -> torch.Tensor:

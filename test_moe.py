@@ -3211,5 +3211,75 @@ def test_capacity_and_bias_same_under_layouts(case, world_size, flags, tmp_path,
         assert 0 <= r["moe/token_drop_rate"] <= r["moe/drop_rate"] * 2
 
 
+
+# --------------------------------------------------------------------------------------------------
+# Issue 17: the compiled parallel path. torch 2.11's compile routes the gradient of an autograd.Function
+# to the wrong output when its forward mutates a tensor in place (pytorch/pytorch#180642): TP under
+# --compile trained with wrong gradients over NCCL, and so did one GPU (the MoE permutation). CI's torch
+# does not have that bug, so the first test checks the cause itself, on any torch: no autograd function of
+# ours runs an in-place op in its forward or backward.
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group in this process (the TP autograd functions need a group to run)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _in_place_ops(fn) -> list:
+    """The in-place (or out=) ops that fn() dispatches: a mutable schema or an aten/c10d name ending in '_'
+    (c10d's allreduce_ does not mark its schema mutable)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.is_mutable or func._schema.name.split("::")[-1].endswith("_"):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        fn()
+    return rec.seen
+
+
+def test_autograd_functions_run_no_in_place_op(one_rank_group):
+    import moe_ops
+    import parallel
+    g = torch.Generator().manual_seed(0)
+    T, k, d, V = 6, 2, 8, 10
+    inverse = torch.randperm(T * k, generator=g)
+
+    def case(fn, *shapes):
+        inputs = [torch.randn(*s, generator=g, requires_grad=True) for s in shapes]
+
+        def forward_and_backward():
+            out = fn(*inputs)
+            torch.autograd.grad(out, inputs, torch.randn(out.shape, generator=g))
+        return forward_and_backward
+
+    cases = {
+        parallel._CopyToTP: case(lambda x: parallel._CopyToTP.apply(x, one_rank_group), (T, d)),
+        parallel._ReduceFromTP: case(lambda x: parallel._ReduceFromTP.apply(x, one_rank_group), (T, d)),
+        parallel._VocabParallelCrossEntropy: case(lambda z: parallel._VocabParallelCrossEntropy.apply(
+            z, torch.randint(0, V, (T,), generator=g), 0, one_rank_group), (T, V)),
+        moe_ops._PermuteTokens: case(lambda x: moe_ops.permute_tokens(x, inverse, k), (T, d)),
+        moe_ops._UnpermuteCombine: case(lambda y, w: moe_ops.unpermute_combine(y, inverse, w), (T * k, d), (T, k)),
+        moe_ops._SwiGLU: case(moe_ops.swiglu, (T, 2 * d)),
+    }
+    ours = {c for m in (parallel, moe_ops) for c in vars(m).values()
+            if isinstance(c, type) and issubclass(c, torch.autograd.Function) and c.__module__ == m.__name__}
+    assert ours == set(cases), "a new autograd function needs a case here"
+    for cls, run in cases.items():
+        assert _in_place_ops(run) == [], cls.__name__
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
