@@ -33,8 +33,10 @@ def set_enabled(on: bool) -> None:
 
 def phase(name: str):
     """A named profiler range while profiling is on, a shared no-op context otherwise (and inside code that
-    torch.compile traces, which would drop the range anyway)."""
-    if not _enabled or torch.compiler.is_compiling():
+    torch.compile traces, which would drop the range anyway). The compile test comes first: torch.compile
+    then never reads the switch, so switching ranges on changes nothing it compiled (reading it would add
+    a guard, and every switch would recompile the model, inside the traced window)."""
+    if torch.compiler.is_compiling() or not _enabled:
         return _NULL
     _seen.add(name)
     return torch.profiler.record_function(name)
@@ -50,6 +52,19 @@ def trace_name(rank: int, step: int, gzip: bool, partial: bool = False) -> str:
 
 
 _MB_INDEX = re.compile(r"/mb\d+$")
+_COMPILE_MARK = "(dynamo_timed)"  # the suffix of torch.compile's own ranges (tracing, lowering, codegen)
+
+
+def compilation_ms(events) -> float:
+    """Host milliseconds inside torch.compile's compilation ranges among profiler events (FunctionEvents):
+    the union of their time spans, so nested ranges count once."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.endswith(_COMPILE_MARK))
+    total_us, covered = 0.0, float("-inf")
+    for start, end in spans:
+        if end > covered:
+            total_us += end - max(start, covered)
+            covered = end
+    return total_us / 1e3
 
 
 def phase_table(averages, names: set, steps: int) -> tuple[float, list]:
@@ -88,9 +103,9 @@ class StepProfiler:
 
     Steps first_step .. first_step + wait - 1 are not watched, the next `warmup` steps run the profiler
     but drop its events (its start-up cost stays out of the trace), the next `active` steps are recorded.
-    Named ranges are on during the warm-up and recorded steps: under --compile, switching them on makes
-    torch.compile recompile the blocks (it guards on the switch), and that belongs in the warm-up.
-    Without `enabled` every method returns at once.
+    Named ranges are on during the warm-up and recorded steps (code that torch.compile traces never reads
+    the switch, so it compiles nothing new). Compilation inside the recorded steps (a first step, or a
+    recompilation) is reported as a warning with its time. Without `enabled` every method returns at once.
     """
 
     def __init__(self, enabled: bool, trace_dir: str = "", wait: int = 5, warmup: int = 3, active: int = 5,
@@ -136,6 +151,11 @@ class StepProfiler:
         os.replace(partial, final)  # whole files only: rank 0 may be looking for it
         self.path = final
         self.write(f"profile: rank {self.rank} wrote {final} (steps {self.first}-{self.last})")
+        compiling = compilation_ms(prof.events())
+        if compiling > 0:
+            self.write(f"profile: rank {self.rank}: warning: the recorded steps include {compiling:.0f} ms of "
+                       f"torch.compile compilation, so they are not steady steps (start the window later: "
+                       f"--profile-wait)")
         if self.rank == 0:
             step_ms, table = phase_table(prof.key_averages(), set(_seen), self.active)
             self.write(format_table(step_ms, table, self.first, self.last))

@@ -3281,5 +3281,64 @@ def test_autograd_functions_run_no_in_place_op(one_rank_group):
         assert _in_place_ops(run) == [], cls.__name__
 
 
+def test_named_ranges_change_nothing_that_torch_compile_compiles():
+    """Switching the profiler's ranges on must not recompile: code that torch.compile traces never reads
+    the switch (a guard on it recompiled the model inside the traced window)."""
+    from torch._dynamo.testing import CompileCounter
+    import profiling
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter)
+    def f(x):
+        with profiling.phase("moe/router"):
+            return x * 2
+
+    torch._dynamo.reset()
+    try:
+        for on in (False, True, False, True):
+            profiling.set_enabled(on)
+            f(torch.ones(3))
+    finally:
+        profiling.set_enabled(False)
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+
+
+def test_tp2_compiled_and_profiled_matches_one_eager_process(tmp_path):
+    """The path users take for speed (TP2 + --compile), also profiled: the same losses, gradient norms and
+    parameters as one eager process, and no compilation inside the recorded steps. With --log-interval 3
+    the logging steps (which record statistics, a guarded switch) and the others compile apart: steps 0
+    and 1 compile both, the window is steps 2-4 and holds logging step 3."""
+    argv = _base_argv("mixed") + ["--max-steps", "5", "--log-interval", "3", "--moe-metrics", "brief"]
+    (tmp_path / "ref").mkdir()
+    ref = _launch(1, argv, tmp_path / "ref")
+    got = _launch(2, argv + ["--tensor-parallel-size", "2", "--compile", "--profile", "--profile-wait", "1",
+                             "--profile-warmup", "1", "--profile-steps", "3"], tmp_path, timeout=600)
+    assert [r["step"] for r in ref["records"]] == [0, 3, 4]
+    assert_same_run(got, ref)
+    traces = sorted((tmp_path / "run" / "traces").iterdir())
+    assert [p.name for p in traces] == ["trace_rank0_step2.json", "trace_rank1_step2.json"]
+    for path in traces:
+        names = {e["name"] for e in _load_trace(path) if e.get("ph") == "X"}
+        assert {n for n in names if n.startswith("ProfilerStep#")} == {"ProfilerStep#2", "ProfilerStep#3",
+                                                                       "ProfilerStep#4"}
+        compiling = sorted(n for n in names if n.endswith("(dynamo_timed)"))
+        assert not compiling, f"{path.name} holds compilation: {compiling[:5]}"
+
+
+def test_compilation_ms_counts_nested_ranges_once():
+    import profiling
+    from types import SimpleNamespace as Ev
+
+    def ev(name, start, end):
+        return Ev(name=name, time_range=Ev(start=start, end=end))
+    events = [ev("_compile.compile_inner (dynamo_timed)", 0, 1000), ev("compile_fx_inner (dynamo_timed)", 100, 900),
+              ev("aten::mm", 1000, 5000), ev("backward._backward_impl (dynamo_timed)", 6000, 6500),
+              ev("bw_compiler (dynamo_timed)", 6400, 7000)]
+    assert profiling.compilation_ms(events) == pytest.approx(2.0)  # 1000 us + 6000..7000 us
+    assert profiling.compilation_ms(events[2:3]) == 0
+
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
