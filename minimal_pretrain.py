@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import (CheckpointError, HubUploader, check_hub, complete_checkpoints, describe_resume, load_checkpoint,
-                        read_manifest, resolve_checkpoint, save_checkpoint)
+from checkpoint import (MANIFEST, CheckpointError, HubUploader, check_hub, complete_checkpoints, describe_resume,
+                        load_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
 from data import Corpus, DataError, batch_offsets, check_lengths, get_batch, load_corpus
 from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
@@ -271,10 +271,12 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         check_hub(args.hf_repo)
 
 
-def ensure_writable_dir(path: str, flag: str) -> None:
-    """Proves that `path` can be created and written, or raises ConfigError naming the flag. Directories
-    it had to create are removed again: a run that fails later (bad --data, say) leaves nothing behind,
-    and each directory is made for real when something is first written into it."""
+@contextlib.contextmanager
+def probe_file(path: str, flag: str):
+    """Creates `path` (and its missing parents) and a probe file in it, yields the probe's path, then removes
+    the probe and every directory it had to create, so a run that fails later (bad --data, say) leaves
+    nothing behind; each directory is made for real when something is first written into it. Raises
+    ConfigError naming the flag if `path` cannot be created or written."""
     created = []
     try:
         missing = Path(path).absolute()
@@ -285,13 +287,47 @@ def ensure_writable_dir(path: str, flag: str) -> None:
         probe = os.path.join(path, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
     except OSError as e:
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise ConfigError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
+    try:
+        yield probe
     finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
         for d in created:  # deepest first
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+def ensure_writable_dir(path: str, flag: str) -> None:
+    """Proves that `path` can be created and written, or raises ConfigError naming the flag."""
+    with probe_file(path, flag):
+        pass
+
+
+def check_shared_checkpoints(checkpoint_dir: Optional[str], resume_from: Optional[Path], topo: Topology) -> None:
+    """Every rank writes its shards into the checkpoint directory rank 0 creates (None: this run saves none),
+    and reads the checkpoint it resumes from: on several machines both must be on a filesystem that every
+    node shares. Rank 0 leaves a probe file in the directory and every rank looks for it and for the
+    checkpoint (a relative path is taken from each rank's own working directory). Collective; raises
+    ConfigError on every rank if some rank cannot see them."""
+    probe = probe_file(checkpoint_dir, "--checkpoint-dir") if topo.rank == 0 and checkpoint_dir else None
+    with probe or contextlib.nullcontext() as path:
+        name = [os.path.basename(path) if path else None]
+        dist.broadcast_object_list(name, src=0)
+        sees = name[0] is None or os.path.exists(os.path.join(checkpoint_dir, name[0]))
+        if resume_from is not None:
+            sees = sees and os.path.exists(os.path.join(resume_from, MANIFEST))
+        blind = torch.tensor([int(not sees)], dtype=torch.int32)
+        dist.all_reduce(blind, group=topo.control_group)  # host-side (gloo): no GPU stream involved
+    if blind.item():
+        what = " and ".join(([f"--checkpoint-dir {checkpoint_dir}"] if checkpoint_dir else []) +
+                            ([f"--resume {resume_from}"] if resume_from else []))
+        raise ConfigError(f"{what}: {int(blind.item())} of {topo.world_size} ranks cannot see what rank 0 sees "
+                          f"there; on several machines checkpoints must be on a filesystem every node shares")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -644,10 +680,10 @@ def run_dirs(args, topo: Topology) -> tuple[Path, Path, Optional[Path]]:
     output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     checkpoint_dir = args.checkpoint_dir or os.path.join(output_dir, "checkpoints")
     resume_from, error = None, None
+    will_save = not args.no_save or 0 < args.save_interval < args.max_steps
     if topo.rank == 0:
         try:
             ensure_writable_dir(output_dir, "--output-dir")
-            will_save = not args.no_save or 0 < args.save_interval < args.max_steps
             if will_save and not args.eval_only:
                 ensure_writable_dir(checkpoint_dir, "--checkpoint-dir")
             resume_from = checkpoint_to_resume(args, Path(checkpoint_dir), will_save)
@@ -659,6 +695,8 @@ def run_dirs(args, topo: Topology) -> tuple[Path, Path, Optional[Path]]:
         output_dir, checkpoint_dir, resume_from, error = shared
     if error:
         raise ConfigError(error)
+    if topo.world_size > 1:
+        check_shared_checkpoints(checkpoint_dir if will_save and not args.eval_only else None, resume_from, topo)
     return Path(output_dir), Path(checkpoint_dir), resume_from
 
 

@@ -3340,5 +3340,84 @@ def test_compilation_ms_counts_nested_ranges_once():
 
 
 
+def _torchrun_agents(nproc: int, tail: list, cwds: list, timeout: int = 300) -> list:
+    """One torchrun agent per working directory in `cwds`, on this host as on that many machines: a c10d
+    rendezvous on localhost, `nproc` ranks each running `tail` (a program and its arguments). Returns
+    (exit code, output) per agent."""
+    port = _free_port()
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(cwds)), "--nproc-per-node", str(nproc),
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nodes-test", *tail],
+        cwd=cwd, env=dict(_clean_env(), OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for cwd in cwds]
+    try:
+        logs = [a.communicate(timeout=timeout)[0] for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    return [(a.returncode, log) for a, log in zip(agents, logs)]
+
+
+def test_two_nodes_train_as_one_process_and_save_one_checkpoint(tmp_path, tmp_path_factory):
+    """The README's several-machines recipe, as two torchrun agents of two ranks on one host: TP2 inside
+    each node, PP2 across the nodes. The same run as one process, and the checkpoint on the shared
+    filesystem holds the shards written by both nodes."""
+    argv = [a for a in _base_argv("mixed") if a != "--no-save"] + [
+        "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2", "--output-dir", str(tmp_path / "run")]
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import {MODULE} as t; t._dist_worker(sys.argv[1], sys.argv[2])"
+    agents = _torchrun_agents(2, ["--no-python", sys.executable, "-c", code, json.dumps(argv),
+                                  str(tmp_path / "result.pt")], [tmp_path, tmp_path])
+    assert [rc for rc, _ in agents] == [0, 0], "\n".join(log[-3000:] for _, log in agents)
+    assert_same_run(torch.load(tmp_path / "result.pt"), _reference("mixed", tmp_path_factory))
+    path = ckpt.resolve_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    assert ckpt.read_manifest(path)["step"] == 3
+    assert sorted(p.name for p in path.glob("shard_*")) == [f"shard_pp{p}_tp{t}.pt" for p in (0, 1) for t in (0, 1)]
+
+
+def test_checkpoint_dir_that_other_nodes_cannot_see_exits_2_on_every_rank(tmp_path):
+    """Two 'machines' that do not share the checkpoint directory: each agent runs in its own directory and
+    --output-dir is relative, so rank 0 and rank 1 mean two different folders. Every rank stops before
+    training with one error line and exit 2, and neither folder keeps anything."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for d in nodes:
+        d.mkdir()
+    agents = _torchrun_agents(1, [str(HERE / "minimal_pretrain.py"), *[a for a in _base_argv("dense") if a != "--no-save"],
+                                  "--output-dir", "run"], nodes)
+    for rc, log in agents:
+        assert rc == 1, log[-3000:]  # torchrun's exit code when a rank fails
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert errors == ["error: --checkpoint-dir run/checkpoints: 1 of 2 ranks cannot see what rank 0 sees there; "
+                          "on several machines checkpoints must be on a filesystem every node shares"], log[-3000:]
+        assert log.count("Traceback") == 1 and "ChildFailedError" in log, log[-3000:]  # torchrun's, none from a rank
+    assert [list(d.iterdir()) for d in nodes] == [[], []]
+
+
+def test_sigterm_to_torchrun_saves_and_every_rank_stops_cleanly(tmp_path):
+    """A scheduler signals torchrun, not the ranks: torchrun forwards SIGTERM to every rank, each finishes its
+    step, they save one complete checkpoint and exit 0 within torchrun's grace period. torchrun itself then
+    exits 1 (its own SignalException), which README says; the test pins that down."""
+    import signal
+    argv = _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "400", "--warmup-steps", "400",
+                           "--output-dir", str(tmp_path / "run"), "--pipeline-parallel-size", "2")
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(HERE / "minimal_pretrain.py"), *argv], cwd=tmp_path,
+                             env=dict(_clean_env(), OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = _wait_for_line(agent, "step     2 |")
+        agent.send_signal(signal.SIGTERM)
+        out = "".join(seen) + agent.communicate(timeout=240)[0]
+    finally:
+        agent.kill()
+    assert agent.returncode == 1, out[-3000:]
+    assert "SignalException" in out and "got signal: 15" in out, out[-3000:]
+    assert "stopped by SIGTERM" in out, out[-3000:]
+    assert "forcefully" not in out, out[-3000:]  # no rank outlived the grace period (torchrun's SIGKILL line)
+    assert out.count("Traceback") == 1, out[-3000:]  # torchrun's own; none from a rank
+    path = ckpt.resolve_checkpoint(str(tmp_path / "ckpts"))
+    assert sorted(p.name for p in path.glob("shard_*")) == ["shard_pp0_tp0.pt", "shard_pp1_tp0.pt"]
+    assert 3 <= ckpt.read_manifest(path)["step"] < 400
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
