@@ -235,6 +235,16 @@ def check_lengths(corpus: Corpus, seq_len: int, data_flag: Optional[str]) -> Non
                             f"fewer than --max-seq-length {seq_len} + 2")
 
 
+def corpus_fingerprint(corpus: Corpus, sample: int = 1 << 16) -> str:
+    """A short description that differs between corpora: split lengths, vocabulary and a crc32 of the first
+    and last `sample` tokens of each split (cheap for any size; ranks compare theirs at start-up)."""
+    crc = 0
+    for split in (corpus.train, corpus.val):
+        for piece in (split[:sample], split[-sample:]):
+            crc = zlib.crc32(np.ascontiguousarray(piece).tobytes(), crc)
+    return f"{len(corpus.train)} + {len(corpus.val)} tokens, vocabulary {corpus.vocab_size}, crc32 {crc:08x}"
+
+
 def batch_offsets(n_tokens: int, seq_len: int, global_batch: int, seed: int, step: int, split: str) -> torch.Tensor:
     """Start offsets of the `global_batch` sequences of one step: a pure function of its arguments."""
     split_id = 0 if split == "train" else 1

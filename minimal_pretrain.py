@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from checkpoint import (MANIFEST, CheckpointError, HubUploader, check_hub, complete_checkpoints, describe_resume,
                         load_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
-from data import Corpus, DataError, batch_offsets, check_lengths, get_batch, load_corpus
+from data import Corpus, DataError, batch_offsets, check_lengths, corpus_fingerprint, get_batch, load_corpus
 from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
 from mixed_precision import ExpertWeightCopies
@@ -308,26 +308,49 @@ def ensure_writable_dir(path: str, flag: str) -> None:
         pass
 
 
-def check_shared_checkpoints(checkpoint_dir: Optional[str], resume_from: Optional[Path], topo: Topology) -> None:
-    """Every rank writes its shards into the checkpoint directory rank 0 creates (None: this run saves none),
-    and reads the checkpoint it resumes from: on several machines both must be on a filesystem that every
-    node shares. Rank 0 leaves a probe file in the directory and every rank looks for it and for the
-    checkpoint (a relative path is taken from each rank's own working directory). Collective; raises
-    ConfigError on every rank if some rank cannot see them."""
-    probe = probe_file(checkpoint_dir, "--checkpoint-dir") if topo.rank == 0 and checkpoint_dir else None
-    with probe or contextlib.nullcontext() as path:
-        name = [os.path.basename(path) if path else None]
-        dist.broadcast_object_list(name, src=0)
-        sees = name[0] is None or os.path.exists(os.path.join(checkpoint_dir, name[0]))
-        if resume_from is not None:
-            sees = sees and os.path.exists(os.path.join(resume_from, MANIFEST))
-        blind = torch.tensor([int(not sees)], dtype=torch.int32)
-        dist.all_reduce(blind, group=topo.control_group)  # host-side (gloo): no GPU stream involved
-    if blind.item():
-        what = " and ".join(([f"--checkpoint-dir {checkpoint_dir}"] if checkpoint_dir else []) +
-                            ([f"--resume {resume_from}"] if resume_from else []))
-        raise ConfigError(f"{what}: {int(blind.item())} of {topo.world_size} ranks cannot see what rank 0 sees "
-                          f"there; on several machines checkpoints must be on a filesystem every node shares")
+def check_shared_checkpoints(checkpoint_dir: str, probe: Optional[str], resume_from: Optional[Path],
+                             topo: Topology) -> None:
+    """Every rank writes its files into the checkpoint directory rank 0 creates and reads the checkpoint it
+    resumes from: on several machines both must be on a filesystem that every node shares. Rank 0 holds a
+    probe file (named `probe`; None: this run saves nothing) in the directory while every rank looks for it
+    and for the checkpoint (a relative path is taken from each rank's own working directory). Collective;
+    raises ConfigError on every rank, naming what some rank cannot see."""
+    blind = torch.tensor([probe is not None and not os.path.exists(os.path.join(checkpoint_dir, probe)),
+                          resume_from is not None and not os.path.exists(os.path.join(resume_from, MANIFEST))],
+                         dtype=torch.int32)
+    dist.all_reduce(blind, group=topo.control_group)  # host-side (gloo): no GPU stream involved
+    unseen = [f"{flag} {path} ({n} of {topo.world_size} ranks)" for flag, path, n in
+              (("--checkpoint-dir", checkpoint_dir, int(blind[0])), ("--resume", resume_from, int(blind[1]))) if n]
+    if unseen:
+        raise ConfigError(f"ranks cannot see what rank 0 sees in {' and '.join(unseen)}; on several machines "
+                          f"checkpoints must be on a filesystem every node shares")
+
+
+def load_same_corpus(args, topo: Topology) -> Corpus:
+    """Every rank loads --data itself (on several machines, from its own node's disk): all must get the same
+    tokens. Collective; a rank that cannot load it, or loads other tokens than rank 0, stops every rank with
+    one line, instead of leaving the others waiting in the next collective."""
+    corpus, report = None, None
+    try:
+        corpus = load_corpus(args.data, args.vocab_size)
+        check_lengths(corpus, args.max_seq_length, args.data)
+        report = ("ok", corpus_fingerprint(corpus))
+    except DataError as e:
+        report = ("error", str(e))
+    if topo.world_size > 1:
+        reports = [None] * topo.world_size
+        dist.all_gather_object(reports, report, group=topo.control_group)
+    else:
+        reports = [report]
+    for rank, (kind, text) in enumerate(reports):
+        if kind == "error":
+            raise DataError(text if rank == topo.rank or topo.world_size == 1 else f"rank {rank}: {text}")
+    for rank, (_, fingerprint) in enumerate(reports):
+        if fingerprint != reports[0][1]:
+            raise DataError(f"--data {args.data or '(default corpus)'}: rank {rank} loaded other tokens than rank 0 "
+                            f"({fingerprint} against {reports[0][1]}); on several machines every node must read "
+                            f"the same data")
+    return corpus
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -608,8 +631,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     is_main = topo.rank == 0
     say = print if is_main else (lambda *a, **k: None)
     output_dir, checkpoint_dir, resume_from = run_dirs(args, topo)
-    corpus = load_corpus(args.data, args.vocab_size)
-    check_lengths(corpus, args.max_seq_length, args.data)
+    corpus = load_same_corpus(args, topo)
     if corpus.vocab_size % topo.tp:
         raise LayoutError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
     cfg = model_config(args, corpus.vocab_size)
@@ -679,24 +701,25 @@ def run_dirs(args, topo: Topology) -> tuple[Path, Path, Optional[Path]]:
     is one line and exit code 2 on every rank and no rank waits for another that failed."""
     output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     checkpoint_dir = args.checkpoint_dir or os.path.join(output_dir, "checkpoints")
-    resume_from, error = None, None
-    will_save = not args.no_save or 0 < args.save_interval < args.max_steps
-    if topo.rank == 0:
-        try:
-            ensure_writable_dir(output_dir, "--output-dir")
-            if will_save and not args.eval_only:
-                ensure_writable_dir(checkpoint_dir, "--checkpoint-dir")
-            resume_from = checkpoint_to_resume(args, Path(checkpoint_dir), will_save)
-        except (ConfigError, CheckpointError) as e:
-            error = str(e)
-    if topo.world_size > 1:  # ranks may also read the clock in different seconds: rank 0's names win
-        shared = [output_dir, checkpoint_dir, resume_from, error]
-        dist.broadcast_object_list(shared, src=0)
-        output_dir, checkpoint_dir, resume_from, error = shared
-    if error:
-        raise ConfigError(error)
-    if topo.world_size > 1:
-        check_shared_checkpoints(checkpoint_dir if will_save and not args.eval_only else None, resume_from, topo)
+    resume_from, error, probe = None, None, None
+    with contextlib.ExitStack() as keep:  # rank 0's probe in the checkpoint directory, until every rank looked
+        if topo.rank == 0:
+            try:
+                ensure_writable_dir(output_dir, "--output-dir")
+                will_save = not args.no_save or 0 < args.save_interval < args.max_steps
+                if will_save and not args.eval_only:
+                    probe = os.path.basename(keep.enter_context(probe_file(checkpoint_dir, "--checkpoint-dir")))
+                resume_from = checkpoint_to_resume(args, Path(checkpoint_dir), will_save)
+            except (ConfigError, CheckpointError) as e:
+                error = str(e)
+        if topo.world_size > 1:  # ranks may also read the clock in different seconds: rank 0's names win
+            shared = [output_dir, checkpoint_dir, resume_from, error, probe]
+            dist.broadcast_object_list(shared, src=0)
+            output_dir, checkpoint_dir, resume_from, error, probe = shared
+        if error:
+            raise ConfigError(error)
+        if topo.world_size > 1 and (probe or resume_from):
+            check_shared_checkpoints(checkpoint_dir, probe, resume_from, topo)
     return Path(output_dir), Path(checkpoint_dir), resume_from
 
 

@@ -147,10 +147,11 @@ def all_reduce_(t: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.Red
 
 
 def all_reduced(t: torch.Tensor, group: Optional[dist.ProcessGroup], op: str = "sum") -> torch.Tensor:
-    """Out-of-place all-reduce (op "sum" or "max"): a new tensor, t is left as it was. The model's autograd
-    functions use this functional collective and no in-place op: torch.compile traces it as a plain op, while
-    an in-place op inside an autograd.Function makes torch 2.11's compile route the gradient to the wrong
-    output (pytorch/pytorch#180642: wrong TP gradients under --compile)."""
+    """Out-of-place all-reduce (op "sum" or "max"): a new tensor, t is left as it was (with no group, t itself,
+    so never write into the result). The model's autograd functions use this functional collective and no
+    in-place op: torch.compile traces it as a plain op, while an in-place op inside an autograd.Function
+    makes torch 2.11's compile route the gradient to the wrong output (pytorch/pytorch#180642: wrong TP
+    gradients under --compile)."""
     if group is None:
         return t
     out = torch.ops._c10d_functional.all_reduce(t.contiguous(), op, group.group_name)

@@ -3343,18 +3343,31 @@ def test_compilation_ms_counts_nested_ranges_once():
 def _torchrun_agents(nproc: int, tail: list, cwds: list, timeout: int = 300) -> list:
     """One torchrun agent per working directory in `cwds`, on this host as on that many machines: a c10d
     rendezvous on localhost, `nproc` ranks each running `tail` (a program and its arguments). Returns
-    (exit code, output) per agent."""
+    (exit code, output) per agent. Output goes to files (no agent blocks on a full pipe); on a time-out each
+    agent gets SIGTERM first, which it forwards to its ranks (they run in a session of their own)."""
     port = _free_port()
+    outs = [tempfile.TemporaryFile(mode="w+") for _ in cwds]
     agents = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(cwds)), "--nproc-per-node", str(nproc),
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nodes-test", *tail],
-        cwd=cwd, env=dict(_clean_env(), OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True) for cwd in cwds]
+        cwd=cwd, env=dict(_clean_env(), OMP_NUM_THREADS="1"), stdout=out, stderr=subprocess.STDOUT, text=True)
+        for cwd, out in zip(cwds, outs)]
     try:
-        logs = [a.communicate(timeout=timeout)[0] for a in agents]
+        for a in agents:
+            a.wait(timeout=timeout)
     finally:
         for a in agents:
-            a.kill()
+            if a.poll() is None:
+                a.terminate()
+                try:
+                    a.wait(timeout=40)
+                except subprocess.TimeoutExpired:
+                    a.kill()
+    logs = []
+    for out in outs:
+        out.seek(0)
+        logs.append(out.read())
+        out.close()
     return [(a.returncode, log) for a, log in zip(agents, logs)]
 
 
@@ -3374,22 +3387,43 @@ def test_two_nodes_train_as_one_process_and_save_one_checkpoint(tmp_path, tmp_pa
     assert sorted(p.name for p in path.glob("shard_*")) == [f"shard_pp{p}_tp{t}.pt" for p in (0, 1) for t in (0, 1)]
 
 
-def test_checkpoint_dir_that_other_nodes_cannot_see_exits_2_on_every_rank(tmp_path):
-    """Two 'machines' that do not share the checkpoint directory: each agent runs in its own directory and
-    --output-dir is relative, so rank 0 and rank 1 mean two different folders. Every rank stops before
-    training with one error line and exit 2, and neither folder keeps anything."""
+UNSHARED_CASES = {  # what the two 'machines' do not share -> (extra flags, what every error line says)
+    "checkpoint-dir": ([], "ranks cannot see what rank 0 sees in --checkpoint-dir run/checkpoints (1 of 2 ranks)"),
+    "resume": (["--resume", "old/checkpoints", "--no-save"], "ranks cannot see what rank 0 sees in --resume old/"),
+    "data-missing": (["--data", "data.txt", "--no-save"], "--data data.txt"),
+    "data-differs": (["--data", "data.txt", "--no-save"], "rank 1 loaded other tokens than rank 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSHARED_CASES))
+def test_paths_that_the_nodes_do_not_share_stop_every_rank_with_one_line(case, tmp_path, monkeypatch):
+    """Two 'machines' that do not share a path: each agent runs in its own directory and the paths are
+    relative, so rank 0 and rank 1 mean two different files. Every rank stops before training with the
+    same error line (exit 2; torchrun then exits 1), rather than one rank failing and the other waiting,
+    and no output directory is left behind."""
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     for d in nodes:
         d.mkdir()
-    agents = _torchrun_agents(1, [str(HERE / "minimal_pretrain.py"), *[a for a in _base_argv("dense") if a != "--no-save"],
-                                  "--output-dir", "run"], nodes)
+    flags, says = UNSHARED_CASES[case]
+    if case == "resume":  # a checkpoint that only node 0 has
+        monkeypatch.chdir(nodes[0])
+        _train_in_process([a for a in _base_argv("dense") if a != "--no-save"] + ["--output-dir", "old", "--max-steps", "2"],
+                          monkeypatch)
+    if case.startswith("data"):
+        (nodes[0] / "data.txt").write_text(Path(_dist_data_file()).read_text())
+        if case == "data-differs":
+            (nodes[1] / "data.txt").write_text(Path(_dist_data_file()).read_text()[::-1])
+    before = [sorted(p.name for p in d.iterdir()) for d in nodes]
+    argv = [a for a in _base_argv("dense") if a != "--no-save"]
+    argv = argv[:argv.index("--data")] + argv[argv.index("--data") + 2:]
+    agents = _torchrun_agents(1, [str(HERE / "minimal_pretrain.py"), *argv, "--output-dir", "run", *flags], nodes)
     for rc, log in agents:
         assert rc == 1, log[-3000:]  # torchrun's exit code when a rank fails
         errors = [line for line in log.splitlines() if line.startswith("error:")]
-        assert errors == ["error: --checkpoint-dir run/checkpoints: 1 of 2 ranks cannot see what rank 0 sees there; "
-                          "on several machines checkpoints must be on a filesystem every node shares"], log[-3000:]
+        assert len(errors) == 1 and says in errors[0], log[-3000:]
         assert log.count("Traceback") == 1 and "ChildFailedError" in log, log[-3000:]  # torchrun's, none from a rank
-    assert [list(d.iterdir()) for d in nodes] == [[], []]
+        assert "exitcode  : 2" in log, log[-3000:]
+    assert [sorted(p.name for p in d.iterdir()) for d in nodes] == before
 
 
 def test_sigterm_to_torchrun_saves_and_every_rank_stops_cleanly(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def layouts_for(n: int) -> list:
     """Every multi-device layout of exactly n ranks (TP and PP powers of two up to 8)."""
     found = []
     for tp, pp in itertools.product((1, 2, 4, 8), repeat=2):
-        if n % (tp * pp) or tp * pp > n:
+        if n % (tp * pp):
             continue
         for schedule in (("gpipe", "1f1b") if pp > 1 else ("1f1b",)):
             found.append(Layout(tp, pp, n // (tp * pp), schedule))
@@ -76,14 +77,15 @@ def layouts_for(n: int) -> list:
 def model_flags(n: int, steps: int) -> list:
     """A model every layout of n ranks can split: dense and MoE layers alternating (D M ...), one per
     pipeline stage of the deepest layout (at least two), heads, KV heads and experts divisible by the largest
-    TP, the global batch by the largest DP times the micro-batch. Small, so that compiling it is quick."""
+    TP, the global batch by every DP times the micro-batch (2 x n x ceil(8 / n): 16 for 2, 4 and 8 ranks, 18 for
+    3). Small, so that compiling it is quick."""
     tp_max = max([l.tp for l in layouts_for(n)] + [1])
     pp_max = max([l.pp for l in layouts_for(n)] + [1])
     return ["--num-layers", str(max(2, pp_max)), "--moe-layer-interval", "2", "--hidden-size", "256",
             "--intermediate-size", "512", "--expert-intermediate-size", "256", "--num-attention-heads", "8",
             "--num-key-value-heads", str(max(4, tp_max)), "--num-experts", str(max(8, tp_max)),
             "--num-experts-per-token", "2", "--max-seq-length", "128", "--micro-batch-size", "2",
-            "--global-batch-size", str(max(16, 2 * n)), "--max-steps", str(steps), "--warmup-steps", "1",
+            "--global-batch-size", str(2 * n * -(-8 // n)), "--max-steps", str(steps), "--warmup-steps", "1",
             "--learning-rate", "1e-3", "--min-lr", "1e-4", "--dropout", "0", "--seed", "5", "--eval-iters", "0",
             "--log-interval", "1", "--moe-metrics", "off", "--no-save", "--no-progress"]
 
@@ -111,14 +113,17 @@ def command(run: Run, args, out_dir: str) -> list:
 
 
 def start(run: Run, args, workdir: str, device_index: Optional[int]) -> tuple:
+    """Starts one run in the current directory (relative paths among the extra flags keep their meaning),
+    its output directory under workdir."""
     out_dir = tempfile.mkdtemp(prefix="run_", dir=workdir)
     env = dict(os.environ)
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"
-    elif device_index is not None:  # a one-device run pinned to one GPU, so several run side by side
-        env["CUDA_VISIBLE_DEVICES"] = str(device_index)
-    proc = subprocess.Popen(command(run, args, out_dir), env=env, cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    elif device_index is not None:  # a one-device run pinned to one GPU (of those visible), several side by side
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[device_index] if visible else str(device_index)
+    proc = subprocess.Popen(command(run, args, out_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     return proc, out_dir
 
 
@@ -150,9 +155,12 @@ def compare(run: Run, ref: Run) -> tuple[dict, list]:
     def rel(a, b):
         return abs(a - b) / max(abs(b), 1e-12)
 
+    def worst_of(values):  # NaN counts as the worst
+        return max(values, key=lambda v: (math.isnan(v), v))
+
     d_loss = [rel(a, b) for a, b in zip(run.losses, ref.losses)]
     d_gn = [rel(a, b) for a, b in zip(run.grad_norms, ref.grad_norms)]
-    worst = {"loss": max(d_loss), "gnorm0": d_gn[0], "gnorm": max(d_gn)}
+    worst = {"loss": worst_of(d_loss), "gnorm0": d_gn[0], "gnorm": worst_of(d_gn)}
     bad = []
     for step, (dl, dg) in enumerate(zip(d_loss, d_gn)):
         if not dl <= tol_loss:  # `not <=` also catches NaN
@@ -164,7 +172,7 @@ def compare(run: Run, ref: Run) -> tuple[dict, list]:
 
 def run_all(args, workdir: str) -> tuple[list, list]:
     """(one-device runs, layout runs): the one-device runs first (side by side, one per GPU), then every
-    layout in turn."""
+    layout in turn. Raises BadFlags if a one-device run refuses its flags (exit 2): every run would."""
     combos = [(m, d) for m in args.modes for d in args.dtypes]
     refs = {c: Run(Layout(), *c) for c in combos}
     slots = max(1, args.nproc if args.device == "cuda" else 1)
@@ -174,6 +182,8 @@ def run_all(args, workdir: str) -> tuple[list, list]:
         started = [(r, *start(r, args, workdir, i)) for i, r in enumerate(batch)]
         for r, proc, out in started:
             finish(r, proc, out, args.log_dir)
+            if r.error and r.error.startswith("exit 2:"):
+                raise BadFlags(r.error.removeprefix("exit 2: "))
     runs = []
     for (mode, dtype), layout in itertools.product(combos, layouts_for(args.nproc)):
         r = Run(layout, mode, dtype)
@@ -215,6 +225,10 @@ def print_table(rows: list) -> None:
               f"{rel(r['loss']):>11}{rel(r['gnorm0']):>10}{rel(r['gnorm']):>11}  {verdict}")
 
 
+class BadFlags(ValueError):
+    """Flags that the trainer refuses (exit 2)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -236,7 +250,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU is visible")
-    a.nproc = a.nproc or (torch.cuda.device_count() if a.device == "cuda" else 2)
+    if a.nproc is None:
+        a.nproc = torch.cuda.device_count() if a.device == "cuda" else 2
     if a.device == "cuda" and a.nproc > torch.cuda.device_count():
         p.error(f"--nproc {a.nproc}: only {torch.cuda.device_count()} GPUs are visible")
     if a.nproc < 1:
@@ -254,6 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             os.makedirs(a.log_dir, exist_ok=True)
         except OSError as e:
             p.error(f"--log-dir {a.log_dir}: cannot create it ({e.strerror})")
+    if a.json and not os.access(os.path.dirname(os.path.abspath(a.json)), os.W_OK):
+        p.error(f"--json {a.json}: its directory does not exist or is not writable")
     if a.device == "cpu" and "bf16" in a.dtypes:
         p.error("--dtypes bf16 needs --device cuda (bf16 autocast on the CPU is not what training runs)")
     return a
@@ -266,7 +283,11 @@ def main(argv=None) -> int:
     print(f"layout check: {where}, torch {torch.__version__}, {args.steps} steps, modes {args.modes}, "
           f"dtypes {args.dtypes}", flush=True)
     with tempfile.TemporaryDirectory(prefix="check_layouts_") as workdir:
-        refs, runs = run_all(args, workdir)
+        try:
+            refs, runs = run_all(args, workdir)
+        except BadFlags as e:
+            print(f"error: the one-device run refuses these flags ({str(e).removeprefix('error: ')})", file=sys.stderr)
+            return 2
     rows, ok = table({(r.mode, r.dtype): r for r in refs}, runs)
     print_table(rows)
     if args.json:
