@@ -277,22 +277,18 @@ def probe_file(path: str, flag: str):
     the probe and every directory it had to create, so a run that fails later (bad --data, say) leaves
     nothing behind; each directory is made for real when something is first written into it. Raises
     ConfigError naming the flag if `path` cannot be created or written."""
-    created = []
+    created, probe = [], os.path.join(path, f".write-test-{os.getpid()}")
     try:
-        missing = Path(path).absolute()
-        while not missing.exists():
-            created.append(missing)
-            missing = missing.parent
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-    except OSError as e:
-        for d in created:
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise ConfigError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
-    try:
+        try:
+            missing = Path(path).absolute()
+            while not missing.exists():
+                created.append(missing)
+                missing = missing.parent
+            os.makedirs(path, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("ok")
+        except OSError as e:
+            raise ConfigError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
         yield probe
     finally:
         with contextlib.suppress(OSError):
@@ -344,7 +340,7 @@ def load_same_corpus(args, topo: Topology) -> Corpus:
         reports = [report]
     for rank, (kind, text) in enumerate(reports):
         if kind == "error":
-            raise DataError(text if rank == topo.rank or topo.world_size == 1 else f"rank {rank}: {text}")
+            raise DataError(text if rank == topo.rank else f"rank {rank}: {text}")
     for rank, (_, fingerprint) in enumerate(reports):
         if fingerprint != reports[0][1]:
             raise DataError(f"--data {args.data or '(default corpus)'}: rank {rank} loaded other tokens than rank 0 "

@@ -175,7 +175,7 @@ def run_all(args, workdir: str) -> tuple[list, list]:
     layout in turn. Raises BadFlags if a one-device run refuses its flags (exit 2): every run would."""
     combos = [(m, d) for m in args.modes for d in args.dtypes]
     refs = {c: Run(Layout(), *c) for c in combos}
-    slots = max(1, args.nproc if args.device == "cuda" else 1)
+    slots = args.nproc if args.device == "cuda" else 1
     pending = list(refs.values())
     while pending:
         batch, pending = pending[:slots], pending[slots:]
