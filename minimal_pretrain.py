@@ -767,10 +767,13 @@ def train_step(t: Trainer, step: int, record_stats: bool) -> StepOutput:
             out, moe_loss = t.model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
         with phase("moe/stats"):
             t.step_stats.end_microbatch()
+        # The mean over the global batch: 1/m for the microbatches, 1/DP for the DP ranks (whose gradients
+        # DataParallelGrads sums: no pass over the gradients to divide them).
+        scale = 1.0 / (m * topo.dp)
         if topo.is_last_stage:
             lm_loss_sum = lm_loss_sum + out.detach()
-            return out, (out + moe_loss) / m
-        return out.float(), moe_loss / m
+            return out, (out + moe_loss) * scale
+        return out.float(), moe_loss * scale
 
     def before_backward(i):
         t.dp_grads.sync = i == m - 1  # all-reduce buckets during the last backward only

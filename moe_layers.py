@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_ops import permute_tokens, swiglu, unpermute_combine
-from parallel import Topology, all_reduce_, all_reduce_grad_tp, copy_to_tp, mark_sharded, reduce_from_tp
+from parallel import (Topology, all_reduce_, all_reduce_grad_tp, compute_dtype, copy_to_tp, mark_sharded,
+                      reduce_from_tp)
 from profiling import phase
 
 
@@ -203,18 +204,16 @@ class GroupedExperts(nn.Module):
     forward(x, ends) takes tokens sorted by local expert, ends[e] being the exclusive end row of expert
     e's group (int32, on the device). Rows at and after ends[-1] belong to no local expert (they exist
     under EP, when some experts live on other ranks, and with a capacity factor, for dropped
-    assignments): their outputs are zero.
+    assignments): they are not computed, their outputs are undefined, and the caller never reads them
+    (moe_ops' num_valid), so no pass over all rows masks them.
     """
 
     def __init__(self, num_experts: int, num_local: int, hidden_size: int, ffn_size: int,
-                 init_std: float = 0.02, out_init_std: float = 0.02, impl: str = "auto", drops: bool = False):
+                 init_std: float = 0.02, out_init_std: float = 0.02, impl: str = "auto"):
         super().__init__()
         if impl not in ("auto", "grouped", "loop"):
             raise ValueError(f"expert impl must be auto, grouped or loop, got {impl}")
         self.num_local, self.hidden_size, self.ffn_size, self.impl = num_local, hidden_size, ffn_size, impl
-        # Rows past the last group exist under EP (experts on other ranks) and when assignments are dropped
-        # (drops=True); otherwise every row belongs to a group and no mask is needed.
-        self.tail_rows = num_local < num_experts or drops
         # Sharded over the EP (= TP) group along the expert dimension.
         self.w_gate_up = mark_sharded(nn.Parameter(torch.empty(num_local, hidden_size, 2 * ffn_size)), 0, [num_experts])
         self.w_down = mark_sharded(nn.Parameter(torch.empty(num_local, ffn_size, hidden_size)), 0, [num_experts])
@@ -239,14 +238,6 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.weights(x.dtype)
-        if not self.tail_rows:  # every row belongs to a group: nothing to mask
-            return self._run(x, ends, w1, w2)
-        valid = (torch.arange(x.shape[0], device=x.device) < ends[-1]).unsqueeze(-1)
-        # Rows past the last group are never written by the grouped GEMM: mask them in and out so
-        # neither values nor gradients of those rows are garbage.
-        return torch.where(valid, self._run(torch.where(valid, x, 0.0), ends, w1, w2), 0.0)
-
-    def _run(self, x, ends, w1, w2):
         if self.use_grouped(x):
             return (_grouped_swiglu if x.dtype == torch.bfloat16 else _grouped_swiglu_eager)(x, w1, w2, ends)
         return self._loop(x, ends, w1, w2)
@@ -311,9 +302,11 @@ class SparseMoE(nn.Module):
         self.step_load: Optional[torch.Tensor]
         self.register_buffer("step_load", torch.zeros(num_experts) if bias_update_rate > 0 else None,
                              persistent=False)
-        # Dropped assignments sort past the last group, even when every expert is local.
         self.experts = GroupedExperts(num_experts, self.num_local, hidden_size, ffn_size, init_std,
-                                      out_init_std, expert_impl, drops=capacity_factor > 0)
+                                      out_init_std, expert_impl)
+        # Sorted rows past the local experts' groups exist under EP (other ranks' experts) and with a
+        # capacity factor (dropped assignments, sorted past every expert): the permutation skips them.
+        self.tail_rows = self.num_local < num_experts or capacity_factor > 0
         # Statistics: while record_routing is set (by moe_stats.StepStats, at logging steps), a training
         # forward leaves its RoutingRecord here; StepStats takes it after each microbatch.
         self.record_routing = False
@@ -359,15 +352,16 @@ class SparseMoE(nn.Module):
             inverse.scatter_(0, order, torch.arange(order.numel(), device=order.device))
             local_counts = torch.roll(routed, -self.first_local)[: self.num_local]
             ends = torch.cumsum(local_counts, 0).to(torch.int32)
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            x_in = copy_to_tp(x, self.topo).to(dtype)
-            x_sorted = permute_tokens(x_in, inverse, k)  # [T*k, d] gather: row inverse[t*k + j] is token t
+            num_valid = ends[-1:] if self.tail_rows else None  # sorted rows past it: no local expert's
+            # Cast before the copy: its backward all-reduce then moves compute-dtype bytes.
+            x_in = copy_to_tp(x.to(compute_dtype(x)), self.topo)
+            x_sorted = permute_tokens(x_in, inverse, k, num_valid)  # [T*k, d]: row inverse[t*k + j] is token t
         with phase("moe/experts"):
-            y_sorted = self.experts(x_sorted, ends)  # [T*k, d] grouped GEMM; non-local rows are zero
+            y_sorted = self.experts(x_sorted, ends)  # [T*k, d] grouped GEMM; rows past num_valid undefined
 
         with phase("moe/unpermute_combine"):
             weights = all_reduce_grad_tp(weights, self.topo)
-            out = unpermute_combine(y_sorted, inverse, weights)  # [T, d] unsort + weighted sum over k
+            out = unpermute_combine(y_sorted, inverse, weights, num_valid)  # [T, d] unsort + weighted sum
             out = reduce_from_tp(out, self.topo)
         loss = self.aux_loss_coef * aux + self.z_loss_coef * z
         return out.view(shape), loss

@@ -10,6 +10,12 @@ permutation of the T*k rows, the gather and the weighted sum are adjoint: the ba
 other (with the combine weights), so no backward needs atomic adds, and each token's k rows are summed in
 registers instead of materialising a [T, k, d] copy.
 
+`num_valid` (optional, a 1-element int tensor on the device): only sorted rows below it are computed by
+this rank's experts (under EP the other rows belong to other ranks' experts; with a capacity factor they
+are dropped assignments). Rows at and past it are never read: they count as zeros, and their contents
+(left undefined by the grouped GEMM) need no masking pass. On CUDA the kernels skip their loads and
+stores, so under EP a rank moves only its own experts' rows.
+
 Three primitives do the work: scatter_rows (a row to its k sorted positions, optionally scaled),
 gather_sum (the k sorted rows of a token, weighted and summed) and row_dots (the gradient of the combine
 weights). Run eagerly on CUDA, each is one Triton kernel that accumulates in fp32. Elsewhere, and while
@@ -44,46 +50,51 @@ def _use_triton(t: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------------
 if triton is not None:
     @triton.jit
-    def _scatter_rows_kernel(src, inverse, weights, dst, d, K: tl.constexpr, HAS_W: tl.constexpr,
-                             BLOCK: tl.constexpr):
+    def _scatter_rows_kernel(src, inverse, weights, dst, num_valid, d, K: tl.constexpr, HAS_W: tl.constexpr,
+                             HAS_NV: tl.constexpr, BLOCK: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < d
+        nv = tl.load(num_valid) if HAS_NV else 0
         row = tl.load(src + t * d + cols, mask=mask).to(tl.float32)
         for j in tl.static_range(K):
             r = tl.load(inverse + t * K + j)
             v = row
             if HAS_W:
                 v = row * tl.load(weights + t * K + j)
-            tl.store(dst + r * d + cols, v.to(dst.dtype.element_ty), mask=mask)
+            keep = (mask & (r < nv)) if HAS_NV else mask
+            tl.store(dst + r * d + cols, v.to(dst.dtype.element_ty), mask=keep)
 
     @triton.jit
-    def _gather_sum_kernel(src, inverse, weights, out, d, K: tl.constexpr, HAS_W: tl.constexpr,
-                           BLOCK: tl.constexpr):
+    def _gather_sum_kernel(src, inverse, weights, out, num_valid, d, K: tl.constexpr, HAS_W: tl.constexpr,
+                           HAS_NV: tl.constexpr, BLOCK: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < d
+        nv = tl.load(num_valid) if HAS_NV else 0
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(K):
             r = tl.load(inverse + t * K + j)
-            v = tl.load(src + r * d + cols, mask=mask).to(tl.float32)
+            keep = (mask & (r < nv)) if HAS_NV else mask
+            v = tl.load(src + r * d + cols, mask=keep, other=0.0).to(tl.float32)
             if HAS_W:
                 v = v * tl.load(weights + t * K + j)
             acc += v
         tl.store(out + t * d + cols, acc.to(out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _row_dots_kernel(a, b, inverse, dots, d: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                         BLOCK: tl.constexpr):
+    def _row_dots_kernel(a, b, inverse, dots, num_valid, d: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                         HAS_NV: tl.constexpr, BLOCK: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         js = tl.arange(0, K_PAD)
         rows = tl.load(inverse + t * K + js, mask=js < K, other=0)  # [K_PAD]
+        row_ok = (js < K) & (rows < tl.load(num_valid)) if HAS_NV else js < K
         acc = tl.zeros([K_PAD, BLOCK], dtype=tl.float32)
         for start in range(0, d, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < d
             av = tl.load(a + t * d + cols, mask=mask, other=0.0).to(tl.float32)
-            bv = tl.load(b + rows[:, None] * d + cols[None, :], mask=(js[:, None] < K) & mask[None, :], other=0.0)
+            bv = tl.load(b + rows[:, None] * d + cols[None, :], mask=row_ok[:, None] & mask[None, :], other=0.0)
             acc += bv.to(tl.float32) * av[None, :]
         tl.store(dots + t * K + js, tl.sum(acc, axis=1), mask=js < K)
 
@@ -119,26 +130,36 @@ def _block(n: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Primitives: Triton on CUDA (eager), the reference torch formula elsewhere and under torch.compile
 # --------------------------------------------------------------------------------------------------
-def scatter_rows(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[torch.Tensor], k: int) -> torch.Tensor:
-    """[T, d] -> [T*k, d]: dst[inverse[t*k + j]] = src[t] (times weights[t, j] if given)."""
+def scatter_rows(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[torch.Tensor], k: int,
+                 num_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[T, d] -> [T*k, d]: dst[inverse[t*k + j]] = src[t] (times weights[t, j] if given). With num_valid,
+    rows at and past it are left undefined (on CUDA they are not written)."""
     num_tokens, d = src.shape
     if _use_triton(src):
         src, inverse = src.contiguous(), inverse.contiguous()
         dst = src.new_empty(num_tokens * k, d)
         w = weights.contiguous() if weights is not None else src
         _scatter_rows_kernel[(num_tokens, triton.cdiv(d, _block(d)))](
-            src, inverse, w, dst, d, K=k, HAS_W=weights is not None, BLOCK=_block(d))
+            src, inverse, w, dst, num_valid if num_valid is not None else inverse, d, K=k,
+            HAS_W=weights is not None, HAS_NV=num_valid is not None, BLOCK=_block(d))
         return dst
     rows = src.repeat_interleave(k, dim=0)  # [T*k, d] in assignment order t*k + j
     if weights is not None:
         rows = rows * weights.reshape(-1, 1).to(rows.dtype)
     # Out of place: an in-place op inside an autograd.Function breaks torch 2.11's compile (see
-    # parallel.all_reduced).
+    # parallel.all_reduced). Rows past num_valid are written too: their values are simply never read.
     return torch.empty_like(rows).index_copy(0, inverse, rows)
 
 
-def gather_sum(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[torch.Tensor], k: int) -> torch.Tensor:
-    """[T*k, d] -> [T, d]: out[t] = sum_j (weights[t, j] *) src[inverse[t*k + j]]."""
+def _valid_rows(inverse: torch.Tensor, num_valid: Optional[torch.Tensor], k: int) -> Optional[torch.Tensor]:
+    """[T, k, 1] bool: which assignments sit in rows below num_valid (None: all of them)."""
+    return None if num_valid is None else (inverse < num_valid).view(-1, k, 1)
+
+
+def gather_sum(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[torch.Tensor], k: int,
+               num_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[T*k, d] -> [T, d]: out[t] = sum_j (weights[t, j] *) src[inverse[t*k + j]], rows at and past
+    num_valid (if given) counting as zeros."""
     rows, d = src.shape
     num_tokens = rows // k
     if _use_triton(src):
@@ -146,26 +167,41 @@ def gather_sum(src: torch.Tensor, inverse: torch.Tensor, weights: Optional[torch
         out = src.new_empty(num_tokens, d)
         w = weights.contiguous() if weights is not None else src
         _gather_sum_kernel[(num_tokens, triton.cdiv(d, _block(d)))](
-            src, inverse, w, out, d, K=k, HAS_W=weights is not None, BLOCK=_block(d))
+            src, inverse, w, out, num_valid if num_valid is not None else inverse, d, K=k,
+            HAS_W=weights is not None, HAS_NV=num_valid is not None, BLOCK=_block(d))
         return out
     gathered = src[inverse].view(num_tokens, k, d)
+    valid = _valid_rows(inverse, num_valid, k)
+    if valid is not None:  # where, not a product: an undefined row may hold inf or NaN
+        gathered = torch.where(valid, gathered, 0.0)
     if weights is not None:
         gathered = gathered * weights.unsqueeze(-1).to(gathered.dtype)
-    return gathered.sum(dim=1)
+    out = gathered.sum(dim=1)
+    # In src's dtype, as the kernel: autocast runs this sum (and so the TP all-reduce after it) in fp32.
+    # Only a real conversion: a no-op .to() returned from this autograd.Function breaks torch 2.11's
+    # compile (fp32 gradients off by 0.5%), as in-place ops do (see parallel.all_reduced).
+    return out if out.dtype == src.dtype else out.to(src.dtype)
 
 
-def row_dots(a: torch.Tensor, b: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """a [T, d], b [T*k, d] -> [T, k] fp32: dots[t, j] = <a[t], b[inverse[t*k + j]]>."""
+def row_dots(a: torch.Tensor, b: torch.Tensor, inverse: torch.Tensor,
+             num_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a [T, d], b [T*k, d] -> [T, k] fp32: dots[t, j] = <a[t], b[inverse[t*k + j]]> (0 for rows at and past
+    num_valid, if given)."""
     num_tokens, d = a.shape
     k = b.shape[0] // num_tokens
     if _use_triton(a):
         dots = torch.empty(num_tokens, k, device=a.device, dtype=torch.float32)
         k_pad = triton.next_power_of_2(k)
         block = max(16, min(triton.next_power_of_2(d), 4096 // k_pad))
-        _row_dots_kernel[(num_tokens,)](a.contiguous(), b.contiguous(), inverse.contiguous(), dots, d,
-                                        K=k, K_PAD=k_pad, BLOCK=block)
+        _row_dots_kernel[(num_tokens,)](a.contiguous(), b.contiguous(), inverse.contiguous(), dots,
+                                        num_valid if num_valid is not None else inverse, d,
+                                        K=k, K_PAD=k_pad, HAS_NV=num_valid is not None, BLOCK=block)
         return dots
-    return (a.unsqueeze(1) * b[inverse].view(num_tokens, k, d)).sum(dim=-1).float()
+    gathered = b[inverse].view(num_tokens, k, d)
+    valid = _valid_rows(inverse, num_valid, k)
+    if valid is not None:
+        gathered = torch.where(valid, gathered, 0.0)
+    return (a.unsqueeze(1) * gathered).sum(dim=-1).float()
 
 
 def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
@@ -199,15 +235,15 @@ class _PermuteTokens(torch.autograd.Function):
     """Forward: each token row to its k sorted rows. Backward: the sum of its k rows' gradients."""
 
     @staticmethod
-    def forward(ctx, x, inverse, k):
-        ctx.save_for_backward(inverse)
+    def forward(ctx, x, inverse, k, num_valid):
+        ctx.save_for_backward(inverse, num_valid)
         ctx.k = k
-        return scatter_rows(x, inverse, None, k)
+        return scatter_rows(x, inverse, None, k, num_valid)
 
     @staticmethod
     def backward(ctx, grad):  # grad: [T*k, d]
-        (inverse,) = ctx.saved_tensors
-        return gather_sum(grad.contiguous(), inverse, None, ctx.k), None, None
+        inverse, num_valid = ctx.saved_tensors
+        return gather_sum(grad.contiguous(), inverse, None, ctx.k, num_valid), None, None, None
 
 
 class _UnpermuteCombine(torch.autograd.Function):
@@ -215,17 +251,18 @@ class _UnpermuteCombine(torch.autograd.Function):
     each weight, back to the sorted rows; the weights' gradient is <grad_out[t], y_sorted[row]>."""
 
     @staticmethod
-    def forward(ctx, y_sorted, inverse, weights):
-        ctx.save_for_backward(y_sorted, inverse, weights)
-        return gather_sum(y_sorted, inverse, weights, weights.shape[1])
+    def forward(ctx, y_sorted, inverse, weights, num_valid):
+        ctx.save_for_backward(y_sorted, inverse, weights, num_valid)
+        return gather_sum(y_sorted, inverse, weights, weights.shape[1], num_valid)
 
     @staticmethod
     def backward(ctx, grad):  # grad: [T, d]
-        y_sorted, inverse, weights = ctx.saved_tensors
+        y_sorted, inverse, weights, num_valid = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_y = scatter_rows(grad, inverse, weights, weights.shape[1]) if ctx.needs_input_grad[0] else None
-        grad_w = row_dots(grad, y_sorted, inverse) if ctx.needs_input_grad[2] else None
-        return grad_y, None, grad_w
+        k = weights.shape[1]
+        grad_y = scatter_rows(grad, inverse, weights, k, num_valid) if ctx.needs_input_grad[0] else None
+        grad_w = row_dots(grad, y_sorted, inverse, num_valid) if ctx.needs_input_grad[2] else None
+        return grad_y, None, grad_w, None
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -240,15 +277,18 @@ class _SwiGLU(torch.autograd.Function):
         return swiglu_bwd(grad.contiguous(), h)
 
 
-def permute_tokens(x: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
-    """x [T, d] -> [T*k, d] in expert order: row inverse[t*k + j] is a copy of x[t]."""
-    return _PermuteTokens.apply(x, inverse, k)
+def permute_tokens(x: torch.Tensor, inverse: torch.Tensor, k: int,
+                   num_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [T, d] -> [T*k, d] in expert order: row inverse[t*k + j] is a copy of x[t] (rows at and past
+    num_valid, if given, are undefined and get no gradient)."""
+    return _PermuteTokens.apply(x, inverse, k, num_valid)
 
 
-def unpermute_combine(y_sorted: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def unpermute_combine(y_sorted: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor,
+                      num_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y_sorted [T*k, d], weights [T, k] (fp32) -> [T, d]: out[t] = sum_j weights[t, j] * y_sorted[inverse[t*k + j]],
-    in y_sorted's dtype (fp32 accumulation on CUDA)."""
-    return _UnpermuteCombine.apply(y_sorted, inverse, weights)
+    in y_sorted's dtype (fp32 accumulation on CUDA); rows at and past num_valid (if given) count as zeros."""
+    return _UnpermuteCombine.apply(y_sorted, inverse, weights, num_valid)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -158,6 +158,12 @@ def all_reduced(t: torch.Tensor, group: Optional[dist.ProcessGroup], op: str = "
     return torch.ops._c10d_functional.wait_tensor(out)  # orders the current stream after it; no host sync
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's (bf16) where it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 # --------------------------------------------------------------------------------------------------
 # Tensor parallel: the conjugate autograd operators (Megatron's f and g)
 # --------------------------------------------------------------------------------------------------
@@ -263,6 +269,8 @@ class ColumnParallelLinear(nn.Module):
         self.weight.init_std = init_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.topo.tp > 1:  # cast before the copy (as autocast would in F.linear): its backward
+            x = x.to(compute_dtype(x))  # all-reduce then moves bf16, not the fp32 residual stream's dtype
         return F.linear(copy_to_tp(x, self.topo), self.weight)
 
 
@@ -399,13 +407,14 @@ def full_state_dict(model: nn.Module, topo: Topology) -> Optional[dict]:
 # Data parallel: bucketed gradient all-reduce overlapped with the backward pass
 # --------------------------------------------------------------------------------------------------
 class DataParallelGrads:
-    """Averages gradients over the DP group once per optimizer step.
+    """Sums gradients over the DP group once per optimizer step (the trainer scales each rank's loss by 1/DP,
+    so the sum is the global batch's mean gradient with no extra pass over it).
 
     Gradients live in flat fp32 buckets (each param's .grad is a view into one), filled in reverse
     parameter order so buckets complete roughly in backward order. During the last microbatch's
     backward (`sync = True`) a post-accumulate hook counts ready parameters and launches an async
     all-reduce as soon as a bucket is complete; buckets are launched strictly in index order so every
-    rank issues the same sequence of collectives. `finish()` waits for them and divides by DP.
+    rank issues the same sequence of collectives. `finish()` waits for them.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], topo: Topology, bucket_size_mb: float = 25.0):
@@ -480,8 +489,6 @@ class DataParallelGrads:
         with phase("dp/all_reduce_wait"):
             for h in self.handles:
                 h.wait()
-        for flat in self.flat:
-            flat.div_(self.topo.dp)
         self._reset_counters()
         self.sync = False
 
@@ -551,8 +558,7 @@ class PipeComm:
 class StepFunctions:
     """What a schedule needs from the trainer. forward(i, x) -> (output, loss_for_backward) where x is
     the received activation (None on the first stage) and loss_for_backward is this stage's own scalar
-    loss terms (LM loss on the last stage, MoE aux terms everywhere), already divided by the number of
-    microbatches. before_backward(i) is called right before microbatch i's backward."""
+    loss terms (LM loss on the last stage, MoE aux terms everywhere), already scaled by 1 / (microbatches x DP). before_backward(i) is called right before microbatch i's backward."""
     forward: Callable
     before_backward: Callable
 

@@ -1854,6 +1854,35 @@ def test_unpermute_combine_matches_indexing(T, d, k):
             torch.testing.assert_close(dw[t, j], (grad[t].double() @ y[r].double()).float(), rtol=1e-6, atol=1e-6)
 
 
+def test_rows_past_num_valid_are_never_read():
+    """Under EP (and with drops) the sorted rows past num_valid belong to no local expert and are left
+    undefined by the grouped GEMM: permute, combine and their backwards must treat them as zeros even when
+    they hold NaN, and match the masked reference."""
+    from moe_ops import permute_tokens, unpermute_combine
+    T, d, k, n_valid = 11, 8, 2, 13
+    _, inverse, g = _routing_case(T, k, 4, seed=7)
+    num_valid = torch.tensor([n_valid], dtype=torch.int32)
+    valid = (torch.arange(T * k) < n_valid).unsqueeze(-1)  # [T*k, 1] over sorted rows
+    y = torch.randn(T * k, d, generator=g)
+    w = torch.rand(T, k, generator=g)
+    grad = torch.randn(T, d, generator=g)
+    y_nan = torch.where(valid, y, float("nan"))
+    out, (dy, dw) = _grads(lambda y, w: unpermute_combine(y, inverse, w, num_valid), [y_nan, w], grad)
+    ref, (dy_ref, dw_ref) = _grads(
+        lambda y, w: (torch.where(valid, y, 0.0)[inverse].view(T, k, d) * w.unsqueeze(-1)).sum(dim=1), [y, w], grad)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-6, atol=1e-6)  # no NaN from the undefined rows
+    torch.testing.assert_close(dy[:n_valid], dy_ref[:n_valid], rtol=0, atol=0)
+
+    x = torch.randn(T, d, generator=g)
+    grad_sorted = torch.where(valid, torch.randn(T * k, d, generator=g), float("nan"))  # undefined past n_valid
+    out, (dx,) = _grads(lambda x: permute_tokens(x, inverse, k, num_valid), [x], grad_sorted)
+    assert torch.equal(out[:n_valid], x[_routing_case(T, k, 4, seed=7)[0] // k][:n_valid])
+    by_hand = torch.stack([sum(grad_sorted[inverse[t * k + j]] if inverse[t * k + j] < n_valid else torch.zeros(d)
+                               for j in range(k)) for t in range(T)])
+    torch.testing.assert_close(dx, by_hand, rtol=1e-6, atol=1e-6)
+
+
 def test_swiglu_matches_autograd_of_silu_times_up():
     from moe_ops import swiglu
     g = torch.Generator().manual_seed(3)

@@ -175,12 +175,11 @@ def load_cv(indices: torch.Tensor, num_experts: int) -> float:
 
 
 class IdentityExperts(nn.Module):
-    """Experts that return their input: SparseMoE's contract of GroupedExperts (rows at and after
-    ends[-1] belong to no local expert and come back zero) without the GEMMs."""
+    """Experts that return their input: SparseMoE's contract of GroupedExperts without the GEMMs (rows
+    at and after ends[-1] belong to no local expert; SparseMoE never reads them)."""
 
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        valid = torch.arange(x.shape[0], device=x.device) < ends[-1]
-        return torch.where(valid.unsqueeze(-1), x, 0.0)
+        return x
 
 
 def routing_moe(args, logits: torch.Tensor, device: torch.device, capacity_factor: float,
