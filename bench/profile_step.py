@@ -2,11 +2,15 @@
 
     python bench/profile_step.py [--skip 10] [--steps 3] [--out profile_step.json] -- <minimal_pretrain flags>
 
+    torchrun --nproc_per_node=2 bench/profile_step.py ... -- <flags> --tensor-parallel-size 2
+
 Trains with the given flags and wraps the optimizer's step: after `--skip` steps a torch.profiler
 window (CUDA kernels) covers the next `--steps` steps. Reports per step: the wall time (host clock
 between optimizer steps, synchronised at the window's ends), the summed kernel time, the GPU busy
-fraction (the union of kernel intervals over the window: below 1, the GPU waits for the host), and the
-kernels that take the most time.
+fraction (the union of kernel intervals over the window: below 1, the GPU waits for the host), kernel
+time by kind (communication = NCCL kernels, GEMM, the rest), the exposed communication (time in which
+only communication kernels run), the peak allocated memory and the kernels that take the most time.
+Under torchrun every rank reports; the JSON goes to OUT with `_rank{R}` before its suffix.
 """
 from __future__ import annotations
 
@@ -58,15 +62,10 @@ def main() -> None:
     prof = state["prof"]
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        if cur_e is None or s > cur_e:
-            busy += 0 if cur_e is None else cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
+    busy = union_length(spans)
     window = spans[-1][1] - spans[0][0]
+    busy_without_comm = union_length(sorted((e.time_range.start, e.time_range.end) for e in kernels
+                                            if kind(e.name) != "communication"))
     totals = {}
     for e in kernels:
         t = totals.setdefault(e.name, [0.0, 0])
@@ -74,15 +73,46 @@ def main() -> None:
         t[1] += 1
     top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:25]
     kernel_ms = sum(v[0] for v in totals.values()) / a.steps / 1e3
-    res = {"flags": train_argv, "wall_ms_per_step": state["wall"] * 1e3, "kernel_ms_per_step": kernel_ms,
+    by_kind = {}
+    for name, (us, _) in totals.items():
+        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + us / a.steps / 1e3
+    rank = int(os.environ.get("RANK", "0"))
+    res = {"flags": train_argv, "rank": rank, "wall_ms_per_step": state["wall"] * 1e3, "kernel_ms_per_step": kernel_ms,
            "gpu_busy_fraction": busy / window, "kernels_per_step": len(kernels) / a.steps,
+           "kernel_ms_by_kind": by_kind, "exposed_communication_ms_per_step": (busy - busy_without_comm) / a.steps / 1e3,
+           "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
            "top": [{"kernel": k[:160], "ms_per_step": v[0] / a.steps / 1e3, "calls_per_step": v[1] / a.steps}
                    for k, v in top]}
-    print(f"wall {res['wall_ms_per_step']:.1f} ms/step, kernels {kernel_ms:.1f} ms/step "
-          f"({res['kernels_per_step']:.0f} launches), GPU busy {100 * res['gpu_busy_fraction']:.1f}% of the window")
-    for t in res["top"][:18]:
-        print(f"  {t['ms_per_step']:8.3f} ms  x{t['calls_per_step']:<5.0f} {t['kernel'][:110]}")
-    json.dump(res, open(a.out, "w"), indent=2)
+    kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items()))
+    lines = [f"[rank {rank}] wall {res['wall_ms_per_step']:.1f} ms/step, kernels {kernel_ms:.1f} ms/step "
+             f"({res['kernels_per_step']:.0f} launches; {kinds}), exposed communication "
+             f"{res['exposed_communication_ms_per_step']:.1f} ms, GPU busy {100 * res['gpu_busy_fraction']:.1f}% "
+             f"of the window, peak allocated {res['peak_allocated_gib']:.1f} GiB"]
+    lines += [f"  {t['ms_per_step']:8.3f} ms  x{t['calls_per_step']:<5.0f} {t['kernel'][:110]}" for t in res["top"][:18]]
+    print("\n".join(lines), flush=True)
+    root, ext = os.path.splitext(a.out)
+    json.dump(res, open(f"{root}_rank{rank}{ext}" if "WORLD_SIZE" in os.environ else a.out, "w"), indent=2)
+
+
+def union_length(spans: list) -> float:
+    """Total length covered by sorted (start, end) intervals."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            total += 0 if cur_e is None else cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + (0 if cur_e is None else cur_e - cur_s)
+
+
+def kind(kernel: str) -> str:
+    name = kernel.lower()
+    if "nccl" in name:
+        return "communication"
+    if any(k in name for k in ("gemm", "cutlass", "nvjet", "matmul", "sm90_", "cublas")):
+        return "gemm"
+    return "other"
 
 
 if __name__ == "__main__":
