@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: the newest complete checkpoint in --checkpoint-dir, or a fresh start if there is none; "
                          "PATH: a step_* checkpoint, or a checkpoint directory (its newest)")
     ck.add_argument("--no-save", action="store_true", help="no final checkpoint at the end")
-    ck.add_argument("--eval-only", action="store_true", help="with --resume: report the checkpoint's validation loss, no training")
+    ck.add_argument("--eval-only", action="store_true",
+                    help="with --resume: print the checkpoint's validation loss, no training; writes nothing")
     ck.add_argument("--hf-repo", default=None, metavar="OWNER/NAME",
                     help="upload each saved checkpoint to this Hugging Face Hub repo (needs huggingface_hub and a token)")
     pr = p.add_argument_group("profiling")
@@ -249,6 +250,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(f"--num-microbatches {m} disagrees with --global-batch-size {gbs} / (--micro-batch-size "
                           f"{mbs} x DP {dp}) = {per_dp // mbs}")
     args.micro_batch_size, args.num_microbatches = mbs, per_dp // mbs
+    if args.eval_only and (args.wandb or args.tensorboard):
+        raise ConfigError("--eval-only writes nothing (it prints the validation loss): drop --wandb and --tensorboard")
     check_sinks(args.wandb, args.tensorboard)
     non_negative("profile_wait", "profile_warmup")
     positive("profile_steps")
@@ -520,7 +523,8 @@ class Trainer:
     comm: Optional[PipeComm]
     step_stats: StepStats
     stats_layout: StatsLayout
-    run_log: Optional[RunLog]
+    run_log: Optional[RunLog]  # rank 0's, opened once the run is accepted (never with --eval-only)
+    output_dir: Path
     checkpoint_dir: Path
     resume_from: Optional[Path]  # the checkpoint --resume resolved to (None: start at step 0)
     uploader: Optional[HubUploader]
@@ -556,6 +560,10 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
     t = setup(args, topo, precision, cleanup)
     result = TrainResult()
     start = resume(t, result)
+    if t.is_main and not args.eval_only:  # accepted: only now is anything written into the output directory
+        open_run_log(t, cleanup)
+        if t.resume_from is not None:
+            t.run_log.log({"step": start, "resumed_from": str(t.resume_from)})
     if args.eval_only:
         evaluate_and_log(t, start - 1, result)
     else:
@@ -563,6 +571,15 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
     if return_state:
         result.state_dict = full_state_dict(t.model, topo)
     return result
+
+
+def open_run_log(t: Trainer, cleanup: contextlib.ExitStack) -> None:
+    """Rank 0's config.json, metrics.jsonl and the optional sinks, closed with `cleanup`."""
+    args = t.args
+    t.run_log = RunLog(str(t.output_dir), {**vars(args), "model": t.cfg.to_dict(), "world_size": t.topo.world_size},
+                       args.wandb, args.wandb_project, args.tensorboard, args.moe_histogram_every)
+    cleanup.callback(t.run_log.close)
+    t.emit(f"logging to {t.output_dir}/metrics.jsonl")
 
 
 def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextlib.ExitStack) -> None:
@@ -623,7 +640,8 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
 
 
 def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -> Trainer:
-    """Data, model, optimizer, communication, statistics and logging: everything before the first step."""
+    """Data, model, optimizer, communication and statistics: everything before the first step but loading the
+    checkpoint (resume) and opening the run log (open_run_log); nothing is written here."""
     is_main = topo.rank == 0
     say = print if is_main else (lambda *a, **k: None)
     output_dir, checkpoint_dir, resume_from = run_dirs(args, topo)
@@ -668,12 +686,6 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                                   fused=topo.device.type == "cuda")
-    run_log = None
-    if is_main:
-        run_log = RunLog(str(output_dir), {**vars(args), "model": cfg.to_dict(), "world_size": topo.world_size},
-                         args.wandb, args.wandb_project, args.tensorboard, args.moe_histogram_every)
-        cleanup.callback(run_log.close)
-        say(f"logging to {output_dir}/metrics.jsonl")
     uploader = None
     if args.hf_repo and is_main:
         uploader = HubUploader(args.hf_repo, say)
@@ -687,21 +699,24 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         step_stats=StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=stats_on),
         stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.num_experts, m, topo.dp,
                                  drops=cfg.moe_capacity_factor > 0, bias=cfg.moe_bias_update_rate > 0),
-        run_log=run_log, checkpoint_dir=checkpoint_dir, resume_from=resume_from, uploader=uploader, emit=say,
+        run_log=None, output_dir=output_dir, checkpoint_dir=checkpoint_dir, resume_from=resume_from, uploader=uploader,
+        emit=say,
         flops_per_token=flops_per_token(cfg, active), peak_flops=peak_flops(topo.device, precision))
 
 
 def run_dirs(args, topo: Topology) -> tuple[Path, Path, Optional[Path]]:
     """The output and checkpoint directories and the checkpoint to resume from (None: a fresh start), the
     same on every rank. Rank 0 decides, before any model is built, and shares its verdict, so a bad path
-    is one line and exit code 2 on every rank and no rank waits for another that failed."""
+    is one line and exit code 2 on every rank and no rank waits for another that failed. --eval-only
+    writes nothing, so its output directory is not even checked."""
     output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     checkpoint_dir = args.checkpoint_dir or os.path.join(output_dir, "checkpoints")
     resume_from, error, probe = None, None, None
     with contextlib.ExitStack() as keep:  # rank 0's probe in the checkpoint directory, until every rank looked
         if topo.rank == 0:
             try:
-                ensure_writable_dir(output_dir, "--output-dir")
+                if not args.eval_only:
+                    ensure_writable_dir(output_dir, "--output-dir")
                 will_save = not args.no_save or 0 < args.save_interval < args.max_steps
                 if will_save and not args.eval_only:
                     probe = os.path.basename(keep.enter_context(probe_file(checkpoint_dir, "--checkpoint-dir")))
@@ -859,9 +874,9 @@ def evaluate(t: Trainer) -> float:
 def evaluate_and_log(t: Trainer, step: int, result: TrainResult) -> None:
     val = evaluate(t)
     result.val_loss = val
-    if t.is_main:
+    if t.run_log is not None:
         t.run_log.log({"step": step, "val_loss": val})
-        t.emit(f"step {step:>5d} | val loss {val:.4f}")
+    t.emit(f"step {step:>5d} | val loss {val:.4f}")
 
 
 def checkpoint_meta(t: Trainer) -> dict:
@@ -884,7 +899,7 @@ def save(t: Trainer, done_steps: int, result: TrainResult) -> None:
 
 def resume(t: Trainer, result: TrainResult) -> int:
     """Loads the checkpoint --resume resolved to into the model (and, to train on, the optimizer); returns
-    the first step to run."""
+    the first step to run. Runs before anything is written: a checkpoint refused here leaves no trace."""
     args, path = t.args, t.resume_from
     if path is None:
         if args.resume == "auto":
@@ -896,8 +911,6 @@ def resume(t: Trainer, result: TrainResult) -> int:
     if t.weight_copies is not None:
         t.weight_copies.refresh()
     result.checkpoint = str(path)
-    if t.is_main:
-        t.run_log.log({"step": manifest["step"], "resumed_from": str(path)})
     if manifest["step"] >= args.max_steps and not args.eval_only:
         t.emit(f"the checkpoint has {manifest['step']} steps, --max-steps is {args.max_steps}: nothing to train")
     return manifest["step"]

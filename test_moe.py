@@ -3453,5 +3453,53 @@ def test_sigterm_to_torchrun_saves_and_every_rank_stops_cleanly(tmp_path):
     assert 3 <= ckpt.read_manifest(path)["step"] < 400
 
 
+
+# ---- run hygiene: output-dir lock, nothing written before acceptance, shape from checkpoint ----
+# A start that is refused writes nothing.
+_HYGIENE_SHAPE = ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2", "--num-key-value-heads", "1",
+                  "--max-seq-length", "16", "--num-experts", "4", "--moe-layer-interval", "2",
+                  "--no-router-normalize-topk", "--moe-router-score", "sigmoid"]  # every one off its default
+
+
+def _hygiene_argv(*extra: str) -> list:
+    """Training flags only (no model flags): the tiny model comes from _HYGIENE_SHAPE or a checkpoint."""
+    return ["--global-batch-size", "8", "--micro-batch-size", "4", "--warmup-steps", "2", "--eval-iters", "1",
+            "--eval-interval", "0", "--log-interval", "1", "--device", "cpu", "--no-progress",
+            "--data", _dist_data_file(), *extra]
+
+
+def _main_in_process(argv: list, monkeypatch, capsys) -> tuple:
+    """(exit code, stderr lines) of minimal_pretrain.main in this process."""
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    capsys.readouterr()
+    rc = minimal_pretrain.main(argv)
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def _tree(root: Path) -> dict:
+    """{relative path: bytes} of every file under root (directories as None)."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_refused_resume_writes_nothing(tmp_path, monkeypatch, capsys):
+    """A --resume refused for a model flag that contradicts the checkpoint leaves the run's directory as it
+    was (config.json included), and without --output-dir leaves no runs/<time> behind."""
+    run = tmp_path / "run"
+    _train_in_process([*_HYGIENE_SHAPE, *_hygiene_argv("--max-steps", "1", "--output-dir", str(run))], monkeypatch)
+    before = _tree(run)
+    rc, err = _main_in_process([*_hygiene_argv("--max-steps", "2", "--num-layers", "3", "--resume", "auto",
+                                               "--output-dir", str(run))], monkeypatch, capsys)
+    assert rc == 2 and len(err) == 1 and "num_layers (checkpoint 2, now 3)" in err[0], err
+    assert _tree(run) == before
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    rc, err = _main_in_process([*_hygiene_argv("--max-steps", "2", "--num-layers", "3", "--resume",
+                                               str(run / "checkpoints"))], monkeypatch, capsys)
+    assert rc == 2 and len(err) == 1 and "num_layers" in err[0], err
+    assert list(cwd.iterdir()) == []
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
