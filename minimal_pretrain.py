@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import (MANIFEST, CheckpointError, HubUploader, check_hub, complete_checkpoints, describe_resume,
-                        load_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
+from checkpoint import (CHANGEABLE_MODEL_FIELDS, MANIFEST, CheckpointError, HubUploader, check_hub, complete_checkpoints,
+                        describe_resume, load_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
 from data import Corpus, DataError, batch_offsets, check_lengths, corpus_fingerprint, get_batch, load_corpus
 from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the newest K step checkpoints; older ones are deleted once a newer one is complete (0 = keep all)")
     ck.add_argument("--resume", default=None, metavar="auto|PATH",
                     help="auto: the newest complete checkpoint in --checkpoint-dir, or a fresh start if there is none; "
-                         "PATH: a step_* checkpoint, or a checkpoint directory (its newest)")
+                         "PATH: a step_* checkpoint, or a checkpoint directory (its newest). Model flags not given "
+                         "take the checkpoint's values")
     ck.add_argument("--no-save", action="store_true", help="no final checkpoint at the end")
     ck.add_argument("--eval-only", action="store_true",
                     help="with --resume: print the checkpoint's validation loss, no training; writes nothing")
@@ -165,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace, world_size: int) -> None:
-    """Every check that needs no work done; raises ConfigError/LayoutError naming the flag."""
+    """Every check that needs no work done; raises ConfigError/LayoutError naming the flag. With --resume the
+    model flags are checked once the checkpoint they come from is known (check_model_flags, in setup)."""
     for name, v in vars(args).items():  # --learning-rate inf or nan would train NaNs
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
@@ -179,7 +182,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     def non_negative(*names):
         for n in names:
             v = getattr(args, n)
-            if v < 0:
+            if v is not None and v < 0:
                 raise ConfigError(f"--{n.replace('_', '-')} must be >= 0, got {v}")
 
     positive("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads",
@@ -198,22 +201,6 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.min_lr > args.learning_rate:
         raise ConfigError(f"--min-lr {args.min_lr} must not exceed --learning-rate {args.learning_rate}")
-    if args.hidden_size % args.num_attention_heads:
-        raise ConfigError(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
-                          f"{args.num_attention_heads}")
-    if (args.hidden_size // args.num_attention_heads) % 2:
-        raise ConfigError(f"head size --hidden-size / --num-attention-heads = "
-                          f"{args.hidden_size // args.num_attention_heads} must be even (rotary embeddings)")
-    if args.num_attention_heads % args.num_key_value_heads:
-        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
-                          f"--num-key-value-heads {args.num_key_value_heads}")
-    if args.num_experts > 0:
-        if not 1 <= args.num_experts_per_token <= args.num_experts:
-            raise ConfigError(f"--num-experts-per-token must be between 1 and --num-experts {args.num_experts}, "
-                              f"got {args.num_experts_per_token}")
-        if args.moe_layer_interval > args.num_layers:
-            raise ConfigError(f"--moe-layer-interval {args.moe_layer_interval} exceeds --num-layers "
-                              f"{args.num_layers}: no layer would be MoE (use --num-experts 0 for a dense model)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
@@ -222,15 +209,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise LayoutError(f"--expert-parallel-size {args.expert_parallel_size} must equal --tensor-parallel-size {tp}: "
                           f"expert parallelism is tied to TP (leave it unset)")
     dp = check_layout(world_size, tp, pp)
-    for flag, value in (("--num-attention-heads", args.num_attention_heads),
-                        ("--num-key-value-heads", args.num_key_value_heads),
-                        ("--intermediate-size", args.intermediate_size),
-                        ("--num-experts", args.num_experts)):
-        if value % tp:
-            why = " (expert parallelism is tied to TP)" if flag == "--num-experts" else ""
-            raise LayoutError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}{why}")
-    if args.num_layers < pp:
-        raise LayoutError(f"--num-layers {args.num_layers} must be at least --pipeline-parallel-size {pp}")
+    if args.resume is None:
+        check_model_flags(args)
 
     # Batch arithmetic: global = micro * microbatches * DP.
     gbs, mbs, m = args.global_batch_size, args.micro_batch_size, args.num_microbatches
@@ -272,6 +252,37 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError("--eval-only needs --eval-iters > 0")
     if args.hf_repo:
         check_hub(args.hf_repo)
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """The model flags against each other and against the TP / PP sizes; raises ConfigError/LayoutError
+    naming the flag. Called by validate, or with --resume by setup, once the checkpoint's values are in."""
+    if args.hidden_size % args.num_attention_heads:
+        raise ConfigError(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
+                          f"{args.num_attention_heads}")
+    if (args.hidden_size // args.num_attention_heads) % 2:
+        raise ConfigError(f"head size --hidden-size / --num-attention-heads = "
+                          f"{args.hidden_size // args.num_attention_heads} must be even (rotary embeddings)")
+    if args.num_attention_heads % args.num_key_value_heads:
+        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
+                          f"--num-key-value-heads {args.num_key_value_heads}")
+    if args.num_experts > 0:
+        if not 1 <= args.num_experts_per_token <= args.num_experts:
+            raise ConfigError(f"--num-experts-per-token must be between 1 and --num-experts {args.num_experts}, "
+                              f"got {args.num_experts_per_token}")
+        if args.moe_layer_interval > args.num_layers:
+            raise ConfigError(f"--moe-layer-interval {args.moe_layer_interval} exceeds --num-layers "
+                              f"{args.num_layers}: no layer would be MoE (use --num-experts 0 for a dense model)")
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    for flag, value in (("--num-attention-heads", args.num_attention_heads),
+                        ("--num-key-value-heads", args.num_key_value_heads),
+                        ("--intermediate-size", args.intermediate_size),
+                        ("--num-experts", args.num_experts)):
+        if value % tp:
+            why = " (expert parallelism is tied to TP)" if flag == "--num-experts" else ""
+            raise LayoutError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}{why}")
+    if args.num_layers < pp:
+        raise LayoutError(f"--num-layers {args.num_layers} must be at least --pipeline-parallel-size {pp}")
 
 
 @contextlib.contextmanager
@@ -352,10 +363,38 @@ def load_same_corpus(args, topo: Topology) -> Corpus:
     return corpus
 
 
+# The model flags a checkpoint fixes (every ModelConfig field but those that may change on resume; rope_theta
+# is no flag): with --resume, those not given take the checkpoint's values.
+SHAPE_FLAGS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                    if f.name not in CHANGEABLE_MODEL_FIELDS and f.name != "rope_theta")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    """The flags, validated. With --resume, the model flags not given on the command line are None: the
+    checkpoint's values replace them in setup (take_model_flags), so a given flag that contradicts the
+    checkpoint is still refused there."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        for action in parser._actions:  # parsed again without defaults: what is left was given
+            action.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(argv))
+        for name in SHAPE_FLAGS:
+            if name not in given:
+                setattr(args, name, None)
     validate(args, env_world_size())
     return args
+
+
+def take_model_flags(args: argparse.Namespace, saved_model: Optional[dict]) -> None:
+    """--resume: the model flags parse_args left unset (None) take the checkpoint's values, or their defaults
+    when there is no checkpoint (--resume auto, a fresh start); then the flags are checked together."""
+    defaults = build_parser()
+    for name in SHAPE_FLAGS:
+        if getattr(args, name) is None:
+            default = defaults.get_default(name)
+            setattr(args, name, saved_model.get(name, default) if saved_model is not None else default)
+    check_model_flags(args)
 
 
 def model_config(args, vocab_size: int) -> ModelConfig:
@@ -644,7 +683,9 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     checkpoint (resume) and opening the run log (open_run_log); nothing is written here."""
     is_main = topo.rank == 0
     say = print if is_main else (lambda *a, **k: None)
-    output_dir, checkpoint_dir, resume_from = run_dirs(args, topo)
+    output_dir, checkpoint_dir, resume_from, saved_model = run_dirs(args, topo)
+    if args.resume is not None:
+        take_model_flags(args, saved_model)  # the same on every rank: rank 0's checkpoint
     corpus = load_same_corpus(args, topo)
     if corpus.vocab_size % topo.tp:
         raise LayoutError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
@@ -704,14 +745,14 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         flops_per_token=flops_per_token(cfg, active), peak_flops=peak_flops(topo.device, precision))
 
 
-def run_dirs(args, topo: Topology) -> tuple[Path, Path, Optional[Path]]:
-    """The output and checkpoint directories and the checkpoint to resume from (None: a fresh start), the
-    same on every rank. Rank 0 decides, before any model is built, and shares its verdict, so a bad path
-    is one line and exit code 2 on every rank and no rank waits for another that failed. --eval-only
-    writes nothing, so its output directory is not even checked."""
+def run_dirs(args, topo: Topology) -> tuple[Path, Path, Optional[Path], Optional[dict]]:
+    """The output and checkpoint directories, the checkpoint to resume from (None: a fresh start) and its
+    model config, the same on every rank. Rank 0 decides, before any model is built, and shares its verdict,
+    so a bad path is one line and exit code 2 on every rank and no rank waits for another that failed.
+    --eval-only writes nothing, so its output directory is not even checked."""
     output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     checkpoint_dir = args.checkpoint_dir or os.path.join(output_dir, "checkpoints")
-    resume_from, error, probe = None, None, None
+    resume_from, saved_model, error, probe = None, None, None, None
     with contextlib.ExitStack() as keep:  # rank 0's probe in the checkpoint directory, until every rank looked
         if topo.rank == 0:
             try:
@@ -721,17 +762,19 @@ def run_dirs(args, topo: Topology) -> tuple[Path, Path, Optional[Path]]:
                 if will_save and not args.eval_only:
                     probe = os.path.basename(keep.enter_context(probe_file(checkpoint_dir, "--checkpoint-dir")))
                 resume_from = checkpoint_to_resume(args, Path(checkpoint_dir), will_save)
+                if resume_from is not None:
+                    saved_model = read_manifest(resume_from)["model"]
             except (ConfigError, CheckpointError) as e:
                 error = str(e)
         if topo.world_size > 1:  # ranks may also read the clock in different seconds: rank 0's names win
-            shared = [output_dir, checkpoint_dir, resume_from, error, probe]
+            shared = [output_dir, checkpoint_dir, resume_from, error, probe, saved_model]
             dist.broadcast_object_list(shared, src=0)
-            output_dir, checkpoint_dir, resume_from, error, probe = shared
+            output_dir, checkpoint_dir, resume_from, error, probe, saved_model = shared
         if error:
             raise ConfigError(error)
         if topo.world_size > 1 and (probe or resume_from):
             check_shared_checkpoints(checkpoint_dir, probe, resume_from, topo)
-    return Path(output_dir), Path(checkpoint_dir), resume_from
+    return Path(output_dir), Path(checkpoint_dir), resume_from, saved_model
 
 
 def checkpoint_to_resume(args, checkpoint_dir: Path, will_save: bool) -> Optional[Path]:

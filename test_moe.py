@@ -3455,7 +3455,7 @@ def test_sigterm_to_torchrun_saves_and_every_rank_stops_cleanly(tmp_path):
 
 
 # ---- run hygiene: output-dir lock, nothing written before acceptance, shape from checkpoint ----
-# A start that is refused writes nothing.
+# A start that is refused writes nothing; --resume and --eval-only build the checkpoint's model.
 _HYGIENE_SHAPE = ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2", "--num-key-value-heads", "1",
                   "--max-seq-length", "16", "--num-experts", "4", "--moe-layer-interval", "2",
                   "--no-router-normalize-topk", "--moe-router-score", "sigmoid"]  # every one off its default
@@ -3499,6 +3499,31 @@ def test_refused_resume_writes_nothing(tmp_path, monkeypatch, capsys):
                                                str(run / "checkpoints"))], monkeypatch, capsys)
     assert rc == 2 and len(err) == 1 and "num_layers" in err[0], err
     assert list(cwd.iterdir()) == []
+
+
+def test_resume_and_eval_only_take_the_model_from_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """Model flags left out of --resume / --eval-only come from the checkpoint (the resumed run is
+    bit-exact), given ones that agree are accepted, and --eval-only writes nothing anywhere."""
+    straight = _train_in_process([*_HYGIENE_SHAPE, *_hygiene_argv("--max-steps", "4", "--save-interval", "2",
+                                                                  "--output-dir", str(tmp_path / "a"))], monkeypatch)
+    half = tmp_path / "a" / "checkpoints" / "step_00000002"
+    resumed = _train_in_process(_hygiene_argv("--max-steps", "4", "--hidden-size", "32", "--resume", str(half),
+                                              "--output-dir", str(tmp_path / "b")), monkeypatch)
+    assert resumed.losses == straight.losses[2:] and resumed.val_loss == straight.val_loss
+    _assert_checkpoints_equal(tmp_path / "a" / "checkpoints" / "step_00000004",
+                              tmp_path / "b" / "checkpoints" / "step_00000004")
+    assert ckpt.read_manifest(tmp_path / "b" / "checkpoints" / "step_00000004")["model"] == \
+        ckpt.read_manifest(half)["model"]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["num_layers"] == 2
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    evaluated = _train_in_process(_hygiene_argv("--resume", str(tmp_path / "a" / "checkpoints"), "--eval-only",
+                                                "--output-dir", str(tmp_path / "e")), monkeypatch)
+    assert evaluated.val_loss == straight.val_loss
+    assert list(cwd.iterdir()) == [] and not (tmp_path / "e").exists()
+    rc, err = _main_in_process(_hygiene_argv("--resume", str(half), "--eval-only", "--tensorboard"), monkeypatch, capsys)
+    assert rc == 2 and len(err) == 1 and "--eval-only" in err[0] and "--tensorboard" in err[0], err
 
 
 if __name__ == "__main__":
