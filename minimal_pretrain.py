@@ -8,16 +8,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import gc
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -129,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--log-interval", type=int, default=10, help="steps between log lines (the last step is always logged)")
     lg.add_argument("--eval-interval", type=int, default=100, help="steps between validation runs (0 = only at the end)")
     lg.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (0 = no evaluation)")
-    lg.add_argument("--output-dir", default=None, help="run directory for config.json and metrics.jsonl (default runs/<time>)")
+    lg.add_argument("--output-dir", default=None,
+                    help="run directory for config.json and metrics.jsonl (default runs/<time>); one run at a time: "
+                         "locked while the run lasts")
     lg.add_argument("--moe-metrics", choices=["off", "brief", "detailed"], default="brief",
                     help="MoE load statistics: off, the summary, or also per-layer metrics and the count matrix")
     lg.add_argument("--moe-detailed-every", type=int, default=0,
@@ -143,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--save-interval", type=int, default=1000,
                     help="save a checkpoint every N steps (0 = no periodic saves; the final one is still saved)")
-    ck.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default <output-dir>/checkpoints)")
+    ck.add_argument("--checkpoint-dir", default=None,
+                    help="where checkpoints go (default <output-dir>/checkpoints); locked while the run lasts")
     ck.add_argument("--keep-last", type=int, default=3,
                     help="keep the newest K step checkpoints; older ones are deleted once a newer one is complete (0 = keep all)")
     ck.add_argument("--resume", default=None, metavar="auto|PATH",
@@ -291,13 +296,9 @@ def probe_file(path: str, flag: str):
     the probe and every directory it had to create, so a run that fails later (bad --data, say) leaves
     nothing behind; each directory is made for real when something is first written into it. Raises
     ConfigError naming the flag if `path` cannot be created or written."""
-    created, probe = [], os.path.join(path, f".write-test-{os.getpid()}")
+    created, probe = missing_dirs(path), os.path.join(path, f".write-test-{os.getpid()}")
     try:
         try:
-            missing = Path(path).absolute()
-            while not missing.exists():
-                created.append(missing)
-                missing = missing.parent
             os.makedirs(path, exist_ok=True)
             with open(probe, "w") as f:
                 f.write("ok")
@@ -312,10 +313,68 @@ def probe_file(path: str, flag: str):
                 d.rmdir()
 
 
-def ensure_writable_dir(path: str, flag: str) -> None:
-    """Proves that `path` can be created and written, or raises ConfigError naming the flag."""
-    with probe_file(path, flag):
-        pass
+def missing_dirs(path: str) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first (what creating it will make)."""
+    missing, p = [], Path(path).absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def dir_lock(path: str, flag: str) -> Iterator[None]:
+    """Makes the directory `path` this run's alone while the context lasts: an exclusive flock on
+    `path/.lock`, a file that names the holder (pid, host, start time) for the error line of a second run.
+    The OS drops the lock when the process ends, however it ends, so a killed run leaves a file but never
+    a stuck lock; flock reaches other machines on NFS v4 and on Lustre mounted with `-o flock`. Creates
+    `path` if needed; on exit removes the lock file, then every directory it created that is still empty,
+    so a run refused later leaves nothing behind. Raises ConfigError naming the flag (and the holder)."""
+    created, lock, fd, owned = missing_dirs(path), os.path.join(path, LOCK_FILE), None, False
+    try:
+        for _ in range(3):
+            try:
+                os.makedirs(path, exist_ok=True)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "it has not named itself yet"
+                raise ConfigError(f"{flag} {path} is in use by another run ({holder}); wait for it to end or "
+                                  f"choose another {flag}") from None
+            except OSError as e:  # no locks on this filesystem (Lustre without -o flock, NFS without lockd)
+                print(f"warning: {flag} {path}: cannot lock it ({e.strerror or e}); nothing keeps a second run "
+                      f"out of it", file=sys.stderr)
+                owned = True
+                break
+            try:  # the file we locked may have been unlinked by its last holder after we opened it
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    owned = True
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+            fd = None
+        else:
+            raise ConfigError(f"{flag} {path}: its {LOCK_FILE} keeps changing; is another run starting into it?")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        yield
+    finally:
+        if fd is not None:
+            if owned:  # removed while still locked: a run that opened it meanwhile sees it go and retries
+                with contextlib.suppress(OSError):
+                    os.remove(lock)
+            os.close(fd)
+        for d in created:  # deepest first; a directory that received files stays
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def check_shared_checkpoints(checkpoint_dir: str, probe: Optional[str], resume_from: Optional[Path],
@@ -680,10 +739,10 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
 
 def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -> Trainer:
     """Data, model, optimizer, communication and statistics: everything before the first step but loading the
-    checkpoint (resume) and opening the run log (open_run_log); nothing is written here."""
+    checkpoint (resume) and opening the run log (open_run_log); nothing is written here but the locks."""
     is_main = topo.rank == 0
     say = print if is_main else (lambda *a, **k: None)
-    output_dir, checkpoint_dir, resume_from, saved_model = run_dirs(args, topo)
+    output_dir, checkpoint_dir, resume_from, saved_model = run_dirs(args, topo, cleanup)
     if args.resume is not None:
         take_model_flags(args, saved_model)  # the same on every rank: rank 0's checkpoint
     corpus = load_same_corpus(args, topo)
@@ -745,21 +804,26 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         flops_per_token=flops_per_token(cfg, active), peak_flops=peak_flops(topo.device, precision))
 
 
-def run_dirs(args, topo: Topology) -> tuple[Path, Path, Optional[Path], Optional[dict]]:
+def run_dirs(args, topo: Topology, cleanup: contextlib.ExitStack) -> tuple[Path, Path, Optional[Path], Optional[dict]]:
     """The output and checkpoint directories, the checkpoint to resume from (None: a fresh start) and its
     model config, the same on every rank. Rank 0 decides, before any model is built, and shares its verdict,
-    so a bad path is one line and exit code 2 on every rank and no rank waits for another that failed.
-    --eval-only writes nothing, so its output directory is not even checked."""
+    so a bad path or a busy directory is one line and exit code 2 on every rank and no rank waits for another
+    that failed. Rank 0 first locks the directories the run writes into (dir_lock, released when `cleanup`
+    closes at the end of the run), so that a second run into them stops here and a fresh run's check for an
+    earlier run's checkpoints cannot race with another start; --eval-only writes nothing and locks nothing."""
     output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     checkpoint_dir = args.checkpoint_dir or os.path.join(output_dir, "checkpoints")
     resume_from, saved_model, error, probe = None, None, None, None
     with contextlib.ExitStack() as keep:  # rank 0's probe in the checkpoint directory, until every rank looked
         if topo.rank == 0:
             try:
-                if not args.eval_only:
-                    ensure_writable_dir(output_dir, "--output-dir")
                 will_save = not args.no_save or 0 < args.save_interval < args.max_steps
+                if not args.eval_only:
+                    cleanup.enter_context(dir_lock(output_dir, "--output-dir"))
                 if will_save and not args.eval_only:
+                    # Locked on its own too: another run may point its --checkpoint-dir here from elsewhere.
+                    if os.path.realpath(checkpoint_dir) != os.path.realpath(output_dir):
+                        cleanup.enter_context(dir_lock(checkpoint_dir, "--checkpoint-dir"))
                     probe = os.path.basename(keep.enter_context(probe_file(checkpoint_dir, "--checkpoint-dir")))
                 resume_from = checkpoint_to_resume(args, Path(checkpoint_dir), will_save)
                 if resume_from is not None:
