@@ -7,23 +7,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import fcntl
 import gc
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import (MANIFEST, CheckpointError, HubUploader, check_hub, complete_checkpoints, describe_resume,
-                        load_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
+from checkpoint import (CHANGEABLE_MODEL_FIELDS, MANIFEST, CheckpointError, HubUploader, check_hub, complete_checkpoints,
+                        describe_resume, load_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
 from data import Corpus, DataError, batch_offsets, check_lengths, corpus_fingerprint, get_batch, load_corpus
 from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
@@ -128,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--log-interval", type=int, default=10, help="steps between log lines (the last step is always logged)")
     lg.add_argument("--eval-interval", type=int, default=100, help="steps between validation runs (0 = only at the end)")
     lg.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (0 = no evaluation)")
-    lg.add_argument("--output-dir", default=None, help="run directory for config.json and metrics.jsonl (default runs/<time>)")
+    lg.add_argument("--output-dir", default=None,
+                    help="run directory for config.json and metrics.jsonl (default runs/<time>); one run at a time: "
+                         "locked while the run lasts")
     lg.add_argument("--moe-metrics", choices=["off", "brief", "detailed"], default="brief",
                     help="MoE load statistics: off, the summary, or also per-layer metrics and the count matrix")
     lg.add_argument("--moe-detailed-every", type=int, default=0,
@@ -142,14 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--save-interval", type=int, default=1000,
                     help="save a checkpoint every N steps (0 = no periodic saves; the final one is still saved)")
-    ck.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default <output-dir>/checkpoints)")
+    ck.add_argument("--checkpoint-dir", default=None,
+                    help="where checkpoints go (default <output-dir>/checkpoints); locked while the run lasts")
     ck.add_argument("--keep-last", type=int, default=3,
                     help="keep the newest K step checkpoints; older ones are deleted once a newer one is complete (0 = keep all)")
     ck.add_argument("--resume", default=None, metavar="auto|PATH",
                     help="auto: the newest complete checkpoint in --checkpoint-dir, or a fresh start if there is none; "
-                         "PATH: a step_* checkpoint, or a checkpoint directory (its newest)")
+                         "PATH: a step_* checkpoint, or a checkpoint directory (its newest). Model flags not given "
+                         "take the checkpoint's values")
     ck.add_argument("--no-save", action="store_true", help="no final checkpoint at the end")
-    ck.add_argument("--eval-only", action="store_true", help="with --resume: report the checkpoint's validation loss, no training")
+    ck.add_argument("--eval-only", action="store_true",
+                    help="with --resume: print the checkpoint's validation loss, no training; writes nothing")
     ck.add_argument("--hf-repo", default=None, metavar="OWNER/NAME",
                     help="upload each saved checkpoint to this Hugging Face Hub repo (needs huggingface_hub and a token)")
     pr = p.add_argument_group("profiling")
@@ -164,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace, world_size: int) -> None:
-    """Every check that needs no work done; raises ConfigError/LayoutError naming the flag."""
+    """Every check that needs no work done; raises ConfigError/LayoutError naming the flag. With --resume the
+    model flags are checked once the checkpoint they come from is known (check_model_flags, in setup)."""
     for name, v in vars(args).items():  # --learning-rate inf or nan would train NaNs
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
@@ -178,7 +187,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     def non_negative(*names):
         for n in names:
             v = getattr(args, n)
-            if v < 0:
+            if v is not None and v < 0:
                 raise ConfigError(f"--{n.replace('_', '-')} must be >= 0, got {v}")
 
     positive("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads",
@@ -197,22 +206,6 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.min_lr > args.learning_rate:
         raise ConfigError(f"--min-lr {args.min_lr} must not exceed --learning-rate {args.learning_rate}")
-    if args.hidden_size % args.num_attention_heads:
-        raise ConfigError(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
-                          f"{args.num_attention_heads}")
-    if (args.hidden_size // args.num_attention_heads) % 2:
-        raise ConfigError(f"head size --hidden-size / --num-attention-heads = "
-                          f"{args.hidden_size // args.num_attention_heads} must be even (rotary embeddings)")
-    if args.num_attention_heads % args.num_key_value_heads:
-        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
-                          f"--num-key-value-heads {args.num_key_value_heads}")
-    if args.num_experts > 0:
-        if not 1 <= args.num_experts_per_token <= args.num_experts:
-            raise ConfigError(f"--num-experts-per-token must be between 1 and --num-experts {args.num_experts}, "
-                              f"got {args.num_experts_per_token}")
-        if args.moe_layer_interval > args.num_layers:
-            raise ConfigError(f"--moe-layer-interval {args.moe_layer_interval} exceeds --num-layers "
-                              f"{args.num_layers}: no layer would be MoE (use --num-experts 0 for a dense model)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
@@ -221,15 +214,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise LayoutError(f"--expert-parallel-size {args.expert_parallel_size} must equal --tensor-parallel-size {tp}: "
                           f"expert parallelism is tied to TP (leave it unset)")
     dp = check_layout(world_size, tp, pp)
-    for flag, value in (("--num-attention-heads", args.num_attention_heads),
-                        ("--num-key-value-heads", args.num_key_value_heads),
-                        ("--intermediate-size", args.intermediate_size),
-                        ("--num-experts", args.num_experts)):
-        if value % tp:
-            why = " (expert parallelism is tied to TP)" if flag == "--num-experts" else ""
-            raise LayoutError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}{why}")
-    if args.num_layers < pp:
-        raise LayoutError(f"--num-layers {args.num_layers} must be at least --pipeline-parallel-size {pp}")
+    if args.resume is None:
+        check_model_flags(args)
 
     # Batch arithmetic: global = micro * microbatches * DP.
     gbs, mbs, m = args.global_batch_size, args.micro_batch_size, args.num_microbatches
@@ -249,6 +235,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(f"--num-microbatches {m} disagrees with --global-batch-size {gbs} / (--micro-batch-size "
                           f"{mbs} x DP {dp}) = {per_dp // mbs}")
     args.micro_batch_size, args.num_microbatches = mbs, per_dp // mbs
+    if args.eval_only and (args.wandb or args.tensorboard):
+        raise ConfigError("--eval-only writes nothing (it prints the validation loss): drop --wandb and --tensorboard")
     check_sinks(args.wandb, args.tensorboard)
     non_negative("profile_wait", "profile_warmup")
     positive("profile_steps")
@@ -271,19 +259,46 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         check_hub(args.hf_repo)
 
 
+def check_model_flags(args: argparse.Namespace) -> None:
+    """The model flags against each other and against the TP / PP sizes; raises ConfigError/LayoutError
+    naming the flag. Called by validate, or with --resume by setup, once the checkpoint's values are in."""
+    if args.hidden_size % args.num_attention_heads:
+        raise ConfigError(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
+                          f"{args.num_attention_heads}")
+    if (args.hidden_size // args.num_attention_heads) % 2:
+        raise ConfigError(f"head size --hidden-size / --num-attention-heads = "
+                          f"{args.hidden_size // args.num_attention_heads} must be even (rotary embeddings)")
+    if args.num_attention_heads % args.num_key_value_heads:
+        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
+                          f"--num-key-value-heads {args.num_key_value_heads}")
+    if args.num_experts > 0:
+        if not 1 <= args.num_experts_per_token <= args.num_experts:
+            raise ConfigError(f"--num-experts-per-token must be between 1 and --num-experts {args.num_experts}, "
+                              f"got {args.num_experts_per_token}")
+        if args.moe_layer_interval > args.num_layers:
+            raise ConfigError(f"--moe-layer-interval {args.moe_layer_interval} exceeds --num-layers "
+                              f"{args.num_layers}: no layer would be MoE (use --num-experts 0 for a dense model)")
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    for flag, value in (("--num-attention-heads", args.num_attention_heads),
+                        ("--num-key-value-heads", args.num_key_value_heads),
+                        ("--intermediate-size", args.intermediate_size),
+                        ("--num-experts", args.num_experts)):
+        if value % tp:
+            why = " (expert parallelism is tied to TP)" if flag == "--num-experts" else ""
+            raise LayoutError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}{why}")
+    if args.num_layers < pp:
+        raise LayoutError(f"--num-layers {args.num_layers} must be at least --pipeline-parallel-size {pp}")
+
+
 @contextlib.contextmanager
 def probe_file(path: str, flag: str):
     """Creates `path` (and its missing parents) and a probe file in it, yields the probe's path, then removes
     the probe and every directory it had to create, so a run that fails later (bad --data, say) leaves
     nothing behind; each directory is made for real when something is first written into it. Raises
     ConfigError naming the flag if `path` cannot be created or written."""
-    created, probe = [], os.path.join(path, f".write-test-{os.getpid()}")
+    created, probe = missing_dirs(path), os.path.join(path, f".write-test-{os.getpid()}")
     try:
         try:
-            missing = Path(path).absolute()
-            while not missing.exists():
-                created.append(missing)
-                missing = missing.parent
             os.makedirs(path, exist_ok=True)
             with open(probe, "w") as f:
                 f.write("ok")
@@ -298,10 +313,68 @@ def probe_file(path: str, flag: str):
                 d.rmdir()
 
 
-def ensure_writable_dir(path: str, flag: str) -> None:
-    """Proves that `path` can be created and written, or raises ConfigError naming the flag."""
-    with probe_file(path, flag):
-        pass
+def missing_dirs(path: str) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first (what creating it will make)."""
+    missing, p = [], Path(path).absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def dir_lock(path: str, flag: str) -> Iterator[None]:
+    """Makes the directory `path` this run's alone while the context lasts: an exclusive flock on
+    `path/.lock`, a file that names the holder (pid, host, start time) for the error line of a second run.
+    The OS drops the lock when the process ends, however it ends, so a killed run leaves a file but never
+    a stuck lock; flock reaches other machines on NFS v4 and on Lustre mounted with `-o flock`. Creates
+    `path` if needed; on exit removes the lock file, then every directory it created that is still empty,
+    so a run refused later leaves nothing behind. Raises ConfigError naming the flag (and the holder)."""
+    created, lock, fd, owned = missing_dirs(path), os.path.join(path, LOCK_FILE), None, False
+    try:
+        for _ in range(3):
+            try:
+                os.makedirs(path, exist_ok=True)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "it has not named itself yet"
+                raise ConfigError(f"{flag} {path} is in use by another run ({holder}); wait for it to end or "
+                                  f"choose another {flag}") from None
+            except OSError as e:  # no locks on this filesystem (Lustre without -o flock, NFS without lockd)
+                print(f"warning: {flag} {path}: cannot lock it ({e.strerror or e}); nothing keeps a second run "
+                      f"out of it", file=sys.stderr)
+                owned = True
+                break
+            try:  # the file we locked may have been unlinked by its last holder after we opened it
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    owned = True
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+            fd = None
+        else:
+            raise ConfigError(f"{flag} {path}: its {LOCK_FILE} keeps changing; is another run starting into it?")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        yield
+    finally:
+        if fd is not None:
+            if owned:  # removed while still locked: a run that opened it meanwhile sees it go and retries
+                with contextlib.suppress(OSError):
+                    os.remove(lock)
+            os.close(fd)
+        for d in created:  # deepest first; a directory that received files stays
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def check_shared_checkpoints(checkpoint_dir: str, probe: Optional[str], resume_from: Optional[Path],
@@ -349,10 +422,38 @@ def load_same_corpus(args, topo: Topology) -> Corpus:
     return corpus
 
 
+# The model flags a checkpoint fixes (every ModelConfig field but those that may change on resume; rope_theta
+# is no flag): with --resume, those not given take the checkpoint's values.
+SHAPE_FLAGS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                    if f.name not in CHANGEABLE_MODEL_FIELDS and f.name != "rope_theta")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    """The flags, validated. With --resume, the model flags not given on the command line are None: the
+    checkpoint's values replace them in setup (take_model_flags), so a given flag that contradicts the
+    checkpoint is still refused there."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        for action in parser._actions:  # parsed again without defaults: what is left was given
+            action.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(argv))
+        for name in SHAPE_FLAGS:
+            if name not in given:
+                setattr(args, name, None)
     validate(args, env_world_size())
     return args
+
+
+def take_model_flags(args: argparse.Namespace, saved_model: Optional[dict]) -> None:
+    """--resume: the model flags parse_args left unset (None) take the checkpoint's values, or their defaults
+    when there is no checkpoint (--resume auto, a fresh start); then the flags are checked together."""
+    defaults = build_parser()
+    for name in SHAPE_FLAGS:
+        if getattr(args, name) is None:
+            default = defaults.get_default(name)
+            setattr(args, name, saved_model.get(name, default) if saved_model is not None else default)
+    check_model_flags(args)
 
 
 def model_config(args, vocab_size: int) -> ModelConfig:
@@ -520,7 +621,8 @@ class Trainer:
     comm: Optional[PipeComm]
     step_stats: StepStats
     stats_layout: StatsLayout
-    run_log: Optional[RunLog]
+    run_log: Optional[RunLog]  # rank 0's, opened once the run is accepted (never with --eval-only)
+    output_dir: Path
     checkpoint_dir: Path
     resume_from: Optional[Path]  # the checkpoint --resume resolved to (None: start at step 0)
     uploader: Optional[HubUploader]
@@ -556,6 +658,10 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
     t = setup(args, topo, precision, cleanup)
     result = TrainResult()
     start = resume(t, result)
+    if t.is_main and not args.eval_only:  # accepted: only now is anything written into the output directory
+        open_run_log(t, cleanup)
+        if t.resume_from is not None:
+            t.run_log.log({"step": start, "resumed_from": str(t.resume_from)})
     if args.eval_only:
         evaluate_and_log(t, start - 1, result)
     else:
@@ -563,6 +669,15 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
     if return_state:
         result.state_dict = full_state_dict(t.model, topo)
     return result
+
+
+def open_run_log(t: Trainer, cleanup: contextlib.ExitStack) -> None:
+    """Rank 0's config.json, metrics.jsonl and the optional sinks, closed with `cleanup`."""
+    args = t.args
+    t.run_log = RunLog(str(t.output_dir), {**vars(args), "model": t.cfg.to_dict(), "world_size": t.topo.world_size},
+                       args.wandb, args.wandb_project, args.tensorboard, args.moe_histogram_every)
+    cleanup.callback(t.run_log.close)
+    t.emit(f"logging to {t.output_dir}/metrics.jsonl")
 
 
 def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextlib.ExitStack) -> None:
@@ -623,10 +738,13 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
 
 
 def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -> Trainer:
-    """Data, model, optimizer, communication, statistics and logging: everything before the first step."""
+    """Data, model, optimizer, communication and statistics: everything before the first step but loading the
+    checkpoint (resume) and opening the run log (open_run_log); nothing is written here but the locks."""
     is_main = topo.rank == 0
     say = print if is_main else (lambda *a, **k: None)
-    output_dir, checkpoint_dir, resume_from = run_dirs(args, topo)
+    output_dir, checkpoint_dir, resume_from, saved_model = run_dirs(args, topo, cleanup)
+    if args.resume is not None:
+        take_model_flags(args, saved_model)  # the same on every rank: rank 0's checkpoint
     corpus = load_same_corpus(args, topo)
     if corpus.vocab_size % topo.tp:
         raise LayoutError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
@@ -668,12 +786,6 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                                   fused=topo.device.type == "cuda")
-    run_log = None
-    if is_main:
-        run_log = RunLog(str(output_dir), {**vars(args), "model": cfg.to_dict(), "world_size": topo.world_size},
-                         args.wandb, args.wandb_project, args.tensorboard, args.moe_histogram_every)
-        cleanup.callback(run_log.close)
-        say(f"logging to {output_dir}/metrics.jsonl")
     uploader = None
     if args.hf_repo and is_main:
         uploader = HubUploader(args.hf_repo, say)
@@ -687,36 +799,46 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         step_stats=StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=stats_on),
         stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.num_experts, m, topo.dp,
                                  drops=cfg.moe_capacity_factor > 0, bias=cfg.moe_bias_update_rate > 0),
-        run_log=run_log, checkpoint_dir=checkpoint_dir, resume_from=resume_from, uploader=uploader, emit=say,
+        run_log=None, output_dir=output_dir, checkpoint_dir=checkpoint_dir, resume_from=resume_from, uploader=uploader,
+        emit=say,
         flops_per_token=flops_per_token(cfg, active), peak_flops=peak_flops(topo.device, precision))
 
 
-def run_dirs(args, topo: Topology) -> tuple[Path, Path, Optional[Path]]:
-    """The output and checkpoint directories and the checkpoint to resume from (None: a fresh start), the
-    same on every rank. Rank 0 decides, before any model is built, and shares its verdict, so a bad path
-    is one line and exit code 2 on every rank and no rank waits for another that failed."""
+def run_dirs(args, topo: Topology, cleanup: contextlib.ExitStack) -> tuple[Path, Path, Optional[Path], Optional[dict]]:
+    """The output and checkpoint directories, the checkpoint to resume from (None: a fresh start) and its
+    model config, the same on every rank. Rank 0 decides, before any model is built, and shares its verdict,
+    so a bad path or a busy directory is one line and exit code 2 on every rank and no rank waits for another
+    that failed. Rank 0 first locks the directories the run writes into (dir_lock, released when `cleanup`
+    closes at the end of the run), so that a second run into them stops here and a fresh run's check for an
+    earlier run's checkpoints cannot race with another start; --eval-only writes nothing and locks nothing."""
     output_dir = args.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     checkpoint_dir = args.checkpoint_dir or os.path.join(output_dir, "checkpoints")
-    resume_from, error, probe = None, None, None
+    resume_from, saved_model, error, probe = None, None, None, None
     with contextlib.ExitStack() as keep:  # rank 0's probe in the checkpoint directory, until every rank looked
         if topo.rank == 0:
             try:
-                ensure_writable_dir(output_dir, "--output-dir")
                 will_save = not args.no_save or 0 < args.save_interval < args.max_steps
+                if not args.eval_only:
+                    cleanup.enter_context(dir_lock(output_dir, "--output-dir"))
                 if will_save and not args.eval_only:
+                    # Locked on its own too: another run may point its --checkpoint-dir here from elsewhere.
+                    if os.path.realpath(checkpoint_dir) != os.path.realpath(output_dir):
+                        cleanup.enter_context(dir_lock(checkpoint_dir, "--checkpoint-dir"))
                     probe = os.path.basename(keep.enter_context(probe_file(checkpoint_dir, "--checkpoint-dir")))
                 resume_from = checkpoint_to_resume(args, Path(checkpoint_dir), will_save)
+                if resume_from is not None:
+                    saved_model = read_manifest(resume_from)["model"]
             except (ConfigError, CheckpointError) as e:
                 error = str(e)
         if topo.world_size > 1:  # ranks may also read the clock in different seconds: rank 0's names win
-            shared = [output_dir, checkpoint_dir, resume_from, error, probe]
+            shared = [output_dir, checkpoint_dir, resume_from, error, probe, saved_model]
             dist.broadcast_object_list(shared, src=0)
-            output_dir, checkpoint_dir, resume_from, error, probe = shared
+            output_dir, checkpoint_dir, resume_from, error, probe, saved_model = shared
         if error:
             raise ConfigError(error)
         if topo.world_size > 1 and (probe or resume_from):
             check_shared_checkpoints(checkpoint_dir, probe, resume_from, topo)
-    return Path(output_dir), Path(checkpoint_dir), resume_from
+    return Path(output_dir), Path(checkpoint_dir), resume_from, saved_model
 
 
 def checkpoint_to_resume(args, checkpoint_dir: Path, will_save: bool) -> Optional[Path]:
@@ -862,9 +984,9 @@ def evaluate(t: Trainer) -> float:
 def evaluate_and_log(t: Trainer, step: int, result: TrainResult) -> None:
     val = evaluate(t)
     result.val_loss = val
-    if t.is_main:
+    if t.run_log is not None:
         t.run_log.log({"step": step, "val_loss": val})
-        t.emit(f"step {step:>5d} | val loss {val:.4f}")
+    t.emit(f"step {step:>5d} | val loss {val:.4f}")
 
 
 def checkpoint_meta(t: Trainer) -> dict:
@@ -887,7 +1009,7 @@ def save(t: Trainer, done_steps: int, result: TrainResult) -> None:
 
 def resume(t: Trainer, result: TrainResult) -> int:
     """Loads the checkpoint --resume resolved to into the model (and, to train on, the optimizer); returns
-    the first step to run."""
+    the first step to run. Runs before anything is written: a checkpoint refused here leaves no trace."""
     args, path = t.args, t.resume_from
     if path is None:
         if args.resume == "auto":
@@ -899,8 +1021,6 @@ def resume(t: Trainer, result: TrainResult) -> int:
     if t.weight_copies is not None:
         t.weight_copies.refresh()
     result.checkpoint = str(path)
-    if t.is_main:
-        t.run_log.log({"step": manifest["step"], "resumed_from": str(path)})
     if manifest["step"] >= args.max_steps and not args.eval_only:
         t.emit(f"the checkpoint has {manifest['step']} steps, --max-steps is {args.max_steps}: nothing to train")
     return manifest["step"]
