@@ -22,7 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from prepare_data import BYTES_SEPARATOR_ID, META_FILE, SEPARATOR_TEXT, TOKENIZER_FILE  # the format's owner
+# prepare_data owns the format and the text check (it imports neither torch nor this module)
+from prepare_data import BYTES_SEPARATOR_ID, META_FILE, SEPARATOR_TEXT, TOKENIZER_FILE, NotUTF8, utf8_pieces
 
 BYTE_VOCAB = 256
 VAL_EVERY = 50  # one file in ~50 goes to validation
@@ -82,6 +83,21 @@ def stdlib_corpus() -> Corpus:
                   f"({len(files)} files, {len(train):,} train / {len(val):,} val byte tokens, cache {cache})")
 
 
+def _check_text(files: list, path: str) -> None:
+    """--data trains on the bytes of text files. A file prepare_data.py refuses as not UTF-8 (a binary file,
+    another encoding) is refused here too, by the same check, instead of being trained on silently."""
+    for f in files:
+        try:
+            for _ in utf8_pieces(f):
+                pass
+        except NotUTF8 as e:
+            what = "" if f == Path(path) else f"{f} "
+            raise DataError(f"--data {path}: {what}is not UTF-8 text (bad byte at offset {e.offset}); --data reads "
+                            f"UTF-8 text files, a prepare_data.py directory or uint16 .bin tokens") from None
+        except OSError as e:
+            raise DataError(f"--data {path}: cannot read {f} ({e.strerror or e})") from None
+
+
 def _split_tail(tokens: np.ndarray, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     n_val = max(1, int(len(tokens) * frac))
     return tokens[:-n_val], tokens[-n_val:]
@@ -121,7 +137,8 @@ def read_meta(p: Path, path: str) -> dict:
 def load_corpus(path: Optional[str], vocab_size: Optional[int] = None) -> Corpus:
     """path None: the standard-library corpus. A directory with meta.json (made by prepare_data.py): its
     tokens, vocabulary and dtype. A directory holding train.bin (and val.bin) or a single .bin file:
-    nanoGPT's uint16 tokens. Any other file, or a directory of text files: bytes."""
+    nanoGPT's uint16 tokens. Any other file, or a directory of text files: bytes, if UTF-8 text (the check
+    prepare_data.py applies; anything else is a DataError naming the file)."""
     if path is None:
         return stdlib_corpus()
     p = Path(path)
@@ -148,11 +165,13 @@ def load_corpus(path: Optional[str], vocab_size: Optional[int] = None) -> Corpus
         train, val = _split_tail(np.memmap(p, dtype=np.uint16, mode="r"))
         corpus = Corpus(train, val, 0, f"uint16 tokens from {p}")
     elif p.is_file():
+        _check_text([p], path)
         data = np.frombuffer(p.read_bytes(), dtype=np.uint8).astype(np.uint16)
         train, val = _split_tail(data)
         corpus = Corpus(train, val, BYTE_VOCAB, f"bytes of {p}")
     else:
         files = sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts))
+        _check_text(files, path)
         train, val = _tokenize_files(p, files)
         if len(val) == 0 or len(train) == 0:  # too few files to split by file: split the bytes
             train, val = _split_tail(np.concatenate([train, val]))

@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: Python's automatic garbage collector; N: freeze the objects of set-up, turn automatic "
                         "collection off while training and collect the young generations every N steps")
     t.add_argument("--data", default=None,
-                   help="text file, directory of text files, a prepare_data.py output directory, or uint16 .bin tokens "
-                        "(default: embedded stdlib corpus)")
+                   help="UTF-8 text file, directory of UTF-8 text files (other files are refused, as prepare_data.py "
+                        "refuses them), a prepare_data.py output directory, or uint16 .bin tokens (default: embedded "
+                        "stdlib corpus)")
     par = p.add_argument_group("parallelism (under torchrun)")
     par.add_argument("--tensor-parallel-size", type=int, default=1, help="TP size; expert parallelism uses the same group")
     par.add_argument("--expert-parallel-size", type=int, default=None,

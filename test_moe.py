@@ -435,7 +435,7 @@ def test_load_text_file(tmp_path):
 def test_load_directory_of_text_files(tmp_path):
     sizes = 0
     for i in range(5):
-        data = bytes(range(i * 40, i * 40 + 50)) * 20
+        data = "".join(map(chr, range(i * 40 + 32, i * 40 + 82))).encode() * 20  # UTF-8 text, some non-ASCII
         (tmp_path / f"f{i}.txt").write_bytes(data)
         sizes += len(data)
     (tmp_path / "sub").mkdir()
@@ -3451,6 +3451,36 @@ def test_sigterm_to_torchrun_saves_and_every_rank_stops_cleanly(tmp_path):
     path = ckpt.resolve_checkpoint(str(tmp_path / "ckpts"))
     assert sorted(p.name for p in path.glob("shard_*")) == ["shard_pp0_tp0.pt", "shard_pp1_tp0.pt"]
     assert 3 <= ckpt.read_manifest(path)["step"] < 400
+
+
+
+# ---- checkpoints carry their codec, damaged newest checkpoint, console drop rate, --data text check ----
+def test_data_that_is_not_utf8_text_is_refused_like_prepare_data(tmp_path, monkeypatch, capsys):
+    """A binary file (or a directory holding one) given as --data: one line naming --data and the file, exit
+    2, the output directory untouched; prepare_data.py refuses the same file by the same check."""
+    import prepare_data
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    blob = tmp_path / "weights.dat"
+    blob.write_bytes(bytes(range(256)) * 64)  # not UTF-8 from byte 0x80 on
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(Path(_dist_data_file()).read_text())
+    (texts / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(PREVIOUS_LINE)
+    for data, named in ((blob, str(blob)), (texts, str(texts / "b.png"))):
+        argv = _ckpt_argv(out, "--max-steps", "1", "--data", str(data))
+        assert minimal_pretrain.main(argv) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --data {data}") and named in lines[0], captured.err
+        assert "not UTF-8 text" in lines[0] and "Traceback" not in captured.out + captured.err
+        assert sorted(q.name for q in out.iterdir()) == ["metrics.jsonl"]
+        assert (out / "metrics.jsonl").read_text() == PREVIOUS_LINE
+    assert prepare_data.main([str(blob), "--out", str(tmp_path / "prepared"), "--workers", "1"]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
 
 
 if __name__ == "__main__":
