@@ -832,7 +832,7 @@ def log_step(t: Trainer, step: int, out: StepOutput, clock: Throughput, result: 
     t.run_log.log(rec, counts)
     result.records.append(rec)
     result.losses.append(rec["loss"])
-    t.emit(console_line(rec))
+    t.emit(console_line(rec, capacity=t.cfg.num_experts > 0 and t.cfg.moe_capacity_factor > 0))
 
 
 def evaluate(t: Trainer) -> float:

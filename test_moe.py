@@ -3483,5 +3483,24 @@ def test_data_that_is_not_utf8_text_is_refused_like_prepare_data(tmp_path, monke
     assert "not UTF-8 text" in capsys.readouterr().err
 
 
+
+def test_console_line_shows_the_drop_rate_whenever_capacity_is_on(tmp_path, monkeypatch, capsys):
+    """With a capacity factor every console line ends with the step's drop rate (moe/drop_rate of the same
+    record), `n/a` under --moe-metrics off, which records nothing; without capacity there is no drop field."""
+    for metrics in ("brief", "off"):
+        result = _train_in_process(_ckpt_argv(tmp_path / metrics, "--max-steps", "2", "--no-save", "--eval-iters", "0",
+                                              "--moe-capacity-factor", "0.5", "--moe-metrics", metrics), monkeypatch)
+        lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+        assert len(lines) == len(result.records) == 2, lines
+        for line, rec in zip(lines, result.records):
+            shown = line.rsplit(" | ", 1)[-1]
+            if metrics == "off":
+                assert shown == "drop n/a", line
+            else:
+                assert rec["moe/drop_rate"] > 0.1 and shown == f"drop {100 * rec['moe/drop_rate']:.1f}%", line
+    _train_in_process(_ckpt_argv(tmp_path / "none", "--max-steps", "1", "--no-save", "--eval-iters", "0"), monkeypatch)
+    assert not any("drop" in l for l in capsys.readouterr().out.splitlines() if l.startswith("step "))
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
