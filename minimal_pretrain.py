@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import (MANIFEST, CheckpointError, HubUploader, check_hub, complete_checkpoints, describe_resume,
-                        load_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
+                        load_checkpoint, newest_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
 from data import Corpus, DataError, batch_offsets, check_lengths, corpus_fingerprint, get_batch, load_corpus
 from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
@@ -145,10 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="save a checkpoint every N steps (0 = no periodic saves; the final one is still saved)")
     ck.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default <output-dir>/checkpoints)")
     ck.add_argument("--keep-last", type=int, default=3,
-                    help="keep the newest K step checkpoints; older ones are deleted once a newer one is complete (0 = keep all)")
+                    help="keep the newest K step checkpoints up to the one just saved; older ones are deleted once a newer "
+                         "one is complete (0 = keep all)")
     ck.add_argument("--resume", default=None, metavar="auto|PATH",
                     help="auto: the newest complete checkpoint in --checkpoint-dir, or a fresh start if there is none; "
-                         "PATH: a step_* checkpoint, or a checkpoint directory (its newest)")
+                         "PATH: a step_* checkpoint, or a checkpoint directory (its newest). A damaged one (a file "
+                         "missing or cut short) stops the run, naming the newest whole one to pass instead")
     ck.add_argument("--no-save", action="store_true", help="no final checkpoint at the end")
     ck.add_argument("--eval-only", action="store_true", help="with --resume: report the checkpoint's validation loss, no training")
     ck.add_argument("--hf-repo", default=None, metavar="OWNER/NAME",
@@ -733,8 +735,8 @@ def checkpoint_to_resume(args, checkpoint_dir: Path, will_save: bool) -> Optiona
         return None
     if args.resume != "auto":
         return resolve_checkpoint(args.resume)
-    if found:
-        return found[-1][1]
+    if found:  # the newest; a damaged one stops the run, naming the newest whole one to pass
+        return newest_checkpoint(checkpoint_dir, "--resume auto", "--resume")
     if args.eval_only:
         raise CheckpointError(f"--eval-only --resume auto: no checkpoint in {checkpoint_dir} to evaluate")
     return None

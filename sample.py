@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         validate(args)
-        path = checkpoint.resolve_checkpoint(args.checkpoint)
+        path = checkpoint.resolve_checkpoint(args.checkpoint, flag="--checkpoint")
         meta, state = checkpoint.load_consolidated(path)
         data_flag = meta["args"].get("data")
         try:

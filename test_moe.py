@@ -3502,5 +3502,39 @@ def test_console_line_shows_the_drop_rate_whenever_capacity_is_on(tmp_path, monk
     assert not any("drop" in l for l in capsys.readouterr().out.splitlines() if l.startswith("step "))
 
 
+
+def test_damaged_newest_checkpoint_stops_resume_naming_the_older_whole_one(tmp_path, monkeypatch, capsys):
+    """A truncated shard in the newest checkpoint (also in a manifest written before manifests listed file
+    sizes): --resume auto, --resume PATH and sample.py stop with one line naming it and the newest whole
+    checkpoint to pass, exit 2, nothing changed. Resuming from that one with --keep-last 1 keeps what it saves."""
+    import sample
+    d = tmp_path / "checkpoints"
+    _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "4", "--save-interval", "2", "--eval-iters", "0"), monkeypatch)
+    good, bad = d / "step_00000002", d / "step_00000004"
+    shard = bad / "shard_pp0_tp0.pt"
+    with open(shard, "r+b") as f:  # a torn copy: the file is cut short
+        f.truncate(shard.stat().st_size // 2)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    before = sorted(str(q.relative_to(d)) for q in d.rglob("*"))
+    for old_format in (False, True):
+        if old_format:
+            manifest.pop("files")
+            (bad / "manifest.json").write_text(json.dumps(manifest))
+        capsys.readouterr()
+        for flags, said in ((["--resume", "auto"], "--resume auto"), (["--resume", str(bad)], str(bad))):
+            assert minimal_pretrain.main(_ckpt_argv(tmp_path, "--max-steps", "6", *flags)) == 2
+            err = capsys.readouterr().err.splitlines()
+            assert len(err) == 1 and err[0].startswith(f"error: {said}") and str(bad) in err[0], err
+            assert "shard_pp0_tp0.pt" in err[0] and f"pass --resume {good}" in err[0], err
+        assert sample.main(["--checkpoint", str(d), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "damaged" in err[0] and f"pass --checkpoint {good}" in err[0], err
+        assert sorted(str(q.relative_to(d)) for q in d.rglob("*")) == before
+    _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "3", "--keep-last", "1", "--eval-iters", "0",
+                                 "--resume", str(good)), monkeypatch)
+    assert [p.name for _, p in ckpt.complete_checkpoints(d)] == ["step_00000003", "step_00000004"]
+    assert ckpt.checkpoint_damage(d / "step_00000003") is None
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
