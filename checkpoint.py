@@ -8,6 +8,7 @@ A checkpoint is a directory `<checkpoint-dir>/step_XXXXXXXX` (XXXXXXXX = optimiz
     shard_pp{P}_tp{T}.pt   what the (pipeline stage P, TP rank T) ranks own: parameters, persistent
                            buffers and AdamW state, written once by DP rank 0 of that stage and TP rank
     rng_rank{R}.pt         each rank's RNG states (dropout)
+    tokenizer.json         (BPE runs) the run's tokenizer; the manifest's `codec` says how tokens decode
 
 Tensor keys are layout-independent: `model/<parameter name>` (layers are keyed by their global index),
 `optim/<parameter name>/{exp_avg,exp_avg_sq,step}`. Loading builds, one tensor at a time, this rank's
@@ -185,11 +186,13 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    topo: Topology, meta: dict, keep_last: int = 0, protected: frozenset = frozenset()) -> Path:
+                    topo: Topology, meta: dict, keep_last: int = 0, protected: frozenset = frozenset(),
+                    extra_files: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Writes step_XXXXXXXX atomically and returns its path. meta
-    (JSON-serialisable: the model config and flags) goes into the manifest. keep_last > 0 deletes all
-    but the newest keep_last complete checkpoints, after the new one is complete, except those named
-    in `protected` (being uploaded)."""
+    (JSON-serialisable: the model config, the flags, the codec) goes into the manifest; extra_files
+    ({name: bytes}, rank 0's: the tokenizer.json) are written by rank 0 inside the same atomic save.
+    keep_last > 0 deletes all but the newest keep_last complete checkpoints up to this step, after the new
+    one is complete, except those named in `protected` (being uploaded)."""
     final = ckpt_dir / step_dir_name(step)
     tmp = ckpt_dir / f".tmp-{final.name}"
     if topo.rank == 0:
@@ -219,6 +222,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
     torch.save(_rng_state(topo.device), tmp / rng_file)
     _fsync_path(tmp / rng_file)
     written = {name: (tmp / name).stat().st_size for name in ([shard_file] if writes_model else []) + [rng_file]}
+    if topo.rank == 0:
+        for name, content in (extra_files or {}).items():  # complete or absent with the rest of the checkpoint
+            (tmp / name).write_bytes(content)
+            _fsync_path(tmp / name)
+            written[name] = len(content)
 
     gathered = [(entries, written)]
     if topo.world_size > 1:

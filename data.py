@@ -211,18 +211,19 @@ class ByteCodec:
 
 class TokenizerCodec:
     """Text <-> token ids through a Hugging Face tokenizer.json (needs the tokenizers package). No special
-    tokens are added on encoding, as in prepare_data.py; decoding shows them (the document separator)."""
+    tokens are added on encoding, as in prepare_data.py; decoding shows them (the document separator).
+    `where` starts its error messages (`--data DIR`, or the checkpoint that carries the file)."""
 
-    def __init__(self, path: Path, data_flag: str):
+    def __init__(self, path: Path, where: str):
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise DataError(f"--data {data_flag}: decoding its {TOKENIZER_FILE} needs the tokenizers package "
+            raise DataError(f"{where}: decoding its {TOKENIZER_FILE} needs the tokenizers package "
                             f"(pip install tokenizers)") from None
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a plain Exception for any unreadable file
-            raise DataError(f"--data {data_flag}: unreadable {TOKENIZER_FILE} ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{where}: unreadable {TOKENIZER_FILE} ({str(e).splitlines()[0]})") from None
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list:
@@ -232,19 +233,43 @@ class TokenizerCodec:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def text_codec(data_path: Optional[str]):
-    """The encoder/decoder (`.encode(str) -> list[int]`, `.decode(ids) -> str`) of the tokens that
-    `load_corpus(data_path)` yields. The byte-level corpora (default, text files, directories) use bytes;
-    a prepare_data.py directory uses its meta.json's tokenizer (bytes with a separator, or tokenizer.json)."""
+def codec_description(data_path: Optional[str]) -> dict:
+    """How the tokens of `load_corpus(data_path)` are decoded, as JSON that a checkpoint carries (so that
+    sampling needs neither --data nor its path): {"kind": "bytes"} for the byte-level corpora (default,
+    text files, directories); {"kind": "bytes", "separator_id": 256} or {"kind": "tokenizer", "file":
+    "tokenizer.json"} for a prepare_data.py directory (the file sits next to the description: in the data
+    directory, or copied into the checkpoint); {"kind": "none", "why": ...} for raw token files."""
     p = Path(data_path) if data_path is not None else None
     if p is not None and p.is_dir() and (p / META_FILE).is_file():
         meta = read_meta(p, data_path)
         if meta["tokenizer"] == "bytes":
-            return ByteCodec(separator_id=meta.get("doc_separator_id", BYTES_SEPARATOR_ID))
-        return TokenizerCodec(p / TOKENIZER_FILE, data_path)
+            return {"kind": "bytes", "separator_id": meta.get("doc_separator_id", BYTES_SEPARATOR_ID)}
+        return {"kind": "tokenizer", "file": TOKENIZER_FILE}
     if p is not None and ((p.is_dir() and (p / "train.bin").is_file()) or (p.is_file() and p.suffix == ".bin")):
-        raise DataError(f"--data {data_path}: raw uint16 token files carry no tokenizer to encode or decode text")
-    return ByteCodec()
+        return {"kind": "none", "why": f"raw uint16 token files (--data {data_path}) carry no tokenizer to encode "
+                                       f"or decode text"}
+    return {"kind": "bytes"}
+
+
+def codec_from_description(desc: dict, directory: Optional[Path], where: str):
+    """The codec a `codec_description` describes; a tokenizer file is read from `directory`. Raises DataError
+    (starting with `where`) when it cannot decode."""
+    kind = desc.get("kind")
+    if kind == "bytes":
+        return ByteCodec(separator_id=desc.get("separator_id"))
+    if kind == "tokenizer":
+        return TokenizerCodec(directory / desc["file"], where)
+    if kind == "none":
+        raise DataError(f"{where}: {desc.get('why', 'no tokenizer')}")
+    raise DataError(f"{where}: unknown tokenizer kind {kind!r} (written by a newer version of this code?)")
+
+
+def text_codec(data_path: Optional[str]):
+    """The encoder/decoder (`.encode(str) -> list[int]`, `.decode(ids) -> str`) of the tokens that
+    `load_corpus(data_path)` yields. The byte-level corpora (default, text files, directories) use bytes;
+    a prepare_data.py directory uses its meta.json's tokenizer (bytes with a separator, or tokenizer.json)."""
+    return codec_from_description(codec_description(data_path), Path(data_path) if data_path else None,
+                                  f"--data {data_path}")
 
 
 def check_lengths(corpus: Corpus, seq_len: int, data_flag: Optional[str]) -> None:

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from checkpoint import (MANIFEST, CheckpointError, HubUploader, check_hub, complete_checkpoints, describe_resume,
                         load_checkpoint, newest_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
-from data import Corpus, DataError, batch_offsets, check_lengths, corpus_fingerprint, get_batch, load_corpus
+from data import (Corpus, DataError, batch_offsets, check_lengths, codec_description, corpus_fingerprint, get_batch,
+                  load_corpus)
 from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
 from mixed_precision import ExpertWeightCopies
@@ -514,6 +515,8 @@ class Trainer:
     topo: Topology
     cfg: ModelConfig
     corpus: Corpus
+    codec: dict  # how the tokens decode (data.codec_description), recorded in every checkpoint
+    codec_files: dict  # {name: bytes} the codec needs (a tokenizer.json), copied into every checkpoint (rank 0)
     model: GPT
     params: list
     optimizer: torch.optim.Optimizer
@@ -631,6 +634,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     say = print if is_main else (lambda *a, **k: None)
     output_dir, checkpoint_dir, resume_from = run_dirs(args, topo)
     corpus = load_same_corpus(args, topo)
+    codec, codec_files = checkpoint_codec(args.data, is_main)
     if corpus.vocab_size % topo.tp:
         raise LayoutError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
     cfg = model_config(args, corpus.vocab_size)
@@ -683,7 +687,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         cleanup.callback(uploader.close)
     stats_on = args.moe_metrics != "off"
     return Trainer(
-        args=args, topo=topo, cfg=cfg, corpus=corpus, model=model, params=params, optimizer=optimizer,
+        args=args, topo=topo, cfg=cfg, corpus=corpus, codec=codec, codec_files=codec_files, model=model, params=params, optimizer=optimizer,
         dp_grads=dp_grads, weight_copies=weight_copies,
         autocast=torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
         comm=PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None,
@@ -867,18 +871,33 @@ def evaluate_and_log(t: Trainer, step: int, result: TrainResult) -> None:
         t.emit(f"step {step:>5d} | val loss {val:.4f}")
 
 
+def checkpoint_codec(data: Optional[str], is_main: bool) -> tuple[dict, dict]:
+    """What every checkpoint carries to decode its tokens without --data (which may move or vanish): the
+    codec's description and, on rank 0, the files it needs (a prepare_data.py directory's tokenizer.json),
+    read now, while --data is known to be there."""
+    codec = codec_description(data)
+    files = {}
+    if is_main and codec["kind"] == "tokenizer":
+        try:
+            files[codec["file"]] = (Path(data) / codec["file"]).read_bytes()
+        except OSError as e:
+            raise DataError(f"--data {data}: cannot read {codec['file']} ({e.strerror or e})") from None
+    return codec, files
+
+
 def checkpoint_meta(t: Trainer) -> dict:
-    """The manifest's record of the run: the model config and every flag, --data as an absolute path (the
-    sampler finds the tokenizer through it from any working directory)."""
+    """The manifest's record of the run: the model config, every flag (--data as an absolute path) and the
+    codec that decodes its tokens (sample.py needs nothing else)."""
     data = os.path.abspath(t.args.data) if t.args.data else None
-    return {"model": t.cfg.to_dict(), "args": {**vars(t.args), "data": data}}
+    return {"model": t.cfg.to_dict(), "args": {**vars(t.args), "data": data}, "codec": t.codec}
 
 
 def save(t: Trainer, done_steps: int, result: TrainResult) -> None:
     """A checkpoint of the state after `done_steps` optimizer steps (every rank takes part)."""
     start = time.perf_counter()
     path = save_checkpoint(t.checkpoint_dir, done_steps, t.model, t.optimizer, t.topo, checkpoint_meta(t),
-                           keep_last=t.args.keep_last, protected=frozenset(t.uploader.busy) if t.uploader else frozenset())
+                           keep_last=t.args.keep_last, protected=frozenset(t.uploader.busy) if t.uploader else frozenset(),
+                           extra_files=t.codec_files)
     result.checkpoint = str(path)
     t.emit(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")
     if t.uploader is not None:

@@ -3536,5 +3536,41 @@ def test_damaged_newest_checkpoint_stops_resume_naming_the_older_whole_one(tmp_p
     assert ckpt.checkpoint_damage(d / "step_00000003") is None
 
 
+
+@needs_tokenizers
+def test_checkpoint_carries_its_tokenizer_so_sample_needs_no_data(tmp_path, monkeypatch, capsys):
+    """A BPE run's checkpoint holds its codec and tokenizer.json: sample.py prints the same text after the
+    data directory moved. A checkpoint written before (no codec, no tokenizer file) with its data gone is
+    one line saying it cannot decode, exit 2; with its data back it decodes as before."""
+    import prepare_data
+    import sample
+    (tmp_path / "text.txt").write_text(Path(_dist_data_file()).read_text())
+    data, moved = tmp_path / "bpe", tmp_path / "moved"
+    assert prepare_data.main([str(tmp_path / "text.txt"), "--out", str(data), "--tokenizer", "bpe", "--vocab-size", "300",
+                              "--workers", "1"]) == 0
+    _train_in_process(_ckpt_argv(tmp_path / "run", "--max-steps", "1", "--eval-iters", "0", "--data", str(data)),
+                      monkeypatch)
+    path = tmp_path / "run" / "checkpoints" / "step_00000001"
+    flags = ["--checkpoint", str(path), "--device", "cpu", "--max-new-tokens", "8", "--prompt", "def self(",
+             "--temperature", "0"]
+
+    def sample_text() -> str:
+        capsys.readouterr()
+        assert sample.main(flags) == 0, capsys.readouterr().err
+        return capsys.readouterr().out.split("\n---------------\n")[0]  # header and the sample, no timing
+    with_data = sample_text()
+    data.rename(moved)
+    assert sample_text() == with_data
+    manifest = json.loads((path / "manifest.json").read_text())  # as written before checkpoints carried a codec
+    del manifest["codec"], manifest["files"]["tokenizer.json"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "tokenizer.json").unlink()
+    assert sample.main(flags) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --checkpoint {path}: cannot decode") and str(data) in err[0], err
+    moved.rename(data)
+    assert sample_text() == with_data
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
