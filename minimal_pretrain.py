@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"], default="1f1b", help="pipeline schedule")
     par.add_argument("--ddp-bucket-size-mb", type=float, default=25.0, help="DP gradient all-reduce bucket size")
     lg = p.add_argument_group("logging")
-    lg.add_argument("--log-interval", type=int, default=10, help="steps between log lines (the last step is always logged)")
+    lg.add_argument("--log-interval", type=int, default=10,
+                    help="steps between log lines (the first and the last step of a run are always logged); step N "
+                         "is the state after N optimizer steps, as in the step_0000000N checkpoint")
     lg.add_argument("--eval-interval", type=int, default=100, help="steps between validation runs (0 = only at the end)")
     lg.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (0 = no evaluation)")
     lg.add_argument("--output-dir", default=None, help="run directory for config.json and metrics.jsonl (default runs/<time>)")
@@ -563,7 +565,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
     result = TrainResult()
     start = resume(t, result)
     if args.eval_only:
-        evaluate_and_log(t, start - 1, result)
+        evaluate_and_log(t, start, result)  # the state after the checkpoint's steps
     else:
         train_loop(t, start, result, cleanup)
     if return_state:
@@ -572,8 +574,11 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
 
 
 def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextlib.ExitStack) -> None:
-    """Steps start .. --max-steps - 1: train, log, evaluate, save; stops early (after a checkpoint) on
-    SIGTERM/SIGINT and raises NonFiniteError when the loss or gradient norm stops being finite."""
+    """Steps start + 1 .. --max-steps: train, log, evaluate, save; stops early (after a checkpoint) on
+    SIGTERM/SIGINT and raises NonFiniteError when the loss or gradient norm stops being finite.
+    Step numbers count: what is logged, evaluated or saved as step N is the state after N optimizer steps,
+    as in the step_0000000N checkpoint. Only the 0-based index `step` (learning rate, data, dropout) is
+    internal."""
     args, topo = t.args, t.topo
     progress = None
     if t.is_main and not args.no_progress and sys.stdout.isatty():  # a bar in a log file is noise
@@ -586,36 +591,36 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
         cleanup.enter_context(scheduled_gc())
     control = cleanup.enter_context(RunControl())
     watch = FiniteWatch(topo.device)
-    clock = Throughput(start - 1)
+    clock = Throughput(start)
     t.model.train()
-    profiler = start_profiler(args, topo, t.run_log, t.emit, first_step=start)
+    profiler = start_profiler(args, topo, t.run_log, t.emit, first_step=start + 1)
     cleanup.callback(profiler.close)  # also logs the traces to wandb
     for step in range(start, args.max_steps):
         if args.gc_interval and step % args.gc_interval == 0:
             gc.collect(1)  # the young generations only: what the steps since the last collection left
-        log_now = step % args.log_interval == 0 or step == args.max_steps - 1
+        done = step + 1  # the number every user-facing line gives this step
+        log_now = done % args.log_interval == 0 or step == start or done == args.max_steps  # first, every N-th, last
         out = train_step(t, step, record_stats=log_now and args.moe_metrics != "off")
-        watch.update(step, out.norm, out.lm_loss_sum)
+        watch.update(done, out.norm, out.lm_loss_sum)
         if log_now:
-            log_step(t, step, out, clock, result, watch)
+            log_step(t, done, out, clock, result, watch)
         if progress is not None:
             progress.update(1)
-        if args.eval_iters > 0 and ((args.eval_interval > 0 and (step + 1) % args.eval_interval == 0)
-                                    or step == args.max_steps - 1):
+        if args.eval_iters > 0 and ((args.eval_interval > 0 and done % args.eval_interval == 0)
+                                    or done == args.max_steps):
             with clock.paused():  # evaluation time is not training throughput
-                evaluate_and_log(t, step, result)
+                evaluate_and_log(t, done, result)
         verdict = control.exchange(topo, watch.seen_on_host)
         if verdict == RunControl.NONFINITE:
             watch.check(topo, result.checkpoint)  # raises on every rank
         stop = verdict == RunControl.STOP
-        done = step + 1
         if stop or (args.save_interval and done % args.save_interval == 0 and done < args.max_steps):
             watch.check(topo, result.checkpoint)  # never save a broken state over a good checkpoint
             with clock.paused():  # nor is saving
                 save(t, done, result)
         if stop:
             control.finish()
-            t.emit(f"stopped by {control.received} after step {step}: checkpoint {result.checkpoint}; "
+            t.emit(f"stopped by {control.received} after step {done}: checkpoint {result.checkpoint}; "
                    f"continue with --resume auto (or --resume {result.checkpoint})")
             break
         clock.excluded += profiler.step()  # writing the trace is not training throughput

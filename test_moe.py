@@ -541,7 +541,7 @@ def test_training_loss_falls(tmp_path, monkeypatch):
 
     recs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if "loss" in r]
-    assert [r["step"] for r in train_recs] == list(range(steps))
+    assert [r["step"] for r in train_recs] == list(range(1, steps + 1))  # step N: N optimizer steps done
     for r in train_recs:
         for key in ("step", "loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec"):
             assert key in r and r[key] is not None, f"step {r.get('step')}: missing {key}"
@@ -719,10 +719,11 @@ def test_statistics_recorded_at_logging_steps_only(tmp_path, monkeypatch):
     argv[argv.index("--max-steps") + 1] = "5"
     argv[argv.index("--moe-metrics") + 1] = "brief"
     res = minimal_pretrain.train(minimal_pretrain.parse_args(argv))
-    assert [r["step"] for r in res.records] == [0, 2, 4]
+    assert [r["step"] for r in res.records] == [1, 2, 4, 5]  # the first, every 2nd and the last
     assert all("moe/cv_mean" in r for r in res.records)
     m = 4  # global batch 8 / micro batch 2
-    assert seen == [(step % 2 == 0, 2 if step % 2 == 0 else 0) for step in range(5) for _ in range(m)], seen
+    logged = (0, 1, 3, 4)  # 0-based positions of steps 1, 2, 4, 5
+    assert seen == [(i in logged, 2 if i in logged else 0) for i in range(5) for _ in range(m)], seen
 
 
 def test_gc_interval_schedules_collection_and_restores_the_collector(tmp_path, monkeypatch):
@@ -1513,7 +1514,7 @@ def test_resume_is_bit_exact_single_process(tmp_path, monkeypatch):
     # The resume is recorded in the log, and the run after it logs steps 3..5.
     recs = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert recs[0] == {"step": 3, "resumed_from": str(half)}
-    assert [r["step"] for r in recs if "loss" in r] == [3, 4, 5]
+    assert [r["step"] for r in recs if "loss" in r] == [4, 5, 6]
 
 
 def test_save_format_is_sharded_with_manifest(tmp_path, monkeypatch):
@@ -1667,7 +1668,7 @@ def test_non_finite_gradient_exits_3_and_keeps_the_checkpoint(tmp_path, monkeypa
     real_grad_norm = minimal_pretrain.grad_norm
     calls = []
 
-    def poisoned(params, topo):  # step 3's gradient goes NaN, as a numerical blow-up would
+    def poisoned(params, topo):  # step 4's gradient goes NaN, as a numerical blow-up would
         calls.append(1)
         if len(calls) == 4:
             params[0].grad.fill_(float("nan"))
@@ -1679,7 +1680,7 @@ def test_non_finite_gradient_exits_3_and_keeps_the_checkpoint(tmp_path, monkeypa
     d = tmp_path / "checkpoints"
     rc = minimal_pretrain.main(_ckpt_argv(tmp_path, "--max-steps", "8", "--save-interval", "2", "--log-interval", "5"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 3 and len(err) == 1 and "non-finite" in err[0] and "step 3" in err[0], err
+    assert rc == 3 and len(err) == 1 and "non-finite" in err[0] and "step 4" in err[0], err
     assert [p.name for _, p in ckpt.complete_checkpoints(d)] == ["step_00000002"]
     assert (d / "latest").read_text().strip() == "step_00000002"
     _, state = ckpt.load_consolidated(d / "step_00000002", with_optimizer=True)
@@ -2409,7 +2410,7 @@ def test_sweep_runs_resumes_and_summarises(tmp_path):
     assert float(runs[0]["drop_rate"]) == 0.0 and float(runs[1]["drop_rate"]) > 0.0
     for r in runs:  # tokens/s from the config's timing run, trained alone: median of its logged steps
         recs = [json.loads(line) for line in (out / "timing" / r["config"] / "metrics.jsonl").read_text().splitlines()]
-        assert [x["step"] for x in recs] == [0, 1] and not any("val_loss" in x for x in recs)
+        assert [x["step"] for x in recs] == [1, 2] and not any("val_loss" in x for x in recs)
         assert float(r["tokens_per_s"]) == pytest.approx(float(np.median([x["tokens_per_sec"] for x in recs])))
     total, active = count_parameters(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2,
                                                  max_seq_length=16))  # vocab 256, 8 experts, top-2
@@ -2810,7 +2811,7 @@ def _util_items(rec: dict) -> dict:
 def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_path_factory):
     ref = _metrics_reference(tmp_path_factory)
     got = _launch(world_size, _metrics_argv("mixed", flags), tmp_path)["records"]
-    assert [r["step"] for r in ref] == [r["step"] for r in got] == [0, 1, 2]
+    assert [r["step"] for r in ref] == [r["step"] for r in got] == [1, 2, 3]
     for r, g in zip(ref, got):
         step = r["step"]
         _check_counts_are_global(r)
@@ -2940,7 +2941,7 @@ def test_one_collective_per_group_per_log_step(tmp_path):
     argv[argv.index("--moe-metrics") + 1] = "detailed"
     results = _launch_collective_count(tmp_path, argv, world_size=4)  # DP2 x PP2
     recs = results[0]["records"]
-    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert [r["step"] for r in recs] == [1, 2, 3]
     for rec in recs:  # the statistics are really there: 4 layers of counts, dozens of metrics
         assert sorted(rec["moe/counts"]) == ["0", "1", "2", "3"]
         assert all(sum(c) == 8 * 16 * 2 for c in rec["moe/counts"].values()), rec["moe/counts"]
@@ -3127,7 +3128,7 @@ def test_profile_writes_a_trace_per_rank_with_the_named_ranges(layout, tmp_path)
                                           "--output-dir", str(tmp_path / "run")] + (["--profile-gzip"] if gz else [])
     argv[argv.index("--max-steps") + 1] = str(wait + warmup + active)
     logs = _launch_cli(2, argv, tmp_path)
-    first = wait + warmup
+    first = wait + warmup + 1  # steps count from 1: the first recorded one
     names = [f"trace_rank{r}_step{first}.json" + (".gz" if gz else "") for r in range(2)]
     assert sorted(p.name for p in (tmp_path / "run" / "traces").iterdir()) == names  # no partial file left
     common = {"optimizer", "moe/stats", "moe/router", "moe/permute", "moe/experts", "moe/unpermute_combine"}
@@ -3136,8 +3137,9 @@ def test_profile_writes_a_trace_per_rank_with_the_named_ranges(layout, tmp_path)
         assert f"profile: rank {rank} wrote {path} (steps {first}-{first + active - 1})" in logs[rank], logs[rank]
         events = [e for e in _load_trace(path) if e.get("ph") == "X"]
         seen = {e["name"] for e in events}
-        # Only the recorded steps are in the trace, each marked by the profiler's own step range.
-        assert {n for n in seen if n.startswith("ProfilerStep#")} == {f"ProfilerStep#{s}" for s in range(first, first + active)}
+        # Only the recorded steps are in the trace, each marked by the profiler's own step range (torch
+        # numbers those from 0 at the run's first step: step N is ProfilerStep#N-1).
+        assert {n for n in seen if n.startswith("ProfilerStep#")} == {f"ProfilerStep#{s - 1}" for s in range(first, first + active)}
         mb = {f"{d}/mb{i}" for d in ("forward", "backward") for i in range(m)}
         # The mixed model has MoE layers 1 and 3: under PP2 each stage (layers 0-1, 2-3) holds one. 1F1B with
         # 4 microbatches: stage 0 sends activations and receives gradients, stage 1 the other way round.
@@ -3307,17 +3309,17 @@ def test_named_ranges_change_nothing_that_torch_compile_compiles():
 def test_tp2_compiled_and_profiled_matches_one_eager_process(tmp_path):
     """The path users take for speed (TP2 + --compile), also profiled: the same losses, gradient norms and
     parameters as one eager process, and no compilation inside the recorded steps. With --log-interval 3
-    the logging steps (which record statistics, a guarded switch) and the others compile apart: steps 0
-    and 1 compile both, the window is steps 2-4 and holds logging step 3."""
+    the logging steps (which record statistics, a guarded switch) and the others compile apart: steps 1
+    and 2 compile both, the window is steps 3-5 and holds logging steps 3 and 5."""
     argv = _base_argv("mixed") + ["--max-steps", "5", "--log-interval", "3", "--moe-metrics", "brief"]
     (tmp_path / "ref").mkdir()
     ref = _launch(1, argv, tmp_path / "ref")
     got = _launch(2, argv + ["--tensor-parallel-size", "2", "--compile", "--profile", "--profile-wait", "1",
                              "--profile-warmup", "1", "--profile-steps", "3"], tmp_path, timeout=600)
-    assert [r["step"] for r in ref["records"]] == [0, 3, 4]
+    assert [r["step"] for r in ref["records"]] == [1, 3, 5]
     assert_same_run(got, ref)
     traces = sorted((tmp_path / "run" / "traces").iterdir())
-    assert [p.name for p in traces] == ["trace_rank0_step2.json", "trace_rank1_step2.json"]
+    assert [p.name for p in traces] == ["trace_rank0_step3.json", "trace_rank1_step3.json"]
     for path in traces:
         names = {e["name"] for e in _load_trace(path) if e.get("ph") == "X"}
         assert {n for n in names if n.startswith("ProfilerStep#")} == {"ProfilerStep#2", "ProfilerStep#3",
@@ -3570,6 +3572,36 @@ def test_checkpoint_carries_its_tokenizer_so_sample_needs_no_data(tmp_path, monk
     assert len(err) == 1 and err[0].startswith(f"error: --checkpoint {path}: cannot decode") and str(data) in err[0], err
     moved.rename(data)
     assert sample_text() == with_data
+
+
+
+def test_step_n_means_n_steps_done_on_the_console_in_the_log_and_in_checkpoint_names(tmp_path, monkeypatch, capsys):
+    """One convention: `step N` (console, metrics.jsonl, evaluation, the stop line) is the state after N
+    optimizer steps, the state step_0000000N holds; a run resumed from it goes on with step N+1, and
+    evaluating that checkpoint reports step N with the validation loss the training run logged there."""
+    import signal
+    real_step, calls = minimal_pretrain.train_step, []
+
+    def signalled(t, step, record_stats):  # SIGTERM during the third step, as a scheduler would send it
+        calls.append(step)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(t, step, record_stats)
+    monkeypatch.setattr(minimal_pretrain, "train_step", signalled)
+    _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "6", "--log-interval", "2", "--eval-interval", "2"), monkeypatch)
+    monkeypatch.setattr(minimal_pretrain, "train_step", real_step)
+    out = capsys.readouterr().out.splitlines()
+    d = tmp_path / "checkpoints"
+    assert [l.split("|")[0].split() for l in out if l.startswith("step ")] == [["step", "1"], ["step", "2"], ["step", "2"]]
+    assert f"stopped by SIGTERM after step 3: checkpoint {d / 'step_00000003'};" in "\n".join(out), out[-3:]
+    result = _train_in_process(_ckpt_argv(tmp_path, "--max-steps", "4", "--resume", "auto"), monkeypatch)
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    after = recs[[i for i, r in enumerate(recs) if "resumed_from" in r][0]:]
+    assert [(r["step"], sorted(set(r) & {"resumed_from", "loss", "val_loss"})) for r in after] == \
+        [(3, ["resumed_from"]), (4, ["loss"]), (4, ["val_loss"])]
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"saved checkpoint {d / 'step_00000004'}")
+    _train_in_process(_ckpt_argv(tmp_path / "eval", "--resume", str(d / "step_00000004"), "--eval-only"), monkeypatch)
+    assert capsys.readouterr().out.splitlines()[-1] == f"step     4 | val loss {result.val_loss:.4f}"
 
 
 if __name__ == "__main__":
