@@ -3604,5 +3604,18 @@ def test_step_n_means_n_steps_done_on_the_console_in_the_log_and_in_checkpoint_n
     assert capsys.readouterr().out.splitlines()[-1] == f"step     4 | val loss {result.val_loss:.4f}"
 
 
+
+def test_readme_exit_code_table_covers_every_code_main_returns():
+    """README's exit-code table (what a scheduler sees and should do) has a row for each code main() returns,
+    for Python's own 1 (a traceback) and for a kill by a signal."""
+    import inspect
+    import re
+    readme = (HERE / "README.md").read_text()
+    section = readme[readme.index("### stopping, signals and exit codes"):readme.index("\n## sample")]
+    rows = {m.split()[0] for m in re.findall(r"^\| (\d[^|]*) \|", section, re.M)}
+    returned = set(re.findall(r"return (\d+)", inspect.getsource(minimal_pretrain.main)))
+    assert returned == {"0", "2", "3"} and returned | {"1", "128"} <= rows, (rows, returned)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
