@@ -80,7 +80,8 @@ def checkpoint_damage(path: Path) -> Optional[str]:
         return str(e).removeprefix(f"{path}: ")
     sizes = manifest.get("files")
     if sizes is None:  # written before manifests listed their files
-        names = {f for e in manifest.get("tensors", {}).values() for f in e["files"]} | set(manifest.get("rng_files", []))
+        names = {f for e in manifest.get("tensors", {}).values() for f in e["files"]}
+        names |= set(manifest.get("rng_files", []))
         for name in sorted(names):
             if not (path / name).is_file():
                 return f"{name} is missing"

@@ -639,7 +639,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     say = print if is_main else (lambda *a, **k: None)
     output_dir, checkpoint_dir, resume_from = run_dirs(args, topo)
     corpus = load_same_corpus(args, topo)
-    codec, codec_files = checkpoint_codec(args.data, is_main)
+    codec, codec_files = checkpoint_codec(args.data, is_main, say)
     if corpus.vocab_size % topo.tp:
         raise LayoutError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
     cfg = model_config(args, corpus.vocab_size)
@@ -692,7 +692,8 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         cleanup.callback(uploader.close)
     stats_on = args.moe_metrics != "off"
     return Trainer(
-        args=args, topo=topo, cfg=cfg, corpus=corpus, codec=codec, codec_files=codec_files, model=model, params=params, optimizer=optimizer,
+        args=args, topo=topo, cfg=cfg, corpus=corpus, codec=codec, codec_files=codec_files, model=model, params=params,
+        optimizer=optimizer,
         dp_grads=dp_grads, weight_copies=weight_copies,
         autocast=torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
         comm=PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None,
@@ -876,17 +877,21 @@ def evaluate_and_log(t: Trainer, step: int, result: TrainResult) -> None:
         t.emit(f"step {step:>5d} | val loss {val:.4f}")
 
 
-def checkpoint_codec(data: Optional[str], is_main: bool) -> tuple[dict, dict]:
+def checkpoint_codec(data: Optional[str], is_main: bool, say: Callable) -> tuple[dict, dict]:
     """What every checkpoint carries to decode its tokens without --data (which may move or vanish): the
     codec's description and, on rank 0, the files it needs (a prepare_data.py directory's tokenizer.json),
-    read now, while --data is known to be there."""
+    read now, while --data is known to be there. Training does not need the tokenizer: if rank 0 cannot
+    read it (load_corpus saw it there), a warning, and the checkpoints say why they cannot decode; raising
+    on rank 0 alone would leave the other ranks waiting."""
     codec = codec_description(data)
     files = {}
     if is_main and codec["kind"] == "tokenizer":
         try:
             files[codec["file"]] = (Path(data) / codec["file"]).read_bytes()
         except OSError as e:
-            raise DataError(f"--data {data}: cannot read {codec['file']} ({e.strerror or e})") from None
+            why = f"--data {data}: its {codec['file']} could not be read at start-up ({e.strerror or e})"
+            say(f"warning: {why}; the checkpoints will not be able to decode their tokens")
+            codec = {"kind": "none", "why": why}
     return codec, files
 
 

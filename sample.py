@@ -4,8 +4,8 @@
 
 The text is encoded and decoded with the tokenizer the checkpoint carries, that of its run's --data (bytes
 for the byte-level corpora, decoded as UTF-8 with replacement; a prepare_data.py directory's bytes with
-separator or tokenizer.json), so --data may have moved since. --temperature 0 is greedy decoding. Contexts longer than the model's
-max_seq_length are cropped as generate.py describes.
+separator or tokenizer.json), so --data may have moved since. --temperature 0 is greedy decoding.
+Contexts longer than the model's max_seq_length are cropped as generate.py describes.
 """
 from __future__ import annotations
 
