@@ -3,10 +3,12 @@
 A checkpoint is a directory `<checkpoint-dir>/step_XXXXXXXX` (XXXXXXXX = optimizer steps completed):
 
     manifest.json          every tensor's full shape, dtype, how it is split over TP, and the files
-                           holding its shards; the step, the model config, the flags, the layout
+                           holding its shards; the step, the model config, the flags, the layout, and
+                           every other file with its size (`files`, checked by checkpoint_damage)
     shard_pp{P}_tp{T}.pt   what the (pipeline stage P, TP rank T) ranks own: parameters, persistent
                            buffers and AdamW state, written once by DP rank 0 of that stage and TP rank
     rng_rank{R}.pt         each rank's RNG states (dropout)
+    tokenizer.json         (BPE runs) the run's tokenizer; the manifest's `codec` says how tokens decode
 
 Tensor keys are layout-independent: `model/<parameter name>` (layers are keyed by their global index),
 `optim/<parameter name>/{exp_avg,exp_avg_sq,step}`. Loading builds, one tensor at a time, this rank's
@@ -24,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -66,15 +69,72 @@ def is_checkpoint(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint directory as given, or the newest complete checkpoint of a checkpoint-dir."""
+def checkpoint_damage(path: Path) -> Optional[str]:
+    """Why the complete checkpoint at `path` cannot be loaded whole, or None. Cheap: one stat per file, no
+    tensor read. The manifest lists every file with the size it was written with; a checkpoint written
+    before it did is checked by the end of each file it names (a torch.save file is a zip archive, and a
+    truncated one lacks the zip's end record)."""
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as e:
+        return str(e).removeprefix(f"{path}: ")
+    sizes = manifest.get("files")
+    if sizes is None:  # written before manifests listed their files
+        names = {f for e in manifest.get("tensors", {}).values() for f in e["files"]}
+        names |= set(manifest.get("rng_files", []))
+        for name in sorted(names):
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            if not zipfile.is_zipfile(path / name):
+                return f"{name} is cut short (no zip end record)"
+        return None
+    for name, size in sorted(sizes.items()):
+        try:
+            actual = (path / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, the manifest says {size}"
+    return None
+
+
+def _damaged(said: str, path: Path, why: str, flag: str) -> CheckpointError:
+    """The error for a damaged checkpoint, naming the newest whole one before it (what to pass instead).
+    A damaged checkpoint is never skipped silently: its steps would be lost without anyone deciding so."""
+    m = _STEP_DIR.match(path.name)
+    older = None if m is None else next((p for step, p in reversed(complete_checkpoints(path.parent))
+                                         if step < int(m.group(1)) and checkpoint_damage(p) is None), None)
+    hint = (f"the newest whole checkpoint before it is {older}: pass {flag} {older} (or move {path.name} out of "
+            f"{path.parent})" if older is not None else f"no checkpoint before it in {path.parent} is whole")
+    return CheckpointError(f"{said} is damaged ({why}); {hint}")
+
+
+def newest_checkpoint(ckpt_dir: Path, said: str, flag: str) -> Optional[Path]:
+    """The newest complete checkpoint of ckpt_dir (None if it has none). A damaged newest one raises
+    CheckpointError starting with `said`, naming the newest whole one before it to pass with `flag`."""
+    found = complete_checkpoints(ckpt_dir)
+    if not found:
+        return None
+    newest = found[-1][1]
+    why = checkpoint_damage(newest)
+    if why is not None:
+        raise _damaged(f"{said}: the newest checkpoint {newest}", newest, why, flag)
+    return newest
+
+
+def resolve_checkpoint(path: str, flag: str = "--resume") -> Path:
+    """A checkpoint directory as given, or the newest complete checkpoint of a checkpoint-dir; one that is
+    damaged raises CheckpointError (starting with `path`) naming the newest whole one to pass with `flag`."""
     p = Path(path)
     if is_checkpoint(p):
+        why = checkpoint_damage(p)
+        if why is not None:
+            raise _damaged(f"{path}: this checkpoint", p, why, flag)
         return p
     if p.is_dir():
-        found = complete_checkpoints(p)
-        if found:
-            return found[-1][1]
+        found = newest_checkpoint(p, path, flag)
+        if found is not None:
+            return found
         raise CheckpointError(f"{path}: no complete checkpoint in this directory (expected step_*/{MANIFEST})")
     raise CheckpointError(f"{path}: no such checkpoint (give a step_* checkpoint directory or a checkpoint-dir)")
 
@@ -127,11 +187,13 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    topo: Topology, meta: dict, keep_last: int = 0, protected: frozenset = frozenset()) -> Path:
+                    topo: Topology, meta: dict, keep_last: int = 0, protected: frozenset = frozenset(),
+                    extra_files: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Writes step_XXXXXXXX atomically and returns its path. meta
-    (JSON-serialisable: the model config and flags) goes into the manifest. keep_last > 0 deletes all
-    but the newest keep_last complete checkpoints, after the new one is complete, except those named
-    in `protected` (being uploaded)."""
+    (JSON-serialisable: the model config, the flags, the codec) goes into the manifest; extra_files
+    ({name: bytes}, rank 0's: the tokenizer.json) are written by rank 0 inside the same atomic save.
+    keep_last > 0 deletes all but the newest keep_last complete checkpoints up to this step, after the new
+    one is complete, except those named in `protected` (being uploaded)."""
     final = ckpt_dir / step_dir_name(step)
     tmp = ckpt_dir / f".tmp-{final.name}"
     if topo.rank == 0:
@@ -160,14 +222,21 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
     rng_file = f"rng_rank{topo.rank}.pt"
     torch.save(_rng_state(topo.device), tmp / rng_file)
     _fsync_path(tmp / rng_file)
+    written = {name: (tmp / name).stat().st_size for name in ([shard_file] if writes_model else []) + [rng_file]}
+    if topo.rank == 0:
+        for name, content in (extra_files or {}).items():  # complete or absent with the rest of the checkpoint
+            (tmp / name).write_bytes(content)
+            _fsync_path(tmp / name)
+            written[name] = len(content)
 
-    gathered = [entries]
+    gathered = [(entries, written)]
     if topo.world_size > 1:
         gathered = [None] * topo.world_size
-        dist.all_gather_object(gathered, entries)
+        dist.all_gather_object(gathered, (entries, written))
     if topo.rank == 0:
-        tensors = {}
-        for part in gathered:
+        tensors, file_sizes = {}, {}
+        for part, sizes in gathered:
+            file_sizes.update(sizes)
             for key, e in part.items():
                 entry = tensors.setdefault(key, {k: e[k] for k in ("shape", "dtype", "tp_split", "pp")} | {"files": {}})
                 entry["files"][str(e["tp"])] = e["file"]
@@ -176,7 +245,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
             entry["files"] = [files["0"]] if entry["tp_split"] is None else [files[str(r)] for r in range(topo.tp)]
         manifest = {"format": FORMAT_VERSION, "step": step, **meta,
                     "layout": {"world_size": topo.world_size, "dp": topo.dp, "tp": topo.tp, "pp": topo.pp},
-                    "rng_files": [f"rng_rank{r}.pt" for r in range(topo.world_size)], "tensors": tensors}
+                    "rng_files": [f"rng_rank{r}.pt" for r in range(topo.world_size)], "tensors": tensors,
+                    "files": dict(sorted(file_sizes.items()))}  # every file with its size: checkpoint_damage
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -193,7 +263,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
         _fsync_path(ckpt_dir)
         shutil.rmtree(ckpt_dir / f".del-{final.name}", ignore_errors=True)
         if keep_last > 0:
-            for _, old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+            # Only checkpoints up to this one count. Newer ones (left by a run resumed from an older checkpoint,
+            # e.g. past a damaged newest one) are left alone, so the one just written is never deleted.
+            for _, old in [c for c in complete_checkpoints(ckpt_dir) if c[0] <= step][:-keep_last]:
                 if old.name not in protected:  # renamed first: a kill mid-delete leaves no half checkpoint
                     doomed = ckpt_dir / f".del-{old.name}"
                     os.replace(old, doomed)

@@ -22,7 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from prepare_data import BYTES_SEPARATOR_ID, META_FILE, SEPARATOR_TEXT, TOKENIZER_FILE  # the format's owner
+# prepare_data owns the format and the text check (it imports neither torch nor this module)
+from prepare_data import BYTES_SEPARATOR_ID, META_FILE, SEPARATOR_TEXT, TOKENIZER_FILE, NotUTF8, utf8_pieces
 
 BYTE_VOCAB = 256
 VAL_EVERY = 50  # one file in ~50 goes to validation
@@ -82,6 +83,21 @@ def stdlib_corpus() -> Corpus:
                   f"({len(files)} files, {len(train):,} train / {len(val):,} val byte tokens, cache {cache})")
 
 
+def _check_text(files: list, path: str) -> None:
+    """--data trains on the bytes of text files. A file prepare_data.py refuses as not UTF-8 (a binary file,
+    another encoding) is refused here too, by the same check, instead of being trained on silently."""
+    for f in files:
+        try:
+            for _ in utf8_pieces(f):
+                pass
+        except NotUTF8 as e:
+            what = "" if f == Path(path) else f"{f} "
+            raise DataError(f"--data {path}: {what}is not UTF-8 text (bad byte at offset {e.offset}); --data reads "
+                            f"UTF-8 text files, a prepare_data.py directory or uint16 .bin tokens") from None
+        except OSError as e:
+            raise DataError(f"--data {path}: cannot read {f} ({e.strerror or e})") from None
+
+
 def _split_tail(tokens: np.ndarray, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     n_val = max(1, int(len(tokens) * frac))
     return tokens[:-n_val], tokens[-n_val:]
@@ -121,7 +137,8 @@ def read_meta(p: Path, path: str) -> dict:
 def load_corpus(path: Optional[str], vocab_size: Optional[int] = None) -> Corpus:
     """path None: the standard-library corpus. A directory with meta.json (made by prepare_data.py): its
     tokens, vocabulary and dtype. A directory holding train.bin (and val.bin) or a single .bin file:
-    nanoGPT's uint16 tokens. Any other file, or a directory of text files: bytes."""
+    nanoGPT's uint16 tokens. Any other file, or a directory of text files: bytes, if UTF-8 text (the check
+    prepare_data.py applies; anything else is a DataError naming the file)."""
     if path is None:
         return stdlib_corpus()
     p = Path(path)
@@ -148,11 +165,13 @@ def load_corpus(path: Optional[str], vocab_size: Optional[int] = None) -> Corpus
         train, val = _split_tail(np.memmap(p, dtype=np.uint16, mode="r"))
         corpus = Corpus(train, val, 0, f"uint16 tokens from {p}")
     elif p.is_file():
+        _check_text([p], path)
         data = np.frombuffer(p.read_bytes(), dtype=np.uint8).astype(np.uint16)
         train, val = _split_tail(data)
         corpus = Corpus(train, val, BYTE_VOCAB, f"bytes of {p}")
     else:
         files = sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts))
+        _check_text(files, path)
         train, val = _tokenize_files(p, files)
         if len(val) == 0 or len(train) == 0:  # too few files to split by file: split the bytes
             train, val = _split_tail(np.concatenate([train, val]))
@@ -192,18 +211,19 @@ class ByteCodec:
 
 class TokenizerCodec:
     """Text <-> token ids through a Hugging Face tokenizer.json (needs the tokenizers package). No special
-    tokens are added on encoding, as in prepare_data.py; decoding shows them (the document separator)."""
+    tokens are added on encoding, as in prepare_data.py; decoding shows them (the document separator).
+    `where` starts its error messages (`--data DIR`, or the checkpoint that carries the file)."""
 
-    def __init__(self, path: Path, data_flag: str):
+    def __init__(self, path: Path, where: str):
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise DataError(f"--data {data_flag}: decoding its {TOKENIZER_FILE} needs the tokenizers package "
+            raise DataError(f"{where}: decoding its {TOKENIZER_FILE} needs the tokenizers package "
                             f"(pip install tokenizers)") from None
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a plain Exception for any unreadable file
-            raise DataError(f"--data {data_flag}: unreadable {TOKENIZER_FILE} ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{where}: unreadable {TOKENIZER_FILE} ({str(e).splitlines()[0]})") from None
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list:
@@ -213,19 +233,43 @@ class TokenizerCodec:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def text_codec(data_path: Optional[str]):
-    """The encoder/decoder (`.encode(str) -> list[int]`, `.decode(ids) -> str`) of the tokens that
-    `load_corpus(data_path)` yields. The byte-level corpora (default, text files, directories) use bytes;
-    a prepare_data.py directory uses its meta.json's tokenizer (bytes with a separator, or tokenizer.json)."""
+def codec_description(data_path: Optional[str]) -> dict:
+    """How the tokens of `load_corpus(data_path)` are decoded, as JSON that a checkpoint carries (so that
+    sampling needs neither --data nor its path): {"kind": "bytes"} for the byte-level corpora (default,
+    text files, directories); {"kind": "bytes", "separator_id": 256} or {"kind": "tokenizer", "file":
+    "tokenizer.json"} for a prepare_data.py directory (the file sits next to the description: in the data
+    directory, or copied into the checkpoint); {"kind": "none", "why": ...} for raw token files."""
     p = Path(data_path) if data_path is not None else None
     if p is not None and p.is_dir() and (p / META_FILE).is_file():
         meta = read_meta(p, data_path)
         if meta["tokenizer"] == "bytes":
-            return ByteCodec(separator_id=meta.get("doc_separator_id", BYTES_SEPARATOR_ID))
-        return TokenizerCodec(p / TOKENIZER_FILE, data_path)
+            return {"kind": "bytes", "separator_id": meta.get("doc_separator_id", BYTES_SEPARATOR_ID)}
+        return {"kind": "tokenizer", "file": TOKENIZER_FILE}
     if p is not None and ((p.is_dir() and (p / "train.bin").is_file()) or (p.is_file() and p.suffix == ".bin")):
-        raise DataError(f"--data {data_path}: raw uint16 token files carry no tokenizer to encode or decode text")
-    return ByteCodec()
+        return {"kind": "none", "why": f"raw uint16 token files (--data {data_path}) carry no tokenizer to encode "
+                                       f"or decode text"}
+    return {"kind": "bytes"}
+
+
+def codec_from_description(desc: dict, directory: Optional[Path], where: str):
+    """The codec a `codec_description` describes; a tokenizer file is read from `directory`. Raises DataError
+    (starting with `where`) when it cannot decode."""
+    kind = desc.get("kind")
+    if kind == "bytes":
+        return ByteCodec(separator_id=desc.get("separator_id"))
+    if kind == "tokenizer":
+        return TokenizerCodec(directory / desc["file"], where)
+    if kind == "none":
+        raise DataError(f"{where}: {desc.get('why', 'no tokenizer')}")
+    raise DataError(f"{where}: unknown tokenizer kind {kind!r} (written by a newer version of this code?)")
+
+
+def text_codec(data_path: Optional[str]):
+    """The encoder/decoder (`.encode(str) -> list[int]`, `.decode(ids) -> str`) of the tokens that
+    `load_corpus(data_path)` yields. The byte-level corpora (default, text files, directories) use bytes;
+    a prepare_data.py directory uses its meta.json's tokenizer (bytes with a separator, or tokenizer.json)."""
+    return codec_from_description(codec_description(data_path), Path(data_path) if data_path else None,
+                                  f"--data {data_path}")
 
 
 def check_lengths(corpus: Corpus, seq_len: int, data_flag: Optional[str]) -> None:

@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import (CHANGEABLE_MODEL_FIELDS, MANIFEST, CheckpointError, HubUploader, check_hub, complete_checkpoints,
-                        describe_resume, load_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
-from data import Corpus, DataError, batch_offsets, check_lengths, corpus_fingerprint, get_batch, load_corpus
+                        describe_resume, load_checkpoint, newest_checkpoint, read_manifest, resolve_checkpoint,
+                        save_checkpoint)
+from data import (Corpus, DataError, batch_offsets, check_lengths, codec_description, corpus_fingerprint, get_batch,
+                  load_corpus)
 from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
 from mixed_precision import ExpertWeightCopies
@@ -118,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: Python's automatic garbage collector; N: freeze the objects of set-up, turn automatic "
                         "collection off while training and collect the young generations every N steps")
     t.add_argument("--data", default=None,
-                   help="text file, directory of text files, a prepare_data.py output directory, or uint16 .bin tokens "
-                        "(default: embedded stdlib corpus)")
+                   help="UTF-8 text file, directory of UTF-8 text files (other files are refused, as prepare_data.py "
+                        "refuses them), a prepare_data.py output directory, or uint16 .bin tokens (default: embedded "
+                        "stdlib corpus)")
     par = p.add_argument_group("parallelism (under torchrun)")
     par.add_argument("--tensor-parallel-size", type=int, default=1, help="TP size; expert parallelism uses the same group")
     par.add_argument("--expert-parallel-size", type=int, default=None,
@@ -128,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"], default="1f1b", help="pipeline schedule")
     par.add_argument("--ddp-bucket-size-mb", type=float, default=25.0, help="DP gradient all-reduce bucket size")
     lg = p.add_argument_group("logging")
-    lg.add_argument("--log-interval", type=int, default=10, help="steps between log lines (the last step is always logged)")
+    lg.add_argument("--log-interval", type=int, default=10,
+                    help="steps between log lines (the first and the last step of a run are always logged); step N "
+                         "is the state after N optimizer steps, as in the step_0000000N checkpoint")
     lg.add_argument("--eval-interval", type=int, default=100, help="steps between validation runs (0 = only at the end)")
     lg.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (0 = no evaluation)")
     lg.add_argument("--output-dir", default=None,
@@ -150,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--checkpoint-dir", default=None,
                     help="where checkpoints go (default <output-dir>/checkpoints); locked while the run lasts")
     ck.add_argument("--keep-last", type=int, default=3,
-                    help="keep the newest K step checkpoints; older ones are deleted once a newer one is complete (0 = keep all)")
+                    help="keep the newest K step checkpoints up to the one just saved; older ones are deleted once a newer "
+                         "one is complete (0 = keep all)")
     ck.add_argument("--resume", default=None, metavar="auto|PATH",
                     help="auto: the newest complete checkpoint in --checkpoint-dir, or a fresh start if there is none; "
                          "PATH: a step_* checkpoint, or a checkpoint directory (its newest). Model flags not given "
-                         "take the checkpoint's values")
+                         "take the checkpoint's values. A damaged one (a file missing or cut short) stops the run, "
+                         "naming the newest whole one to pass instead")
     ck.add_argument("--no-save", action="store_true", help="no final checkpoint at the end")
     ck.add_argument("--eval-only", action="store_true",
                     help="with --resume: print the checkpoint's validation loss, no training; writes nothing")
@@ -612,6 +619,8 @@ class Trainer:
     topo: Topology
     cfg: ModelConfig
     corpus: Corpus
+    codec: dict  # how the tokens decode (data.codec_description), recorded in every checkpoint
+    codec_files: dict  # {name: bytes} the codec needs (a tokenizer.json), copied into every checkpoint (rank 0)
     model: GPT
     params: list
     optimizer: torch.optim.Optimizer
@@ -663,7 +672,7 @@ def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: co
         if t.resume_from is not None:
             t.run_log.log({"step": start, "resumed_from": str(t.resume_from)})
     if args.eval_only:
-        evaluate_and_log(t, start - 1, result)
+        evaluate_and_log(t, start, result)  # the state after the checkpoint's steps
     else:
         train_loop(t, start, result, cleanup)
     if return_state:
@@ -681,8 +690,11 @@ def open_run_log(t: Trainer, cleanup: contextlib.ExitStack) -> None:
 
 
 def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextlib.ExitStack) -> None:
-    """Steps start .. --max-steps - 1: train, log, evaluate, save; stops early (after a checkpoint) on
-    SIGTERM/SIGINT and raises NonFiniteError when the loss or gradient norm stops being finite."""
+    """Steps start + 1 .. --max-steps: train, log, evaluate, save; stops early (after a checkpoint) on
+    SIGTERM/SIGINT and raises NonFiniteError when the loss or gradient norm stops being finite.
+    Step numbers count: what is logged, evaluated or saved as step N is the state after N optimizer steps,
+    as in the step_0000000N checkpoint. Only the 0-based index `step` (learning rate, data, dropout) is
+    internal."""
     args, topo = t.args, t.topo
     progress = None
     if t.is_main and not args.no_progress and sys.stdout.isatty():  # a bar in a log file is noise
@@ -695,36 +707,36 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
         cleanup.enter_context(scheduled_gc())
     control = cleanup.enter_context(RunControl())
     watch = FiniteWatch(topo.device)
-    clock = Throughput(start - 1)
+    clock = Throughput(start)
     t.model.train()
-    profiler = start_profiler(args, topo, t.run_log, t.emit, first_step=start)
+    profiler = start_profiler(args, topo, t.run_log, t.emit, first_step=start + 1)
     cleanup.callback(profiler.close)  # also logs the traces to wandb
     for step in range(start, args.max_steps):
         if args.gc_interval and step % args.gc_interval == 0:
             gc.collect(1)  # the young generations only: what the steps since the last collection left
-        log_now = step % args.log_interval == 0 or step == args.max_steps - 1
+        done = step + 1  # the number every user-facing line gives this step
+        log_now = done % args.log_interval == 0 or step == start or done == args.max_steps  # first, every N-th, last
         out = train_step(t, step, record_stats=log_now and args.moe_metrics != "off")
-        watch.update(step, out.norm, out.lm_loss_sum)
+        watch.update(done, out.norm, out.lm_loss_sum)
         if log_now:
-            log_step(t, step, out, clock, result, watch)
+            log_step(t, done, out, clock, result, watch)
         if progress is not None:
             progress.update(1)
-        if args.eval_iters > 0 and ((args.eval_interval > 0 and (step + 1) % args.eval_interval == 0)
-                                    or step == args.max_steps - 1):
+        if args.eval_iters > 0 and ((args.eval_interval > 0 and done % args.eval_interval == 0)
+                                    or done == args.max_steps):
             with clock.paused():  # evaluation time is not training throughput
-                evaluate_and_log(t, step, result)
+                evaluate_and_log(t, done, result)
         verdict = control.exchange(topo, watch.seen_on_host)
         if verdict == RunControl.NONFINITE:
             watch.check(topo, result.checkpoint)  # raises on every rank
         stop = verdict == RunControl.STOP
-        done = step + 1
         if stop or (args.save_interval and done % args.save_interval == 0 and done < args.max_steps):
             watch.check(topo, result.checkpoint)  # never save a broken state over a good checkpoint
             with clock.paused():  # nor is saving
                 save(t, done, result)
         if stop:
             control.finish()
-            t.emit(f"stopped by {control.received} after step {step}: checkpoint {result.checkpoint}; "
+            t.emit(f"stopped by {control.received} after step {done}: checkpoint {result.checkpoint}; "
                    f"continue with --resume auto (or --resume {result.checkpoint})")
             break
         clock.excluded += profiler.step()  # writing the trace is not training throughput
@@ -746,6 +758,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     if args.resume is not None:
         take_model_flags(args, saved_model)  # the same on every rank: rank 0's checkpoint
     corpus = load_same_corpus(args, topo)
+    codec, codec_files = checkpoint_codec(args.data, is_main, say)
     if corpus.vocab_size % topo.tp:
         raise LayoutError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
     cfg = model_config(args, corpus.vocab_size)
@@ -792,7 +805,8 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         cleanup.callback(uploader.close)
     stats_on = args.moe_metrics != "off"
     return Trainer(
-        args=args, topo=topo, cfg=cfg, corpus=corpus, model=model, params=params, optimizer=optimizer,
+        args=args, topo=topo, cfg=cfg, corpus=corpus, codec=codec, codec_files=codec_files, model=model, params=params,
+        optimizer=optimizer,
         dp_grads=dp_grads, weight_copies=weight_copies,
         autocast=torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
         comm=PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None,
@@ -854,8 +868,8 @@ def checkpoint_to_resume(args, checkpoint_dir: Path, will_save: bool) -> Optiona
         return None
     if args.resume != "auto":
         return resolve_checkpoint(args.resume)
-    if found:
-        return found[-1][1]
+    if found:  # the newest; a damaged one stops the run, naming the newest whole one to pass
+        return newest_checkpoint(checkpoint_dir, "--resume auto", "--resume")
     if args.eval_only:
         raise CheckpointError(f"--eval-only --resume auto: no checkpoint in {checkpoint_dir} to evaluate")
     return None
@@ -956,7 +970,7 @@ def log_step(t: Trainer, step: int, out: StepOutput, clock: Throughput, result: 
     t.run_log.log(rec, counts)
     result.records.append(rec)
     result.losses.append(rec["loss"])
-    t.emit(console_line(rec))
+    t.emit(console_line(rec, capacity=t.cfg.num_experts > 0 and t.cfg.moe_capacity_factor > 0))
 
 
 def evaluate(t: Trainer) -> float:
@@ -989,18 +1003,37 @@ def evaluate_and_log(t: Trainer, step: int, result: TrainResult) -> None:
     t.emit(f"step {step:>5d} | val loss {val:.4f}")
 
 
+def checkpoint_codec(data: Optional[str], is_main: bool, say: Callable) -> tuple[dict, dict]:
+    """What every checkpoint carries to decode its tokens without --data (which may move or vanish): the
+    codec's description and, on rank 0, the files it needs (a prepare_data.py directory's tokenizer.json),
+    read now, while --data is known to be there. Training does not need the tokenizer: if rank 0 cannot
+    read it (load_corpus saw it there), a warning, and the checkpoints say why they cannot decode; raising
+    on rank 0 alone would leave the other ranks waiting."""
+    codec = codec_description(data)
+    files = {}
+    if is_main and codec["kind"] == "tokenizer":
+        try:
+            files[codec["file"]] = (Path(data) / codec["file"]).read_bytes()
+        except OSError as e:
+            why = f"--data {data}: its {codec['file']} could not be read at start-up ({e.strerror or e})"
+            say(f"warning: {why}; the checkpoints will not be able to decode their tokens")
+            codec = {"kind": "none", "why": why}
+    return codec, files
+
+
 def checkpoint_meta(t: Trainer) -> dict:
-    """The manifest's record of the run: the model config and every flag, --data as an absolute path (the
-    sampler finds the tokenizer through it from any working directory)."""
+    """The manifest's record of the run: the model config, every flag (--data as an absolute path) and the
+    codec that decodes its tokens (sample.py needs nothing else)."""
     data = os.path.abspath(t.args.data) if t.args.data else None
-    return {"model": t.cfg.to_dict(), "args": {**vars(t.args), "data": data}}
+    return {"model": t.cfg.to_dict(), "args": {**vars(t.args), "data": data}, "codec": t.codec}
 
 
 def save(t: Trainer, done_steps: int, result: TrainResult) -> None:
     """A checkpoint of the state after `done_steps` optimizer steps (every rank takes part)."""
     start = time.perf_counter()
     path = save_checkpoint(t.checkpoint_dir, done_steps, t.model, t.optimizer, t.topo, checkpoint_meta(t),
-                           keep_last=t.args.keep_last, protected=frozenset(t.uploader.busy) if t.uploader else frozenset())
+                           keep_last=t.args.keep_last, protected=frozenset(t.uploader.busy) if t.uploader else frozenset(),
+                           extra_files=t.codec_files)
     result.checkpoint = str(path)
     t.emit(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")
     if t.uploader is not None:

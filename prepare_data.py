@@ -150,17 +150,37 @@ def text_pieces(path: Path, chunk: Optional[int] = None) -> Iterator[bytes]:
         yield buf
 
 
-def _text_docs(path: Path) -> Iterator[tuple]:
+class NotUTF8(ValueError):
+    """A file that is not UTF-8 text; `offset` is its first bad byte."""
+
+    def __init__(self, path: Path, offset: int):
+        super().__init__(f"{path}: not UTF-8 text (bad byte at offset {offset})")
+        self.path, self.offset = path, offset
+
+
+def utf8_pieces(path: Path) -> Iterator[tuple]:
+    """(text, bytes read) of a text file in the pieces of `text_pieces`; raises NotUTF8 at the first piece that
+    is not UTF-8. The one text check: prepare_data applies it to every text input, and minimal_pretrain's
+    --data to its text files (data.py), so both refuse the same files."""
     offset = 0
-    for i, piece in enumerate(text_pieces(path)):
+    for piece in text_pieces(path):
         try:
             text = piece.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise PrepareError(f"{path}: not UTF-8 text (bad byte at offset {offset + e.start}); give UTF-8 text, "
-                               f".jsonl or .parquet files") from None
+            raise NotUTF8(path, offset + e.start) from None
         offset += len(piece)
-        yield text, i == 0, False, len(piece)
-    if offset:
+        yield text, len(piece)
+
+
+def _text_docs(path: Path) -> Iterator[tuple]:
+    size = 0
+    try:
+        for i, (text, n) in enumerate(utf8_pieces(path)):
+            size += n
+            yield text, i == 0, False, n
+    except NotUTF8 as e:
+        raise PrepareError(f"{e}; give UTF-8 text, .jsonl or .parquet files") from None
+    if size:
         yield "", False, True, 0  # the file's end: close the document
 
 

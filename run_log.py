@@ -31,8 +31,9 @@ def _fmt(v: Optional[float], spec: str) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def console_line(rec: dict) -> str:
-    """The compact per-step summary; every metric is in the JSONL log."""
+def console_line(rec: dict, capacity: bool = False) -> str:
+    """The compact per-step summary; every metric is in the JSONL log. `capacity` (a capacity factor is on):
+    the share of dropped assignments is shown, `n/a` when no statistics were recorded (--moe-metrics off)."""
     parts = [f"step {rec['step']:>5d}", f"loss {rec['loss']:.4f}",
              f"aux {_fmt(rec.get('aux_loss'), '.4f')}", f"z {_fmt(rec.get('z_loss'), '.3f')}",
              f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.3f}", f"tok/s {rec['tokens_per_sec']:,.0f}"]
@@ -41,6 +42,8 @@ def console_line(rec: dict) -> str:
     if "moe/cv_mean" in rec:
         parts.append(f"load cv {rec['moe/cv_mean']:.3f} util {rec['moe/expert_utilization_min']:.2f}"
                      f"/{rec['moe/expert_utilization_max']:.2f} overload {rec['moe/max_overload_factor']:.2f}")
+    if capacity or "moe/drop_rate" in rec:
+        parts.append(f"drop {_fmt(rec.get('moe/drop_rate'), '.1%')}")
     return " | ".join(parts)
 
 

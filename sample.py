@@ -2,9 +2,10 @@
 
     python sample.py --checkpoint runs/a/checkpoints --prompt "def fibonacci(" --max-new-tokens 200
 
-The text is encoded and decoded with the tokenizer of the run's --data (bytes for the byte-level corpora,
-decoded as UTF-8 with replacement). --temperature 0 is greedy decoding. Contexts longer than the model's
-max_seq_length are cropped as generate.py describes.
+The text is encoded and decoded with the tokenizer the checkpoint carries, that of its run's --data (bytes
+for the byte-level corpora, decoded as UTF-8 with replacement; a prepare_data.py directory's bytes with
+separator or tokenizer.json), so --data may have moved since. --temperature 0 is greedy decoding.
+Contexts longer than the model's max_seq_length are cropped as generate.py describes.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import checkpoint
-from data import DataError, text_codec
+from data import BYTE_VOCAB, ByteCodec, DataError, codec_from_description, text_codec
 from generate import generate
 from model import GPT, ModelConfig
 from parallel import Topology
@@ -63,6 +65,41 @@ def validate(args: argparse.Namespace) -> None:
         raise SampleError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
 
+def checkpoint_codec(path: Path, meta: dict):
+    """The codec that decodes the checkpoint's tokens. A checkpoint carries it (its manifest's `codec`, and
+    the tokenizer.json copied next to it). One written before checkpoints did falls back to its run's
+    --data, only if that is still there and gives the model's vocabulary: a moved BPE directory would
+    otherwise decode as bytes, i.e. garbage. Raises SampleError (one line, exit 2) when it cannot decode."""
+    cannot = f"--checkpoint {path}: cannot decode its tokens"
+    model_vocab = meta["model"]["vocab_size"]
+    if "codec" in meta:
+        try:
+            codec = codec_from_description(meta["codec"], path, cannot)
+        except DataError as e:
+            raise SampleError(str(e)) from None
+    else:
+        data = meta["args"].get("data")
+        old = "it was written before checkpoints carried their tokenizer"
+        if data is not None and not Path(data).exists():
+            raise SampleError(f"{cannot}: {old}, and its run's --data {data} is gone (put it back there)")
+        try:
+            codec = text_codec(data)
+        except DataError as e:
+            raise SampleError(f"{cannot}: {old}, and its run's {e}") from None
+        # What this tokenizer gives the model (plain bytes: 256; else --vocab-size or the tokenizer's rounded
+        # up to 64, as load_corpus does); a directory re-prepared since then gives another.
+        plain_bytes = isinstance(codec, ByteCodec) and codec.separator_id is None
+        expected = BYTE_VOCAB if plain_bytes else meta["args"].get("vocab_size") or -(-codec.vocab_size // 64) * 64
+        if expected != model_vocab:
+            raise SampleError(f"{cannot}: {old}, and its run's --data {data} now gives a vocabulary of {expected}, "
+                              f"not the model's {model_vocab}")
+    # The model's vocabulary may be larger than the tokenizer's (padded to a multiple of 64), not smaller.
+    if codec.vocab_size > model_vocab:
+        raise SampleError(f"{cannot}: the model's vocabulary ({model_vocab}) is smaller than its tokenizer's "
+                          f"{codec.vocab_size} tokens")
+    return codec
+
+
 def load_model(meta: dict, state: dict, device: torch.device) -> GPT:
     """The whole model on one device from a consolidated (unsharded) state."""
     # The expert kernel is a choice of the machine, not part of the model: let this one pick.
@@ -76,17 +113,9 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         validate(args)
-        path = checkpoint.resolve_checkpoint(args.checkpoint)
+        path = checkpoint.resolve_checkpoint(args.checkpoint, flag="--checkpoint")
         meta, state = checkpoint.load_consolidated(path)
-        data_flag = meta["args"].get("data")
-        try:
-            codec = text_codec(data_flag)
-        except DataError as e:
-            raise SampleError(f"--checkpoint {path}: its run's {e}") from None
-        # The model's vocabulary may be larger than the tokenizer's (padded to a multiple of 64), not smaller.
-        if codec.vocab_size > meta["model"]["vocab_size"]:
-            raise SampleError(f"--checkpoint {path}: the model's vocabulary ({meta['model']['vocab_size']}) is smaller "
-                              f"than the {codec.vocab_size} tokens of its run's --data {data_flag}")
+        codec = checkpoint_codec(path, meta)
         device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                               else "cpu")
         try:
