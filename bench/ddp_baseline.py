@@ -49,7 +49,7 @@ def main() -> None:
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         out = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", buffering=1)
-    t0, last = time.perf_counter(), -1
+    t0, last = time.perf_counter(), 0  # steps done at t0
     for step in range(args.max_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
@@ -68,13 +68,14 @@ def main() -> None:
         # Same global-norm clip as the trainer (DP ranks hold identical averaged gradients).
         clip_grads_(params, grad_norm(params, topo), args.grad_clip)
         opt.step()
-        if step % args.log_interval == 0 or step == args.max_steps - 1:
+        done = step + 1  # the trainer's convention: step N is the state after N optimizer steps
+        if done % args.log_interval == 0 or step == 0 or done == args.max_steps:
             dist.all_reduce(loss_sum)
             if rank == 0:
                 now = time.perf_counter()
-                tps = args.global_batch_size * T * (step - last) / (now - t0)
-                t0, last = now, step
-                out.write(json.dumps({"step": step, "loss": loss_sum.item() / (m * world), "tokens_per_sec": tps}) + "\n")
+                tps = args.global_batch_size * T * (done - last) / (now - t0)
+                t0, last = now, done
+                out.write(json.dumps({"step": done, "loss": loss_sum.item() / (m * world), "tokens_per_sec": tps}) + "\n")
     dist.destroy_process_group()
 
 
