@@ -43,6 +43,7 @@ class RoutingRecord(NamedTuple):
     z: torch.Tensor       # router z-loss (scalar)
     probs: torch.Tensor   # [T, E] router probabilities (fp32), for the entropy
     drops: Optional[torch.Tensor] = None  # [2] dropped assignments, tokens with all k dropped (capacity only)
+    kept: Optional[torch.Tensor] = None   # [E] assignments each expert keeps (capacity only): what its EP rank computes
 
 
 def route_topk(logits: torch.Tensor, top_k: int, score: str = "softmax", normalize_topk: bool = True,
@@ -332,14 +333,14 @@ class SparseMoE(nn.Module):
                 capacity = expert_capacity(num_tokens, k, E, self.capacity_factor)
                 kept = capacity_mask(r.indices, r.scores, counts, capacity, self.drop_policy,
                                      shape[-2] if len(shape) > 2 else None)  # [T, k]
-                routed = counts.clamp(max=capacity)
+                routed = counts.clamp(max=capacity)  # [E] the assignments each expert keeps
                 weights = torch.where(kept, weights, 0.0)
                 if self.renorm_after_drop:  # kept weights sum to 1 (a token with none kept stays all zero)
                     weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
                 if self.training and self.record_routing:
                     drops = torch.stack([(~kept).sum(), (~kept.any(dim=-1)).sum()]).float()
         if self.training and self.record_routing:  # read without autograd, taken right after
-            self.last_routing = RoutingRecord(counts, aux, z, r.probs, drops)
+            self.last_routing = RoutingRecord(counts, aux, z, r.probs, drops, routed if kept is not None else None)
 
         with phase("moe/permute"):
             # Sort the T*k assignments by expert, local experts first: key = (expert - first_local) mod E

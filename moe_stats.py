@@ -28,7 +28,8 @@ class StatsLayout:
     num_experts: int
     num_microbatches: int  # per DP rank per step
     dp: int
-    drops: bool = False  # capacity on: per layer [dropped assignments, tokens with all k dropped, tokens]
+    drops: bool = False  # capacity on: per layer [dropped assignments, tokens with all k dropped, tokens], and
+    #                      the overload factors of the demand (before the drop) beside those of the kept tokens
     bias: bool = False   # bias balancing on: per layer mean |expert bias|, summed over DP ranks
 
     @property
@@ -44,6 +45,7 @@ class StatsLayout:
         sizes = {"lm": 2, "counts": L * E, "losses": L * 3, "overload": dp * L * m, "cum_overload": dp * L}
         if self.drops:  # the routing options' blocks exist only when the options are on
             sizes["drops"] = L * 3
+            sizes["overload_before_drop"] = dp * L * m
         if self.bias:
             sizes["bias"] = L
         return sizes
@@ -55,7 +57,7 @@ class StatsLayout:
         """Views of each block of a flat torch tensor or numpy array."""
         L, E, m, dp = self.L, self.num_experts, self.num_microbatches, self.dp
         shapes = {"lm": (2,), "counts": (L, E), "losses": (L, 3), "overload": (dp, L, m), "cum_overload": (dp, L),
-                  "drops": (L, 3), "bias": (L,)}
+                  "drops": (L, 3), "overload_before_drop": (dp, L, m), "bias": (L,)}
         out, off = {}, 0
         for name, n in self.sizes().items():
             out[name] = flat[off:off + n].reshape(shapes[name])
@@ -78,9 +80,12 @@ def _held_on(events: tuple, num_microbatches: int, device: str) -> torch.Tensor:
     return held_after_events(events, num_microbatches).to(device)  # the schedule repeats every step
 
 
-def overload_factors(mb_counts: torch.Tensor, ep: int, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def overload_factors(mb_counts: torch.Tensor, ep: int, held: torch.Tensor,
+                     mb_kept: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One pipeline stage's overload factors. mb_counts [L, m, E]: assignments per expert of each of the
     stage's MoE layers and microbatches; held [N, m] = held_after_events of the stage's schedule.
+    mb_kept [L, m, E] (capacity on): the assignments each expert keeps. As in Megatron, the rank's tokens
+    are those it receives, the kept ones, while the balanced count stays T*k/EP of all T*k assignments.
 
     Returns (overload [L, m], cum_overload scalar):
     - overload: tokens on the busiest EP rank over the balanced count T*k/EP, per layer and microbatch.
@@ -91,7 +96,8 @@ def overload_factors(mb_counts: torch.Tensor, ep: int, held: torch.Tensor) -> tu
       and within one backward every record subtracts, so each running sum peaks at the end of a forward:
       summing over the layers first and stepping per event gives exactly the same peaks."""
     L, m, E = mb_counts.shape
-    per_rank = mb_counts.reshape(L, m, ep, E // ep).sum(-1)  # [L, m, ep]
+    received = mb_counts if mb_kept is None else mb_kept
+    per_rank = received.reshape(L, m, ep, E // ep).sum(-1)  # [L, m, ep]
     balanced = mb_counts.sum(-1) / ep  # [L, m]
     overload = per_rank.amax(-1) / balanced.clamp_min(1e-9)
     h = held.to(mb_counts)
@@ -122,6 +128,7 @@ class StepStats:
         self.losses: list = []   # per microbatch: L aux losses, then L z-losses (scalars)
         self.entropy: list = []  # per microbatch [L]: sum over tokens of -sum_e p ln p
         self.drops: list = []    # per microbatch [L, 2] (capacity only): dropped assignments, dropped tokens
+        self.kept: list = []     # [E] per microbatch and layer (capacity only): assignments each expert keeps
         for moe in self.layers:
             moe.record_routing = self.enabled
             moe.last_routing = None
@@ -145,6 +152,8 @@ class StepStats:
         self.losses += [r.aux for r in records] + [r.z for r in records]
         if records[0].drops is not None:
             self.drops.append(torch.stack([r.drops for r in records]))
+        if records[0].kept is not None:
+            self.kept += [r.kept for r in records]
         # -p ln p with 0 ln 0 = 0, written over the stacked copy of the probabilities (one [L, T, E] buffer).
         probs = torch.stack([r.probs for r in records])
         self.entropy.append(torch.special.entr(probs, out=probs).sum(dim=(1, 2)))
@@ -158,6 +167,13 @@ class StepStats:
         entropy = torch.stack(self.entropy, dim=1) * self.top_k / assignments
         aux_z = torch.stack(self.losses).view(m, 2, L).permute(2, 0, 1)  # [L, m, 2]
         return counts, torch.cat([aux_z, entropy.unsqueeze(-1)], dim=-1)
+
+    @torch.no_grad()
+    def kept_per_microbatch(self) -> Optional[torch.Tensor]:
+        """[L, m, E] assignments each expert kept (capacity on), else None."""
+        if not self.kept:
+            return None
+        return torch.stack(self.kept).view(self.num_microbatches, len(self.layers), -1).transpose(0, 1)
 
 
 def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_loss_sum: Optional[torch.Tensor],
@@ -182,14 +198,19 @@ def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_los
         mb_counts, mb_losses = step_stats.per_microbatch()  # [L, m, E], [L, m, 3]
         v["counts"][rows] = mb_counts.sum(1)
         v["losses"][rows] = mb_losses.sum(1)
-        if topo.ep > 1:
+        mb_kept = step_stats.kept_per_microbatch()  # None without capacity
+        # One EP rank with nothing dropped holds every token: 1.0 by definition, nothing to compute.
+        if topo.ep > 1 or mb_kept is not None:
             held = _held_on(tuple(events), layout.num_microbatches, str(topo.device))
-            overload, cum = overload_factors(mb_counts, topo.ep, held)
+            overload, cum = overload_factors(mb_counts, topo.ep, held, mb_kept)
             v["overload"][topo.dp_rank, rows] = overload
             v["cum_overload"][topo.dp_rank, rows] = cum  # the stage's one value, in each of its layers' slots
-        else:  # one EP rank holds every token: 1.0 by definition
+        else:
             v["overload"][topo.dp_rank, rows] = 1.0
             v["cum_overload"][topo.dp_rank, rows] = 1.0
+        if layout.drops:  # the demand's overload, as if nothing were dropped
+            v["overload_before_drop"][topo.dp_rank, rows] = \
+                overload_factors(mb_counts, topo.ep, held)[0] if topo.ep > 1 else 1.0
         if layout.drops or layout.bias:
             _pack_routing_stats(layout, step_stats, v, rows)
     all_reduce_(flat, topo.pp_group)
@@ -233,13 +254,18 @@ def routing_metrics(layout: StatsLayout, v: dict, detailed: bool = False) -> dic
     return out
 
 
-def _sorted_percentiles(sorted_values: np.ndarray, qs: Sequence[float]) -> np.ndarray:
-    """Percentiles of already sorted values, with numpy's default linear interpolation. np.percentile
-    would sort again on every call: measured, it makes moe_metrics about 50% slower."""
-    pos = np.asarray(qs, dtype=np.float64) / 100 * (sorted_values.size - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, sorted_values.size - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+def _sorted_median(sorted_values: np.ndarray) -> float:
+    """The median of already sorted values (the mean of the two middle ones for an even count), as
+    statistics.median; np.median would sort again: measured, it makes moe_metrics about 50% slower."""
+    n = sorted_values.size
+    return float((sorted_values[(n - 1) // 2] + sorted_values[n // 2]) / 2)
+
+
+def sample_std(x: np.ndarray, axis: Optional[int] = None) -> np.ndarray:
+    """Standard deviation with Bessel's correction (n - 1), torch's default `std()`, which NeMo Automodel
+    and the monitoring plan use. A single value has no spread: 0.0 for n = 1, where torch gives nan."""
+    n = x.size if axis is None else x.shape[axis]
+    return x.std(axis=axis, ddof=1) if n > 1 else np.zeros_like(x.mean(axis=axis))
 
 
 def moe_metrics(layout: StatsLayout, flat, detailed: bool = False, top_n: int = 5) -> dict:
@@ -256,42 +282,49 @@ def moe_metrics(layout: StatsLayout, flat, detailed: bool = False, top_n: int = 
     losses = v["losses"] / (layout.num_microbatches * layout.dp)  # per-layer means over microbatches and DP ranks
     loss_means = losses.mean(axis=0)
     mean = c.mean(axis=1, keepdims=True)
-    cv = np.sqrt(((c - mean) ** 2).mean(axis=1)) / np.maximum(mean[:, 0], 1e-12)  # population std / mean
+    cv = sample_std(c, axis=1) / np.maximum(mean[:, 0], 1e-12)  # 0.0 for a layer that routed nothing
     util = c / np.maximum(mean, 1e-12)  # mean = sum_e c / E = the ideal count
     flat_u = util.reshape(-1)
+    n = flat_u.size
     order = np.argsort(flat_u, kind="stable")
     u_sorted = flat_u[order]
-    u_pct = _sorted_percentiles(u_sorted, (0, 25, 50, 75, 100))
+    # NeMo Automodel's quartiles: the order statistics sorted[n // 4] and sorted[3n // 4], no interpolation.
+    u_pct = (u_sorted[0], u_sorted[n // 4], _sorted_median(u_sorted), u_sorted[3 * n // 4], u_sorted[-1])
     cv_sorted = np.sort(cv)
     load = c.sum(axis=0)  # [E] counts summed over the layers: the load_* metrics describe this vector
     load_min, load_max = float(load.min()), float(load.max())
     layer_imbalance = c.max(axis=1) / np.maximum(c.min(axis=1), 1.0)  # [L]
     out = {"moe/aux_loss_mean": float(loss_means[0]), "moe/z_loss_mean": float(loss_means[1]),
            "moe/router_entropy_mean": float(loss_means[2]),
-           "moe/cv_mean": float(cv.mean()), "moe/cv_median": float(_sorted_percentiles(cv_sorted, (50,))[0]),
+           "moe/cv_mean": float(cv.mean()), "moe/cv_median": _sorted_median(cv_sorted),
            "moe/cv_min": float(cv_sorted[0]), "moe/cv_max": float(cv_sorted[-1])}
-    for name, value in zip(("min", "p25", "median", "p75", "max"), u_pct.tolist()):
-        out[f"moe/expert_utilization_{name}"] = value
+    for name, value in zip(("min", "p25", "median", "p75", "max"), u_pct):
+        out[f"moe/expert_utilization_{name}"] = float(value)
     out["moe/dead_experts"] = int(np.count_nonzero(c == 0))
     ids = layout.moe_layer_ids
     for idx in order[::-1][:top_n].tolist() + order[:top_n].tolist():
         out[f"moe_expert_utilization/layer_{ids[idx // E]}_expert_{idx % E}"] = float(flat_u[idx])
-    out.update({"moe/load_std": float(load.std()), "moe/load_min": load_min, "moe/load_max": load_max,
+    out.update({"moe/load_std": float(sample_std(load)), "moe/load_min": load_min, "moe/load_max": load_max,
                 "moe/load_imbalance": load_max / max(load_min, 1.0),
                 "moe/load_imbalance_worst_layer": float(layer_imbalance.max()),
                 "moe/avg_overload_factor": float(v["overload"].mean()),
                 "moe/max_overload_factor": float(v["overload"].max()),
                 "moe/max_cum_overload_factor": float(v["cum_overload"].max())})
+    if layout.drops:  # the same factors for the demand, before the capacity drops
+        out["moe/avg_overload_factor_before_drop"] = float(v["overload_before_drop"].mean())
+        out["moe/max_overload_factor_before_drop"] = float(v["overload_before_drop"].max())
     if detailed:
-        util_max = util.max(axis=1)
+        util_mean, util_max = util.mean(axis=1), util.max(axis=1)
         overload_avg = v["overload"].mean(axis=(0, 2))  # [L]: over DP ranks and microbatches
         overload_max = v["overload"].max(axis=(0, 2))
         for row, layer_id in enumerate(ids):
             out[f"moe/layer_{layer_id}/cv"] = float(cv[row])
             out[f"moe/layer_{layer_id}/aux_loss"] = float(losses[row, 0])
+            out[f"moe/layer_{layer_id}/utilization_mean"] = float(util_mean[row])  # NeMo's; 1.0 unless nothing routed
             out[f"moe/layer_{layer_id}/utilization_max"] = float(util_max[row])
-            out[f"moe/layer_{layer_id}/avg_overload_factor"] = float(overload_avg[row])
-            out[f"moe/layer_{layer_id}/max_overload_factor"] = float(overload_max[row])
+            # Megatron's key names
+            out[f"moe/avg_overload_factor_layer_{layer_id}"] = float(overload_avg[row])
+            out[f"moe/max_overload_factor_layer_{layer_id}"] = float(overload_max[row])
         out["moe/counts"] = {str(layer_id): row for layer_id, row in zip(ids, c.astype(np.int64).tolist())}
     out.update(routing_metrics(layout, v, detailed))
     return out

@@ -575,30 +575,30 @@ def test_stats_layout_split_views():
 
 
 def test_moe_metrics_by_hand():
-    counts = [[6, 4, 4, 2],   # layer 1: mean 4, pop. std sqrt(2), util [1.5, 1, 1, 0.5]
-              [8, 0, 4, 4]]   # layer 3: mean 4, pop. std sqrt(8), util [2, 0, 1, 1]
+    counts = [[6, 4, 4, 2],   # layer 1: mean 4, std sqrt(8/3) (Bessel: 8 / (4 - 1)), util [1.5, 1, 1, 0.5]
+              [8, 0, 4, 4]]   # layer 3: mean 4, std sqrt(32/3), util [2, 0, 1, 1]
     losses = [[0.02, 0.004, 2.6],  # sums over 2 microbatches: means [0.01, 0.002, 1.3]
               [0.04, 0.008, 2.0]]  # means [0.02, 0.004, 1.0]
     overload = [[[1.0, 1.5], [2.0, 1.25]]]
     cum = [[1.25, 1.75]]
     layout, flat = stats_case(counts, losses, overload, cum)
     m = moe_metrics(layout, flat, detailed=True)
-    s2 = math.sqrt(2)
+    s2 = math.sqrt(8 / 3)  # layer 1's std; layer 3's is 2 * s2
     approx = lambda v: pytest.approx(v, rel=1e-6, abs=1e-9)
 
     assert m["moe/cv_min"] == approx(s2 / 4)
     assert m["moe/cv_max"] == approx(s2 / 2)
     assert m["moe/cv_mean"] == approx(3 * s2 / 8)
     assert m["moe/cv_median"] == approx(3 * s2 / 8)
-    # all utilisations sorted: [0, 0.5, 1, 1, 1, 1, 1.5, 2]; linear interpolation at 7*q
+    # all utilisations sorted: [0, 0.5, 1, 1, 1, 1, 1.5, 2]; quartiles sorted[n // 4], sorted[3n // 4]
     assert m["moe/expert_utilization_min"] == approx(0.0)
-    assert m["moe/expert_utilization_p25"] == approx(0.875)   # 0.5 + 0.75 * 0.5
+    assert m["moe/expert_utilization_p25"] == approx(1.0)   # sorted[2]
     assert m["moe/expert_utilization_median"] == approx(1.0)
-    assert m["moe/expert_utilization_p75"] == approx(1.125)   # 1 + 0.25 * 0.5
+    assert m["moe/expert_utilization_p75"] == approx(1.5)   # sorted[6]
     assert m["moe/expert_utilization_max"] == approx(2.0)
     assert m["moe/dead_experts"] == 1
-    # counts summed over the layers [14, 4, 8, 6]: mean 8, squared deviations 36+16+0+4 = 56, pop. variance 14
-    assert m["moe/load_std"] == approx(math.sqrt(14))
+    # counts summed over the layers [14, 4, 8, 6]: mean 8, squared deviations 36+16+0+4 = 56, variance 56 / 3
+    assert m["moe/load_std"] == approx(math.sqrt(56 / 3))
     assert m["moe/load_min"] == approx(4.0)
     assert m["moe/load_max"] == approx(14.0)
     assert m["moe/load_imbalance"] == approx(3.5)  # 14 / 4
@@ -628,10 +628,11 @@ def test_moe_metrics_by_hand():
     assert m["moe/layer_3/aux_loss"] == approx(0.02)
     assert m["moe/layer_1/utilization_max"] == approx(1.5)
     assert m["moe/layer_3/utilization_max"] == approx(2.0)
-    assert m["moe/layer_1/avg_overload_factor"] == approx(1.25)  # mean of [1.0, 1.5]
-    assert m["moe/layer_1/max_overload_factor"] == approx(1.5)
-    assert m["moe/layer_3/avg_overload_factor"] == approx(1.625)  # mean of [2.0, 1.25]
-    assert m["moe/layer_3/max_overload_factor"] == approx(2.0)
+    assert m["moe/layer_1/utilization_mean"] == approx(1.0)
+    assert m["moe/avg_overload_factor_layer_1"] == approx(1.25)  # mean of [1.0, 1.5]
+    assert m["moe/max_overload_factor_layer_1"] == approx(1.5)
+    assert m["moe/avg_overload_factor_layer_3"] == approx(1.625)  # mean of [2.0, 1.25]
+    assert m["moe/max_overload_factor_layer_3"] == approx(2.0)
     assert m["moe/counts"] == {"1": [6, 4, 4, 2], "3": [8, 0, 4, 4]}
     assert not any(k.startswith("moe/layer_0/") or k.startswith("moe/layer_2/") for k in m)
 
@@ -642,7 +643,7 @@ def test_moe_metrics_by_hand():
                       "moe_expert_utilization/layer_1_expert_0": approx(1.5),
                       "moe_expert_utilization/layer_3_expert_1": approx(0.0),
                       "moe_expert_utilization/layer_1_expert_3": approx(0.5)}
-    assert "moe/counts" not in m2 and "moe/layer_1/cv" not in m2 and "moe/layer_1/max_overload_factor" not in m2
+    assert "moe/counts" not in m2 and "moe/layer_1/cv" not in m2 and "moe/max_overload_factor_layer_1" not in m2
 
 
 def test_moe_metrics_imbalance_without_dead_experts():
@@ -1459,8 +1460,8 @@ def test_cum_overload_across_stages_by_hand(schedule):
     assert m["moe/max_overload_factor"] == pytest.approx(2.0)
     assert m["moe/avg_overload_factor"] == pytest.approx(1.75)
     for l, avg in ((0, 2.0), (1, 2.0), (2, 1.5), (3, 1.5)):
-        assert m[f"moe/layer_{l}/avg_overload_factor"] == pytest.approx(avg)
-        assert m[f"moe/layer_{l}/max_overload_factor"] == pytest.approx(2.0)
+        assert m[f"moe/avg_overload_factor_layer_{l}"] == pytest.approx(avg)
+        assert m[f"moe/max_overload_factor_layer_{l}"] == pytest.approx(2.0)
 
 
 def test_expert_parallel_size_is_tied_to_tp(monkeypatch, capsys):
@@ -2796,8 +2797,8 @@ OVERLOAD_KEYS = ("moe/avg_overload_factor", "moe/max_overload_factor", "moe/max_
 
 
 def _overload_keys(rec: dict) -> set:
-    """The step-level overload keys and, in detailed mode, moe/layer_{l}/avg|max_overload_factor."""
-    return {k for k in rec if k.startswith("moe/") and k.endswith("_overload_factor")}
+    """The step-level overload keys and, in detailed mode, moe/avg|max_overload_factor_layer_{l}."""
+    return {k for k in rec if k.startswith("moe/") and "_overload_factor" in k}
 METRIC_LAYOUTS = [  # (id, world size, extra flags, expert-parallel size)
     ("dp2", 2, [], 1),
     ("pp2-1f1b", 2, ["--pipeline-parallel-size", "2", "--pipeline-schedule", "1f1b"], 1),
@@ -2849,7 +2850,7 @@ def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_pat
             assert g[key] is not None and _close(g[key], r[key]), f"step {step} {key}: got {g[key]}, single {r[key]}"
         # The reference's overload factors: EP = 1, so every token is on the one rank.
         overload_keys = _overload_keys(r)
-        assert overload_keys == set(OVERLOAD_KEYS) | {f"moe/layer_{l}/{s}_overload_factor" for l in (1, 3)
+        assert overload_keys == set(OVERLOAD_KEYS) | {f"moe/{s}_overload_factor_layer_{l}" for l in (1, 3)
                                                      for s in ("avg", "max")}, sorted(overload_keys)
         assert _overload_keys(g) == overload_keys
         for key in overload_keys:
@@ -2879,8 +2880,8 @@ def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_pat
             assert g["moe/avg_overload_factor"] <= g["moe/max_overload_factor"] + 1e-9
             # Both layers have the same number of (DP rank, microbatch) entries: the step's mean and max
             # are the mean and max of the per-layer ones.
-            layer_avg = [g[f"moe/layer_{l}/avg_overload_factor"] for l in (1, 3)]
-            layer_max = [g[f"moe/layer_{l}/max_overload_factor"] for l in (1, 3)]
+            layer_avg = [g[f"moe/avg_overload_factor_layer_{l}"] for l in (1, 3)]
+            layer_max = [g[f"moe/max_overload_factor_layer_{l}"] for l in (1, 3)]
             assert _close(g["moe/avg_overload_factor"], sum(layer_avg) / 2) and _close(g["moe/max_overload_factor"], max(layer_max))
             assert all(a <= b + 1e-9 for a, b in zip(layer_avg, layer_max)), (layer_avg, layer_max)
             # The busiest microbatch is at least as overloaded as the step's summed counts are.
@@ -3811,6 +3812,136 @@ def test_readme_exit_code_table_covers_every_code_main_returns():
     rows = {m.split()[0] for m in re.findall(r"^\| (\d[^|]*) \|", section, re.M)}
     returned = set(re.findall(r"return (\d+)", inspect.getsource(minimal_pretrain.main)))
     assert returned == {"0", "2", "3"} and returned | {"1", "128"} <= rows, (rows, returned)
+
+
+
+# ---- MoE metrics equal their references' formulas ----
+# Each test builds a hand-made count matrix (the issue's examples), computes the value by the reference's
+# own formula, written out here, and compares it with what moe_metrics logs.
+ISSUE_COUNTS = [[6, 4, 4, 2], [8, 0, 4, 4]]  # MoE layers 1 and 3 of stats_case, 4 experts
+
+
+def test_reference_load_std_and_cv_use_bessel_std():
+    """1. The monitoring plan's load_std and NeMo Automodel's cv: torch's std(), divided by n - 1."""
+    layout, flat = stats_case(ISSUE_COUNTS, [[0.0] * 3] * 2)
+    m = moe_metrics(layout, flat, detailed=True)
+    load = torch.tensor(ISSUE_COUNTS).sum(0)  # [14, 4, 8, 6]
+    assert float(load.float().std()) == pytest.approx(4.3205, abs=1e-4)  # the issue's figure (ours was 3.7417)
+    assert m["moe/load_std"] == pytest.approx(float(load.float().std()), rel=1e-6)
+    # NeMo: cv = (load.std() / load.mean()) per layer, then mean / median / min / max over the layers.
+    cvs = [float(t.std() / t.mean()) for t in torch.tensor(ISSUE_COUNTS).float()]
+    assert [m["moe/layer_1/cv"], m["moe/layer_3/cv"]] == pytest.approx(cvs, rel=1e-6)
+    assert m["moe/cv_mean"] == pytest.approx(sum(cvs) / 2, rel=1e-6)
+    assert (m["moe/cv_min"], m["moe/cv_max"]) == pytest.approx((min(cvs), max(cvs)), rel=1e-6)
+    # A single value has no spread: 0.0 where torch's std() of one value is nan.
+    one = StatsLayout(moe_layer_ids=[0], num_experts=1, num_microbatches=1, dp=1)
+    flat1 = torch.zeros(one.numel())
+    one.split(flat1)["counts"][:] = 5.0
+    m1 = moe_metrics(one, flat1, detailed=True)
+    assert m1["moe/load_std"] == 0.0 and m1["moe/cv_mean"] == 0.0 and m1["moe/layer_0/cv"] == 0.0
+
+
+def test_reference_utilization_quartiles_are_nemo_order_statistics():
+    """2. NeMo's expert_utilization_p25 / p75: sorted[n // 4] and sorted[3n // 4] of all (layer, expert)
+    utilisations load / (load.sum() / E), no interpolation."""
+    import statistics
+    layout, flat = stats_case(ISSUE_COUNTS, [[0.0] * 3] * 2)
+    m = moe_metrics(layout, flat)
+    ratios = []
+    for load in torch.tensor(ISSUE_COUNTS).float():
+        ratios += (load / (load.sum() / load.shape[0])).tolist()
+    s, n = sorted(ratios), len(ratios)
+    assert (s[n // 4], s[3 * n // 4]) == (1.0, 1.5)  # the issue's figures (ours were 0.875 / 1.125)
+    assert m["moe/expert_utilization_p25"] == pytest.approx(s[n // 4])
+    assert m["moe/expert_utilization_p75"] == pytest.approx(s[3 * n // 4])
+    assert m["moe/expert_utilization_median"] == pytest.approx(statistics.median(ratios))
+    assert (m["moe/expert_utilization_min"], m["moe/expert_utilization_max"]) == pytest.approx((s[0], s[-1]))
+
+
+def _pack_hand_made(mb_counts: list, ep: int, mb_kept: Optional[list] = None) -> tuple:
+    """(layout, packed statistics) of one stage whose MoE layers 1 and 3 (E = 4) routed mb_counts[l][i] in
+    microbatch i (and kept mb_kept[l][i]), packed under EP = ep as pack_step_stats packs them."""
+    from moe_layers import RoutingRecord
+    m = len(mb_counts[0])
+    layers = {1: _RecordedLayer(), 3: _RecordedLayer()}
+    stats = StepStats(layers, top_k=2)
+    for i in range(m):
+        for row, layer in enumerate(layers.values()):
+            capacity = {} if mb_kept is None else {"drops": torch.zeros(2),
+                                                    "kept": torch.tensor(mb_kept[row][i], dtype=torch.float32)}
+            layer.last_routing = RoutingRecord(torch.tensor(mb_counts[row][i], dtype=torch.float32), torch.tensor(1.0),
+                                               torch.tensor(0.0), torch.full((4, 4), 0.25), **capacity)
+        stats.end_microbatch()
+    layout = StatsLayout(moe_layer_ids=[1, 3], num_experts=4, num_microbatches=m, dp=1, drops=mb_kept is not None)
+    events = [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+    return layout, pack_step_stats(layout, stats, None, Topology(world_size=ep, tp=ep), events)
+
+
+def _megatron_overload(tokens: list, all_counts: list, ep: int) -> float:
+    """Megatron's overload factor of one layer and microbatch: the tokens the busiest EP rank receives over
+    the balanced count T*k / EP."""
+    per_rank = [sum(tokens[r * len(tokens) // ep:(r + 1) * len(tokens) // ep]) for r in range(ep)]
+    return max(per_rank) / (sum(all_counts) / ep)
+
+
+def test_reference_per_layer_overload_keys_are_megatron_names():
+    """3. Megatron logs moe/avg_overload_factor_layer_{i} and moe/max_overload_factor_layer_{i}: the mean
+    and max of the layer's overload factor over its microbatches."""
+    mb_counts = [[[6, 2, 0, 0], [2, 2, 2, 2], [1, 0, 3, 4]],   # layer 1, three microbatches of T*k = 8
+                 [[4, 4, 0, 0], [0, 1, 3, 4], [3, 3, 1, 1]]]   # layer 3
+    layout, flat = _pack_hand_made(mb_counts, ep=2)
+    m = moe_metrics(layout, flat, detailed=True)
+    for row, layer_id in enumerate((1, 3)):
+        factors = [_megatron_overload(c, c, 2) for c in mb_counts[row]]
+        assert m[f"moe/avg_overload_factor_layer_{layer_id}"] == pytest.approx(sum(factors) / len(factors))
+        assert m[f"moe/max_overload_factor_layer_{layer_id}"] == pytest.approx(max(factors))
+    assert not any(k.startswith("moe/layer_") and k.endswith("_overload_factor") for k in m)  # the old names
+
+
+def test_reference_per_layer_utilization_mean_is_nemo():
+    """4. NeMo's moe/layer_{i}/utilization_mean: the mean over experts of load / (load.sum() / E), 0 for a
+    layer that routed nothing; utilization_max stays."""
+    counts = [[6, 4, 4, 2], [0, 0, 0, 0]]
+    layout, flat = stats_case(counts, [[0.0] * 3] * 2)
+    m = moe_metrics(layout, flat, detailed=True)
+    for layer_id, load in zip((1, 3), torch.tensor(counts).float()):
+        ideal = load.sum() / load.shape[0]
+        util = load / ideal if ideal > 0 else torch.zeros_like(load)
+        assert m[f"moe/layer_{layer_id}/utilization_mean"] == pytest.approx(float(util.mean()))
+        assert m[f"moe/layer_{layer_id}/utilization_max"] == pytest.approx(float(util.max()))
+
+
+def test_reference_overload_factor_counts_the_kept_tokens():
+    """5. With capacity, Megatron's overload factor counts the tokens a rank receives, the kept ones, over
+    T*k / EP. The issue's case: T = 8, k = 1, E = 4, C = 1.0 (capacity 2), every token to expert 0, EP = 2:
+    0.5. The demand's factor, 2.0, is logged as moe/max_overload_factor_before_drop."""
+    moe = make_moe(d=8, f=16, E=4, k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 1.0  # positive inputs: expert 0's logit is the largest for every token
+    stats = StepStats({0: moe}, top_k=1)
+    moe(torch.rand(8, 8) + 0.5)
+    stats.end_microbatch()
+    counts = [8, 0, 0, 0]
+    assert stats.counts[0].tolist() == counts
+    capacity = math.ceil(1.0 * 8 * 1 / 4)
+    kept = [min(c, capacity) for c in counts]  # what each expert computes: [2, 0, 0, 0]
+    assert _megatron_overload(kept, counts, 2) == 0.5
+    layout = StatsLayout(moe_layer_ids=[0], num_experts=4, num_microbatches=1, dp=1, drops=True)
+    flat = pack_step_stats(layout, stats, None, Topology(world_size=2, tp=2), GPIPE[:1] + GPIPE[2:3])
+    m = moe_metrics(layout, flat, detailed=True)
+    assert m["moe/max_overload_factor"] == pytest.approx(_megatron_overload(kept, counts, 2))
+    assert m["moe/avg_overload_factor"] == pytest.approx(0.5)
+    assert m["moe/max_overload_factor_layer_0"] == pytest.approx(0.5)
+    assert m["moe/max_overload_factor_before_drop"] == pytest.approx(_megatron_overload(counts, counts, 2))  # 2.0
+    # Through StepStats with several layers and microbatches too: every entry is Megatron's over the kept.
+    mb_counts = [[[6, 2, 0, 0], [1, 1, 2, 4]], [[0, 0, 5, 3], [2, 2, 2, 2]]]
+    mb_kept = [[[min(c, 3) for c in mb] for mb in layer] for layer in mb_counts]
+    layout, flat = _pack_hand_made(mb_counts, 2, mb_kept)
+    m = moe_metrics(layout, flat)
+    want = [_megatron_overload(k, c, 2) for kl, cl in zip(mb_kept, mb_counts) for k, c in zip(kl, cl)]
+    assert m["moe/max_overload_factor"] == pytest.approx(max(want))
+    assert m["moe/avg_overload_factor"] == pytest.approx(sum(want) / len(want))
 
 
 if __name__ == "__main__":
