@@ -31,7 +31,7 @@ Logits: "random" are N(0, 1); "skewed" add a fixed per-expert offset skew * z_e,
 trained router's favourites do (random logits spread the load evenly and hide the drops). At the default
 sizes (16384 tokens, 128 experts, top-2) load_cv is 0.07 for random logits and 0.66 with --skew 0.25,
 where capacity factor 1.25 drops 16% of the assignments (probs policy; CPU run, seed 17).
-load_cv = population std / mean of the per-expert assignment counts. Capacity rows add the capacity
+load_cv = std (Bessel, n - 1) / mean of the per-expert assignment counts, as moe/cv_*. Capacity rows add the capacity
 per expert, avg_drop_rate (dropped assignments / T*k) and token_drop_rate (tokens with all k dropped / T).
 Output: one JSON line per configuration on stdout, appended to --out if given.
 """
@@ -171,7 +171,7 @@ def make_logits(args, skewed: bool, device: torch.device) -> torch.Tensor:
 def load_cv(indices: torch.Tensor, num_experts: int) -> float:
     counts = torch.zeros(num_experts, device=indices.device).scatter_add_(
         0, indices.reshape(-1), torch.ones(indices.numel(), device=indices.device))
-    return float(counts.std(correction=0) / counts.mean())
+    return float(counts.std() / counts.mean())  # Bessel std, as moe/cv_* (torch's std, NeMo's cv)
 
 
 class IdentityExperts(nn.Module):
