@@ -758,7 +758,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     if args.resume is not None:
         take_model_flags(args, saved_model)  # the same on every rank: rank 0's checkpoint
     corpus = load_same_corpus(args, topo)
-    codec, codec_files = checkpoint_codec(args.data, is_main, say)
+    codec, codec_files = run_codec(args.data, is_main, say)
     if corpus.vocab_size % topo.tp:
         raise LayoutError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
     cfg = model_config(args, corpus.vocab_size)
@@ -1003,7 +1003,7 @@ def evaluate_and_log(t: Trainer, step: int, result: TrainResult) -> None:
     t.emit(f"step {step:>5d} | val loss {val:.4f}")
 
 
-def checkpoint_codec(data: Optional[str], is_main: bool, say: Callable) -> tuple[dict, dict]:
+def run_codec(data: Optional[str], is_main: bool, say: Callable) -> tuple[dict, dict]:
     """What every checkpoint carries to decode its tokens without --data (which may move or vanish): the
     codec's description and, on rank 0, the files it needs (a prepare_data.py directory's tokenizer.json),
     read now, while --data is known to be there. Training does not need the tokenizer: if rank 0 cannot

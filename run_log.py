@@ -54,9 +54,6 @@ class RunLog:
                  use_tensorboard: bool = False, histogram_every: int = 0):
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir = output_dir
-        with open(os.path.join(output_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
         self.histogram_every = histogram_every
         self.wandb = self.tb = None
         if use_wandb:
@@ -70,6 +67,10 @@ class RunLog:
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+        # The optional sinks start first: one that fails (exit 2) leaves an earlier run's config.json as it was.
+        with open(os.path.join(output_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
 
     def wants_histogram(self, step: int) -> bool:
         return (self.wandb is not None or self.tb is not None) and self.histogram_every > 0 \

@@ -3653,6 +3653,22 @@ def test_lock_on_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_sink_that_fails_to_start_leaves_config_json_as_it_was(tmp_path, monkeypatch):
+    """An optional sink that cannot start (wandb.init without a login) is exit 2: the run directory's
+    config.json must still describe the run that wrote it, and no metrics.jsonl is opened."""
+    import types
+    import run_log
+
+    def refuse(**kwargs):
+        raise RuntimeError("no login")
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=refuse))
+    (tmp_path / "config.json").write_text('{"seed": 1}')
+    with pytest.raises(run_log.SinkError, match="--wandb"):
+        run_log.RunLog(str(tmp_path), {"seed": 2}, use_wandb=True)
+    assert (tmp_path / "config.json").read_text() == '{"seed": 1}'
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 # ---- checkpoints carry their codec, damaged newest checkpoint, console drop rate, --data text check ----
 def test_data_that_is_not_utf8_text_is_refused_like_prepare_data(tmp_path, monkeypatch, capsys):
     """A binary file (or a directory holding one) given as --data: one line naming --data and the file, exit

@@ -14,7 +14,7 @@ one (a compiler that gets the gradient wrong on one device would otherwise go un
 
     fp32: loss and gradient norm within 1e-4 relative at every step (the layouts only reorder fp32 sums)
     bf16: loss within 2^-7 relative (bf16's rounding step) at every step; gradient norm within 1% at
-          step 0 and 5% after (Adam turns bf16 rounding into slightly different updates)
+          step 1 (the first) and 5% after (Adam turns bf16 rounding into slightly different updates)
 
 Prints one table and exits 1 if any row is off (2 on bad flags). Layouts for N devices: every
 TP x PP x DP = N with TP, PP in {1, 2, 4, 8}, each PP > 1 under both schedules (GPipe, 1F1B). With
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOLERANCES = {  # dtype -> (loss, grad norm at step 0, grad norm after step 0), relative
+TOLERANCES = {  # dtype -> (loss, grad norm at the first step, grad norm after it), relative
     "fp32": (1e-4, 1e-4, 1e-4),
     "bf16": (2 ** -7, 0.01, 0.05),
 }
@@ -164,9 +164,9 @@ def compare(run: Run, ref: Run) -> tuple[dict, list]:
     bad = []
     for step, (dl, dg) in enumerate(zip(d_loss, d_gn)):
         if not dl <= tol_loss:  # `not <=` also catches NaN
-            bad.append(f"step {step} loss {run.losses[step]:.6g} vs {ref.losses[step]:.6g}")
+            bad.append(f"step {step + 1} loss {run.losses[step]:.6g} vs {ref.losses[step]:.6g}")
         if not dg <= (tol_gn0 if step == 0 else tol_gn):
-            bad.append(f"step {step} grad norm {run.grad_norms[step]:.6g} vs {ref.grad_norms[step]:.6g}")
+            bad.append(f"step {step + 1} grad norm {run.grad_norms[step]:.6g} vs {ref.grad_norms[step]:.6g}")
     return worst, bad
 
 
@@ -215,7 +215,7 @@ def print_table(rows: list) -> None:
     def rel(v):
         return "-" if v is None else f"{v:.1e}"
 
-    print(f"{'layout':<16}{'mode':<9}{'dtype':<6}{'against':<21}{'gnorm step 0':>14}{'ref':>10}"
+    print(f"{'layout':<16}{'mode':<9}{'dtype':<6}{'against':<21}{'gnorm step 1':>14}{'ref':>10}"
           f"{'max dloss':>11}{'dgnorm0':>10}{'max dgnorm':>11}  verdict   (d: relative difference)")
     for r in rows:
         g0 = "-" if r["grad_norm_step0"] is None else f"{r['grad_norm_step0']:.4f}"
