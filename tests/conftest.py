@@ -1,0 +1,17 @@
+"""pytest set-up of the tests: the modules under test live at the repository root, and the tests that start
+other processes (gloo ranks, torchrun agents, the command-line scripts, prepare_data.py's worker pool) carry
+the `multiprocess` marker, so that the unit tests can run alone:
+
+    python -m pytest tests -m "not multiprocess"
+
+Shared helpers are in helpers.py; a fixture used by one file stays in that file.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multiprocess: starts other processes (distributed gloo runs, torchrun, "
+                                       "command-line runs); deselect with -m 'not multiprocess'")

@@ -1,0 +1,95 @@
+"""The trainer's command line: a bad flag is one line naming it and exit code 2, with no traceback and no
+file touched."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+from helpers import PREVIOUS_LINE, ROOT, _assert_one_error_line, _ckpt_argv, _clean_env, _run_cli
+
+
+BAD_FLAGS = {
+    "top_k_exceeds_experts": (["--num-experts", "4", "--num-experts-per-token", "5"], "--num-experts-per-token"),
+    "heads_not_divisible_by_kv": (["--num-attention-heads", "4", "--num-key-value-heads", "3"],
+                                  "--num-key-value-heads"),
+    "zero_hidden": (["--hidden-size", "0"], "--hidden-size"),
+    "batch_not_divisible": (["--global-batch-size", "30", "--micro-batch-size", "8"], "--micro-batch-size"),
+    "missing_data": (["--data", "/nonexistent/path"], "--data"),
+    "dropout_out_of_range": (["--dropout", "1.5"], "--dropout"),
+    "tp_exceeds_world": (["--tensor-parallel-size", "3"], "--tensor-parallel-size"),
+    "argparse_bad_choice": (["--moe-expert-impl", "fast"], "--moe-expert-impl"),  # argparse's own error path
+    "ep_not_tp": (["--expert-parallel-size", "2"], "--expert-parallel-size"),
+}
+UNTOUCHED_CASES = ("missing_data", "dropout_out_of_range")  # these also get an existing --output-dir
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+    """Launch every bad-flag run at once (each is dominated by importing torch), then collect them.
+    Every run gets its own --output-dir in a temporary folder, so a wrongly accepted flag writes nothing
+    into the repository."""
+    root = tmp_path_factory.mktemp("bad_flags")
+    procs, dirs = {}, {}
+    for name, (flags, _) in BAD_FLAGS.items():
+        d = root / name
+        d.mkdir()
+        if name in UNTOUCHED_CASES:
+            (d / "metrics.jsonl").write_text(PREVIOUS_LINE)
+        dirs[name] = d
+        argv = [sys.executable, "minimal_pretrain.py", *flags, "--max-steps", "1", "--eval-iters", "0",
+                "--no-progress", "--output-dir", str(d)]
+        procs[name] = subprocess.Popen(argv, cwd=ROOT, env=_clean_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        results[name] = (p.returncode, out, err)
+    return results, dirs
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", list(BAD_FLAGS))
+def test_bad_flag_exits_2_with_one_line(name, bad_flag_runs):
+    results, _ = bad_flag_runs
+    rc, out, err = results[name]
+    flag = BAD_FLAGS[name][1]
+    assert rc == 2, f"{name}: exit code {rc}, stderr {err!r}"
+    assert "Traceback" not in err and "Traceback" not in out, f"{name}: {err!r}"
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"{name}: stderr should be one non-empty line, got {err!r}"
+    assert flag in lines[0], f"{name}: {lines[0]!r} does not name {flag}"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", UNTOUCHED_CASES)
+def test_bad_flag_leaves_output_dir_untouched(name, bad_flag_runs):
+    results, dirs = bad_flag_runs
+    assert results[name][0] == 2
+    d = dirs[name]
+    assert (d / "metrics.jsonl").read_text() == PREVIOUS_LINE
+    assert sorted(p.name for p in d.iterdir()) == ["metrics.jsonl"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("flags,needle", [
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--router-aux-loss-coef", "nan"], "--router-aux-loss-coef"),
+    (["--output-dir", "/proc/minimal_moe_x"], "--output-dir"),
+    (["FILE_AS_DIR"], "--output-dir"),
+    (["--checkpoint-dir", "/proc/minimal_moe_x"], "--checkpoint-dir"),
+    (["--resume", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--eval-only"], "--eval-only"),
+    (["--hf-repo", "not a repo"], "--hf-repo"),
+])
+def test_fault_flags_exit_2(flags, needle, tmp_path):
+    if flags == ["FILE_AS_DIR"]:
+        (tmp_path / "afile").write_text("keep me")
+        flags = ["--output-dir", str(tmp_path / "afile")]
+    r = _run_cli(_ckpt_argv(tmp_path / "out", "--max-steps", "1")[:-2] + flags
+                 + ([] if "--output-dir" in flags else ["--output-dir", str(tmp_path / "out")]))
+    _assert_one_error_line(r, 2, needle)
+    if (tmp_path / "afile").exists():
+        assert (tmp_path / "afile").read_text() == "keep me"

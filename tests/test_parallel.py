@@ -1,0 +1,164 @@
+"""Distributed equivalence on real gloo processes (CPU): every layout (DP, TP/EP, PP with both schedules and
+their combinations) reproduces the single process on the same global batch: every step's loss and gradient
+norm and the final (gathered) parameters within helpers.REL_TOL (1e-5 relative in fp32; the comment there
+says how it was chosen). Also the router gradient under EP, and layouts refused before any process group
+starts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import minimal_pretrain
+
+from helpers import ROOT, TESTS, _base_argv, _free_port, _launch, _reference, assert_same_run
+
+
+MODULE = Path(__file__).stem  # the worker subprocesses import this file by name
+
+
+def test_expert_parallel_size_is_tied_to_tp(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for flags in ([], ["--expert-parallel-size", "2"]):  # unset or equal to TP: accepted
+        args = minimal_pretrain.parse_args(["--tensor-parallel-size", "2"] + flags)
+        assert args.tensor_parallel_size == 2
+    assert minimal_pretrain.main(["--tensor-parallel-size", "2", "--expert-parallel-size", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "--expert-parallel-size 1" in err and "tied to TP" in err, err
+
+
+LAYOUTS = [  # (id, world size, extra flags, model)
+    ("dp2-moe", 2, [], "mixed"),
+    ("dp2-dense", 2, [], "dense"),
+    ("tp2-ep2-moe", 2, ["--tensor-parallel-size", "2"], "mixed"),
+    ("tp2-dense", 2, ["--tensor-parallel-size", "2"], "dense"),
+    ("pp2-gpipe-moe", 2, ["--pipeline-parallel-size", "2", "--pipeline-schedule", "gpipe"], "mixed"),
+    ("pp2-1f1b-moe", 2, ["--pipeline-parallel-size", "2", "--pipeline-schedule", "1f1b"], "mixed"),
+    ("pp2-1f1b-dense", 2, ["--pipeline-parallel-size", "2", "--pipeline-schedule", "1f1b"], "dense"),
+    ("tp2-pp2-moe", 4, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"], "mixed"),
+    ("tp4-ep4-moe8", 4, ["--tensor-parallel-size", "4"], "all8"),
+    ("dp2-tp2-pp2-1f1b-moe", 8, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"], "mixed"),
+    ("dp2-tp2-pp2-gpipe-moe", 8, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+                                  "--pipeline-schedule", "gpipe"], "mixed"),
+]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world_size,flags,moe", [l[1:] for l in LAYOUTS], ids=[l[0] for l in LAYOUTS])
+def test_layout_matches_single_process(world_size, flags, moe, tmp_path, tmp_path_factory):
+    ref = _reference(moe, tmp_path_factory)
+    assert_same_run(_launch(world_size, _base_argv(moe) + flags, tmp_path), ref)
+
+
+@pytest.mark.multiprocess
+def test_pp_uneven_split_matches_single_process(tmp_path, tmp_path_factory):
+    """3 stages over 4 layers: the balanced split gives the remainder to the first stage (2+1+1)."""
+    ref = _reference("mixed", tmp_path_factory)
+    assert_same_run(_launch(3, _base_argv("mixed") + ["--pipeline-parallel-size", "3"], tmp_path), ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# Router gradient under EP: each TP rank sees only its local experts' share of the combine
+# weights; the all-reduce on the routing-weight gradient must make the router gradient whole.
+# --------------------------------------------------------------------------------------------------
+def _router_grad_worker(out_path: str, disable_fix: str) -> None:
+    import torch.distributed as dist
+    import moe_layers
+    from parallel import Topology, init_topology, shard_of
+    if disable_fix == "1":  # negative control: what the gradient looks like without the fix
+        moe_layers.all_reduce_grad_tp = lambda w, topo: w
+    topo = init_topology(2, 1, "cpu")
+    torch.manual_seed(0)
+    d, f, E, k = 16, 24, 4, 2
+    ref = moe_layers.SparseMoE(d, f, E, k, Topology(), aux_loss_coef=0.1, z_loss_coef=0.01)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.5)
+    tp = moe_layers.SparseMoE(d, f, E, k, topo, aux_loss_coef=0.1, z_loss_coef=0.01)
+    with torch.no_grad():
+        for (_, p_ref), (_, p) in zip(ref.named_parameters(), tp.named_parameters()):
+            p.copy_(shard_of(p_ref, p, topo.tp_rank, topo.tp))
+    x = torch.randn(2, 10, d)
+    results = {}
+    for name, m in (("ref", ref), ("tp", tp)):
+        xi = x.clone().requires_grad_(True)
+        out, loss = m(xi)
+        ((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + loss).backward()
+        results[name] = (out.detach(), loss.detach(), m.router.weight.grad.clone(), xi.grad.clone())
+    torch.save(results, f"{out_path}.{topo.rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _launch_router_case(tmp: Path, disable_fix: bool) -> list:
+    port = _free_port()
+    code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; "
+            f"t._router_grad_worker(sys.argv[1], sys.argv[2])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp / "r"), "1" if disable_fix else "0"],
+                              env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                                       WORLD_SIZE="2", OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    logs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return [torch.load(tmp / f"r.{r}") for r in range(2)]
+
+
+@pytest.mark.multiprocess
+def test_ep_router_gradient_is_whole_and_aux_counted_once(tmp_path):
+    for res in _launch_router_case(tmp_path, disable_fix=False):
+        out_ref, loss_ref, g_ref, x_ref = res["ref"]
+        out, loss, g, xg = res["tp"]
+        torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)  # aux/z once, not TP times
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)  # router gradient whole on every rank
+        torch.testing.assert_close(xg, x_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.multiprocess
+def test_ep_router_gradient_check_detects_missing_all_reduce(tmp_path):
+    """Negative control for the test above: without the routing-weight gradient all-reduce the router
+    gradient on each rank is only its local experts' part, and the comparison catches it."""
+    results = _launch_router_case(tmp_path, disable_fix=True)
+    for res in results:
+        g_ref, g = res["ref"][2], res["tp"][2]
+        assert (g - g_ref).abs().max() > 1e-3 * g_ref.abs().max()
+
+
+# --------------------------------------------------------------------------------------------------
+# Refused layouts: one clear line, exit code 2, before any process group is started.
+# --------------------------------------------------------------------------------------------------
+REFUSED = [
+    ("world-not-divisible", 4, ["--tensor-parallel-size", "3"], "--tensor-parallel-size 3"),
+    ("heads", 4, ["--tensor-parallel-size", "4", "--num-attention-heads", "2", "--num-key-value-heads", "2",
+                  "--hidden-size", "32"], "--num-attention-heads 2"),
+    ("kv-heads", 2, ["--tensor-parallel-size", "2", "--num-key-value-heads", "1"], "--num-key-value-heads 1"),
+    ("experts", 4, ["--tensor-parallel-size", "4", "--num-key-value-heads", "4", "--num-experts", "6"],
+     "--num-experts 6"),
+    ("layers-fewer-than-stages", 8, ["--pipeline-parallel-size", "8", "--num-layers", "4"], "--num-layers 4"),
+    ("microbatches", 2, ["--global-batch-size", "8", "--num-microbatches", "3"], "--num-microbatches 3"),
+    ("batch-not-divisible-by-dp", 4, ["--global-batch-size", "6"], "--global-batch-size 6"),
+]
+
+
+@pytest.mark.parametrize("world_size,flags,expect", [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_refused_layout(world_size, flags, expect, monkeypatch, capsys):
+    import minimal_pretrain
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    assert minimal_pretrain.main(flags + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err, err
+    import torch.distributed as dist
+    assert not dist.is_initialized()
+
+
+@pytest.mark.multiprocess
+def test_refused_layout_from_the_command_line(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="4")
+    r = subprocess.run([sys.executable, str(ROOT / "minimal_pretrain.py"), "--tensor-parallel-size", "3"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--tensor-parallel-size" in r.stderr

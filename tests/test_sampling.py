@@ -1,0 +1,231 @@
+"""Sampling: the KV cache against full recomputation, generate's context policy, top-k / temperature, and
+sample.py end to end on checkpoints."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import minimal_pretrain
+from model import GPT, ModelConfig
+from parallel import Topology
+
+from helpers import ROOT, _base_argv, _ckpt_argv, _clean_env, _train_in_process
+
+
+@pytest.fixture
+def one_thread():
+    """Decoding runs hundreds of tiny ops; on a shared, oversubscribed CPU intra-op threads make each one
+    wait for the others (measured 20x slower with 2 threads here), so these tests use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _sampling_model(num_experts: int, seed: int = 0) -> GPT:
+    """A tiny whole model in eval mode whose matrices are scaled up from the init (std 0.02 -> 0.1), so
+    attention is far from uniform and the logits spread: a wrong position or mask changes them visibly."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_seq_length=16, num_experts=num_experts, num_experts_per_token=2)
+    model = GPT(cfg, Topology())
+    model.init_weights(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("num_experts", [4, 0], ids=["moe", "dense"])
+def test_kv_cache_logits_match_full_recompute(num_experts, one_thread):
+    from model import KVCache
+    model = _sampling_model(num_experts)
+    T = model.cfg.max_seq_length
+    ids = torch.randint(0, 64, (2, 3 * T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(ids[:, :T])  # [2, T, V], no cache
+        cache = KVCache(T)
+        # a 5-token prefill, 4 single tokens, a 3-token chunk (queries after cached keys), single tokens to T
+        feeds = [(0, 5)] + [(i, i + 1) for i in range(5, 9)] + [(9, 12)] + [(i, i + 1) for i in range(12, T)]
+        got = torch.cat([model(ids[:, a:b], kv_cache=cache)[0] for a, b in feeds], dim=1)
+        assert cache.pos == T
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+        assert full.std() > 0.3  # the scaled weights give logits far from zero (init: ~0.02)
+        with pytest.raises(ValueError, match="max_seq_length"):
+            model(ids[:, T:T + 1], kv_cache=cache)
+        # Past the window: the cache is reset and rebuilt from a later window (generate's crop), then stepped.
+        cache.reset()
+        window = ids[:, 2 * T - 3:3 * T - 3]  # T tokens starting at an arbitrary offset
+        full, _ = model(window)
+        got = torch.cat([model(window[:, :T // 2], kv_cache=cache)[0]] +
+                        [model(window[:, i:i + 1], kv_cache=cache)[0] for i in range(T // 2, T)], dim=1)
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+def _greedy_by_recompute(model: GPT, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """The documented context policy, brute force: every token recomputes its whole window, which holds at
+    most T tokens; a prompt is cropped to its last T and a window that would exceed T restarts from the
+    last T // 2 tokens."""
+    T = model.cfg.max_seq_length
+    out, start = ids, max(0, ids.shape[1] - T)
+    with torch.no_grad():
+        for _ in range(new):
+            if out.shape[1] - start > T:
+                start = out.shape[1] - T // 2
+            logits, _ = model(out[:, start:])
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("num_experts", [4, 0], ids=["moe", "dense"])
+def test_generate_greedy_matches_recompute_past_max_seq_length(num_experts, one_thread):
+    from generate import generate
+    model = _sampling_model(num_experts, seed=2)
+    T = model.cfg.max_seq_length
+    for prompt_len in (3, T + 4):  # a short prompt, and one longer than the window (cropped)
+        ids = torch.randint(0, 64, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+        new = 3 * T  # crosses the window several times
+        got = generate(model, ids, new, temperature=0.0)
+        ref = _greedy_by_recompute(model, ids, new)
+        assert got.shape == (2, prompt_len + new)
+        assert torch.equal(got, ref)
+        assert len(set(got[:, prompt_len:].flatten().tolist())) > 5  # not a constant continuation
+
+
+def test_sample_next_temperature_and_top_k():
+    from generate import sample_next
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    assert sample_next(logits, 0.0, None, None).tolist() == [[0]]  # greedy
+    assert sample_next(logits, 1.0, 1, None).tolist() == [[0]]     # top-1 is greedy too
+    n = 20000
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next(logits.expand(n, -1), 0.5, 3, gen).flatten()
+    freq = torch.bincount(draws, minlength=5).double() / n
+    expect = torch.softmax(logits[0, :3].double() / 0.5, dim=0)  # only the 3 largest survive top-k
+    assert freq[3:].sum() == 0
+    assert (freq[:3] - expect).abs().max() < 0.015, (freq, expect)
+
+
+def test_generate_is_deterministic_per_seed_and_records_no_routing(one_thread):
+    from generate import generate
+    model = _sampling_model(4, seed=3)
+    model.train()
+    for moe in model.moe_layers().values():
+        moe.record_routing = True  # as StepStats leaves it at a logging step
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    run = lambda seed: generate(model, ids, 20, 0.8, 20, torch.Generator().manual_seed(seed))
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :5], ids)
+    assert model.training  # mode restored
+    assert all(moe.last_routing is None for moe in model.moe_layers().values())
+
+
+# --------------------------------------------------------------------------------------------------
+# sample.py, the command
+# --------------------------------------------------------------------------------------------------
+SAMPLE_BAD_FLAGS = {
+    "zero_new_tokens": (["--max-new-tokens", "0"], "--max-new-tokens"),
+    "negative_temperature": (["--temperature", "-0.5"], "--temperature"),
+    "nan_temperature": (["--temperature", "nan"], "--temperature"),
+    "negative_top_k": (["--top-k", "-1"], "--top-k"),
+    "zero_samples": (["--num-samples", "0"], "--num-samples"),
+    "bad_device": (["--device", "tpu"], "--device"),
+    "missing_checkpoint": ([], "--checkpoint /nonexistent/ckpt"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny MoE trained for a few steps by the real trainer, which writes its checkpoints."""
+    out = tmp_path_factory.mktemp("sample_run")
+    flags = [f for f in _base_argv("mixed") if f != "--no-save"]  # the final checkpoint is what we want
+    argv = [sys.executable, "minimal_pretrain.py", *flags, "--max-steps", "4", "--output-dir", str(out)]
+    p = subprocess.run(argv, cwd=ROOT, env=dict(_clean_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return out / "checkpoints"
+
+
+def _sample(*flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "sample.py", *flags], cwd=ROOT, env=dict(_clean_env(), OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.multiprocess
+def test_sample_py_end_to_end_on_a_trained_checkpoint(tiny_checkpoint, capsys, one_thread):
+    import sample
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompt", "def f(", "--max-new-tokens", "40",
+              "--num-samples", "2", "--device", "cpu"]
+    proc = _sample(*common, "--seed", "1")  # the real command line, once
+    out1, err1 = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err1
+    outs = []
+    for seed in ("1", "2"):  # the same main() in this process: seed 1 must repeat the command line's text
+        assert sample.main([*common, "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    out2, out3 = outs
+
+    def parse(out: str) -> tuple[list, str]:  # header line, samples separated by dashes, timing line
+        parts = out.split("\n---------------\n")
+        header, first = parts[0].split("\n", 1)
+        assert header.startswith("checkpoint ") and "step 4" in header, header
+        return [first] + parts[1:-1], parts[-1]
+
+    (s1, timing), (s2, _), (s3, _) = parse(out1), parse(out2), parse(out3)
+    assert "tokens/s" in timing and timing.count("\n") == 1, timing
+    assert len(s1) == 2 and all(s.startswith("def f(") and len(s) > len("def f(") for s in s1), s1
+    assert s1 == s2 and s1 != s3
+
+
+@pytest.mark.multiprocess
+def test_sample_py_bad_flags_exit_2_with_one_line(tiny_checkpoint, capsys):
+    import sample  # in process: the same main() the command line runs, without a torch import per case
+    for name, (flags, named) in SAMPLE_BAD_FLAGS.items():
+        ckpt = "/nonexistent/ckpt" if name == "missing_checkpoint" else str(tiny_checkpoint)
+        try:
+            rc = sample.main(["--checkpoint", ckpt, "--device", "cpu", *flags])
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+        out, err = capsys.readouterr()
+        lines = err.splitlines()
+        assert rc == 2, f"{name}: exit {rc}, {err!r}"
+        assert out == "" and len(lines) == 1 and "error" in lines[0], f"{name}: {err!r}"
+        assert named in lines[0], f"{name}: {lines[0]!r}"
+
+
+def test_sample_py_refuses_a_run_on_token_files(tmp_path, monkeypatch, capsys):
+    """A run on uint16 .bin tokens has no text codec: one line naming the checkpoint and the run's --data."""
+    import sample
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 100, 4000).astype(np.uint16).tofile(tokens)
+    flags = [f for f in _base_argv("dense") if f != "--no-save"]
+    argv = flags + ["--data", str(tokens), "--max-steps", "1", "--output-dir", str(tmp_path / "run")]
+    assert minimal_pretrain.main(argv) == 0  # the later --data wins over _base_argv's
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --checkpoint ") and str(tokens) in err, err
+
+
+@pytest.mark.multiprocess
+def test_sample_a_run_on_prepared_bytes_from_another_directory(tmp_path, monkeypatch, capsys):
+    """prepare_data's bytes tokenizer has 257 ids and the model a padded 320; --data was relative."""
+    import prepare_data
+    import sample
+    (tmp_path / "text.txt").write_text("def add(x, y):\n    return x + y\n\n" * 300)
+    monkeypatch.chdir(tmp_path)
+    assert prepare_data.main(["text.txt", "--out", "prepared", "--val-fraction", "0.1"]) == 0
+    _train_in_process(_ckpt_argv(tmp_path / "run", "--max-steps", "2", "--data", "prepared"), monkeypatch)
+    monkeypatch.chdir(tmp_path / "run")
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--device", "cpu",
+                        "--max-new-tokens", "5", "--prompt", "def"]) == 0, capsys.readouterr().err
+    assert "tokens/s" in capsys.readouterr().out
