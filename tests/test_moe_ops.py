@@ -106,8 +106,8 @@ def test_swiglu_matches_autograd_of_silu_times_up():
 
 
 def _former_sparse_moe_forward(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
-    """SparseMoE's forward before issue 10 (single process): an indexing gather with an atomic backward,
-    masks around the experts, an indexing unsort and a broadcast weighted sum."""
+    """SparseMoE's forward written with plain indexing, without moe_ops (single process): an indexing gather
+    with an atomic backward, masks around the experts, an indexing unsort and a broadcast weighted sum."""
     x = x.reshape(-1, x.shape[-1])
     T, k, E = x.shape[0], moe.top_k, moe.num_experts
     r = moe.router(x)
@@ -125,7 +125,7 @@ def _former_sparse_moe_forward(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", ["random", "idle_experts"])
 def test_sparse_moe_matches_the_plain_indexing_layer_exactly(case):
-    """The whole layer, forward and backward, against the pre-issue-10 code path: bit for bit in fp32
+    """The whole layer, forward and backward, against the plain indexing forward: bit for bit in fp32
     with k = 2 (the only reordered sum, a token's two rows, is then order-independent)."""
     if case == "random":
         moe = make_moe(d=16, f=24, E=8, k=2, seed=5)
