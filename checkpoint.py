@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from errors import InputError
 from parallel import Topology, full_shape, shard_of, split_spec, unshard
 
 FORMAT_VERSION = 1
@@ -42,8 +43,9 @@ LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; reported as one line and exit code 2."""
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used as asked (one line, exit code 2); its own type because sample.py prefixes
+    its messages with --checkpoint."""
 
 
 def step_dir_name(step: int) -> str:

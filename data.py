@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from errors import InputError
+
 # prepare_data owns the format and the text check (it imports neither torch nor this module)
 from prepare_data import BYTES_SEPARATOR_ID, META_FILE, SEPARATOR_TEXT, TOKENIZER_FILE, NotUTF8, utf8_pieces
 
@@ -29,8 +31,8 @@ BYTE_VOCAB = 256
 VAL_EVERY = 50  # one file in ~50 goes to validation
 
 
-class DataError(ValueError):
-    """Bad --data input; reported as one line and exit code 2."""
+class DataError(InputError):
+    """Bad --data input (one line, exit code 2); its own type because the tests and sample.py tell it apart."""
 
 
 @dataclass

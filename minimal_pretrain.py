@@ -30,29 +30,21 @@ from checkpoint import (CHANGEABLE_MODEL_FIELDS, MANIFEST, CheckpointError, HubU
                         save_checkpoint)
 from data import (Corpus, DataError, batch_offsets, check_lengths, codec_description, corpus_fingerprint, get_batch,
                   load_corpus)
+from errors import InputError, OneLineParser
 from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
 from mixed_precision import ExpertWeightCopies
 from moe_stats import StatsLayout, StepStats, moe_metrics, pack_step_stats
-from parallel import (DataParallelGrads, LayoutError, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
+from parallel import (DataParallelGrads, PipeComm, StepFunctions, Topology, all_reduce_, check_layout,
                       clip_grads_, destroy_topology, env_world_size, full_state_dict, grad_norm, init_topology,
                       run_forward_only, run_schedule, stage_layer_ids)
-from profiling import ProfileError, phase, start_profiler
-from run_log import RunLog, SinkError, check_sinks, console_line
-
-
-class ConfigError(ValueError):
-    """A bad flag value; reported as one line and exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from profiling import phase, start_profiler
+from run_log import RunLog, check_sinks, console_line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Train a GPT-style Mixture-of-Experts model with hand-rolled DP/TP/EP/PP.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description="Train a GPT-style Mixture-of-Experts model with hand-rolled DP/TP/EP/PP.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size; ignored by byte-level corpora (256); for .bin and prepare_data.py data it "
@@ -179,23 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace, world_size: int) -> None:
-    """Every check that needs no work done; raises ConfigError/LayoutError naming the flag. With --resume the
+    """Every check that needs no work done; raises InputError naming the flag. With --resume the
     model flags are checked once the checkpoint they come from is known (check_model_flags, in setup)."""
     for name, v in vars(args).items():  # --learning-rate inf or nan would train NaNs
         if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
 
     def positive(*names):
         for n in names:
             v = getattr(args, n)
             if v is not None and v <= 0:
-                raise ConfigError(f"--{n.replace('_', '-')} must be positive, got {v}")
+                raise InputError(f"--{n.replace('_', '-')} must be positive, got {v}")
 
     def non_negative(*names):
         for n in names:
             v = getattr(args, n)
             if v is not None and v < 0:
-                raise ConfigError(f"--{n.replace('_', '-')} must be >= 0, got {v}")
+                raise InputError(f"--{n.replace('_', '-')} must be >= 0, got {v}")
 
     positive("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads",
              "max_seq_length", "micro_batch_size", "global_batch_size", "num_microbatches", "max_steps",
@@ -207,18 +199,18 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
                  "moe_bias_update_rate")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     positive("adam_eps")
     if not 0.0 <= args.dropout < 1.0:
-        raise ConfigError(f"--dropout must be in [0, 1), got {args.dropout}")
+        raise InputError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.min_lr > args.learning_rate:
-        raise ConfigError(f"--min-lr {args.min_lr} must not exceed --learning-rate {args.learning_rate}")
+        raise InputError(f"--min-lr {args.min_lr} must not exceed --learning-rate {args.learning_rate}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     if args.expert_parallel_size is not None and args.expert_parallel_size != tp:
-        raise LayoutError(f"--expert-parallel-size {args.expert_parallel_size} must equal --tensor-parallel-size {tp}: "
+        raise InputError(f"--expert-parallel-size {args.expert_parallel_size} must equal --tensor-parallel-size {tp}: "
                           f"expert parallelism is tied to TP (leave it unset)")
     dp = check_layout(world_size, tp, pp)
     if args.resume is None:
@@ -227,63 +219,63 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     # Batch arithmetic: global = micro * microbatches * DP.
     gbs, mbs, m = args.global_batch_size, args.micro_batch_size, args.num_microbatches
     if gbs % dp:
-        raise ConfigError(f"--global-batch-size {gbs} must be divisible by the data-parallel size {dp}")
+        raise InputError(f"--global-batch-size {gbs} must be divisible by the data-parallel size {dp}")
     per_dp = gbs // dp
     if mbs is None and m is None:
         mbs = min(8, per_dp)
     if mbs is None:
         if per_dp % m:
-            raise ConfigError(f"--num-microbatches {m} must divide --global-batch-size / DP = {per_dp}")
+            raise InputError(f"--num-microbatches {m} must divide --global-batch-size / DP = {per_dp}")
         mbs = per_dp // m
     if per_dp % mbs:
-        raise ConfigError(f"--micro-batch-size {mbs} must divide --global-batch-size / DP = {per_dp} "
+        raise InputError(f"--micro-batch-size {mbs} must divide --global-batch-size / DP = {per_dp} "
                           f"(valid: {', '.join(str(d) for d in range(1, per_dp + 1) if per_dp % d == 0)})")
     if m is not None and m != per_dp // mbs:
-        raise ConfigError(f"--num-microbatches {m} disagrees with --global-batch-size {gbs} / (--micro-batch-size "
+        raise InputError(f"--num-microbatches {m} disagrees with --global-batch-size {gbs} / (--micro-batch-size "
                           f"{mbs} x DP {dp}) = {per_dp // mbs}")
     args.micro_batch_size, args.num_microbatches = mbs, per_dp // mbs
     if args.eval_only and (args.wandb or args.tensorboard):
-        raise ConfigError("--eval-only writes nothing (it prints the validation loss): drop --wandb and --tensorboard")
+        raise InputError("--eval-only writes nothing (it prints the validation loss): drop --wandb and --tensorboard")
     check_sinks(args.wandb, args.tensorboard)
     non_negative("profile_wait", "profile_warmup")
     positive("profile_steps")
     if args.profile:
         window = args.profile_wait + args.profile_warmup + args.profile_steps
         if window > args.max_steps:
-            raise ConfigError(f"--profile-wait + --profile-warmup + --profile-steps = {window} exceeds --max-steps "
+            raise InputError(f"--profile-wait + --profile-warmup + --profile-steps = {window} exceeds --max-steps "
                               f"{args.max_steps}: the trace window would never end")
         if args.trace_dir is not None and os.path.exists(args.trace_dir) and not os.path.isdir(args.trace_dir):
-            raise ConfigError(f"--trace-dir {args.trace_dir} is a file, not a directory")
+            raise InputError(f"--trace-dir {args.trace_dir} is a file, not a directory")
         if args.eval_only:
-            raise ConfigError("--profile traces training steps and --eval-only runs none")
+            raise InputError("--profile traces training steps and --eval-only runs none")
     elif args.trace_dir is not None or args.profile_gzip:
-        raise ConfigError("--trace-dir and --profile-gzip need --profile")
+        raise InputError("--trace-dir and --profile-gzip need --profile")
     if args.eval_only and not args.resume:
-        raise ConfigError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
+        raise InputError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
     if args.eval_only and args.eval_iters == 0:
-        raise ConfigError("--eval-only needs --eval-iters > 0")
+        raise InputError("--eval-only needs --eval-iters > 0")
     if args.hf_repo:
         check_hub(args.hf_repo)
 
 
 def check_model_flags(args: argparse.Namespace) -> None:
-    """The model flags against each other and against the TP / PP sizes; raises ConfigError/LayoutError
+    """The model flags against each other and against the TP / PP sizes; raises InputError
     naming the flag. Called by validate, or with --resume by setup, once the checkpoint's values are in."""
     if args.hidden_size % args.num_attention_heads:
-        raise ConfigError(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
+        raise InputError(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
                           f"{args.num_attention_heads}")
     if (args.hidden_size // args.num_attention_heads) % 2:
-        raise ConfigError(f"head size --hidden-size / --num-attention-heads = "
+        raise InputError(f"head size --hidden-size / --num-attention-heads = "
                           f"{args.hidden_size // args.num_attention_heads} must be even (rotary embeddings)")
     if args.num_attention_heads % args.num_key_value_heads:
-        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
+        raise InputError(f"--num-attention-heads {args.num_attention_heads} must be divisible by "
                           f"--num-key-value-heads {args.num_key_value_heads}")
     if args.num_experts > 0:
         if not 1 <= args.num_experts_per_token <= args.num_experts:
-            raise ConfigError(f"--num-experts-per-token must be between 1 and --num-experts {args.num_experts}, "
+            raise InputError(f"--num-experts-per-token must be between 1 and --num-experts {args.num_experts}, "
                               f"got {args.num_experts_per_token}")
         if args.moe_layer_interval > args.num_layers:
-            raise ConfigError(f"--moe-layer-interval {args.moe_layer_interval} exceeds --num-layers "
+            raise InputError(f"--moe-layer-interval {args.moe_layer_interval} exceeds --num-layers "
                               f"{args.num_layers}: no layer would be MoE (use --num-experts 0 for a dense model)")
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     for flag, value in (("--num-attention-heads", args.num_attention_heads),
@@ -292,9 +284,9 @@ def check_model_flags(args: argparse.Namespace) -> None:
                         ("--num-experts", args.num_experts)):
         if value % tp:
             why = " (expert parallelism is tied to TP)" if flag == "--num-experts" else ""
-            raise LayoutError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}{why}")
+            raise InputError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}{why}")
     if args.num_layers < pp:
-        raise LayoutError(f"--num-layers {args.num_layers} must be at least --pipeline-parallel-size {pp}")
+        raise InputError(f"--num-layers {args.num_layers} must be at least --pipeline-parallel-size {pp}")
 
 
 @contextlib.contextmanager
@@ -302,7 +294,7 @@ def probe_file(path: str, flag: str):
     """Creates `path` (and its missing parents) and a probe file in it, yields the probe's path, then removes
     the probe and every directory it had to create, so a run that fails later (bad --data, say) leaves
     nothing behind; each directory is made for real when something is first written into it. Raises
-    ConfigError naming the flag if `path` cannot be created or written."""
+    InputError naming the flag if `path` cannot be created or written."""
     created, probe = missing_dirs(path), os.path.join(path, f".write-test-{os.getpid()}")
     try:
         try:
@@ -310,7 +302,7 @@ def probe_file(path: str, flag: str):
             with open(probe, "w") as f:
                 f.write("ok")
         except OSError as e:
-            raise ConfigError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
+            raise InputError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
         yield probe
     finally:
         with contextlib.suppress(OSError):
@@ -339,7 +331,7 @@ def dir_lock(path: str, flag: str) -> Iterator[None]:
     The OS drops the lock when the process ends, however it ends, so a killed run leaves a file but never
     a stuck lock; flock reaches other machines on NFS v4 and on Lustre mounted with `-o flock`. Creates
     `path` if needed; on exit removes the lock file, then every directory it created that is still empty,
-    so a run refused later leaves nothing behind. Raises ConfigError naming the flag (and the holder)."""
+    so a run refused later leaves nothing behind. Raises InputError naming the flag (and the holder)."""
     created, lock, fd, owned = missing_dirs(path), os.path.join(path, LOCK_FILE), None, False
     try:
         for _ in range(3):
@@ -347,12 +339,12 @@ def dir_lock(path: str, flag: str) -> Iterator[None]:
                 os.makedirs(path, exist_ok=True)
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise ConfigError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
+                raise InputError(f"{flag} {path}: cannot create or write it ({e.strerror or e})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "it has not named itself yet"
-                raise ConfigError(f"{flag} {path} is in use by another run ({holder}); wait for it to end or "
+                raise InputError(f"{flag} {path} is in use by another run ({holder}); wait for it to end or "
                                   f"choose another {flag}") from None
             except OSError as e:  # no locks on this filesystem (Lustre without -o flock, NFS without lockd)
                 print(f"warning: {flag} {path}: cannot lock it ({e.strerror or e}); nothing keeps a second run "
@@ -368,7 +360,7 @@ def dir_lock(path: str, flag: str) -> Iterator[None]:
             os.close(fd)
             fd = None
         else:
-            raise ConfigError(f"{flag} {path}: its {LOCK_FILE} keeps changing; is another run starting into it?")
+            raise InputError(f"{flag} {path}: its {LOCK_FILE} keeps changing; is another run starting into it?")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode(), 0)
@@ -390,7 +382,7 @@ def check_shared_checkpoints(checkpoint_dir: str, probe: Optional[str], resume_f
     resumes from: on several machines both must be on a filesystem that every node shares. Rank 0 holds a
     probe file (named `probe`; None: this run saves nothing) in the directory while every rank looks for it
     and for the checkpoint (a relative path is taken from each rank's own working directory). Collective;
-    raises ConfigError on every rank, naming what some rank cannot see."""
+    raises InputError on every rank, naming what some rank cannot see."""
     blind = torch.tensor([probe is not None and not os.path.exists(os.path.join(checkpoint_dir, probe)),
                           resume_from is not None and not os.path.exists(os.path.join(resume_from, MANIFEST))],
                          dtype=torch.int32)
@@ -398,7 +390,7 @@ def check_shared_checkpoints(checkpoint_dir: str, probe: Optional[str], resume_f
     unseen = [f"{flag} {path} ({n} of {topo.world_size} ranks)" for flag, path, n in
               (("--checkpoint-dir", checkpoint_dir, int(blind[0])), ("--resume", resume_from, int(blind[1]))) if n]
     if unseen:
-        raise ConfigError(f"ranks cannot see what rank 0 sees in {' and '.join(unseen)}; on several machines "
+        raise InputError(f"ranks cannot see what rank 0 sees in {' and '.join(unseen)}; on several machines "
                           f"checkpoints must be on a filesystem every node shares")
 
 
@@ -760,12 +752,12 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     corpus = load_same_corpus(args, topo)
     codec, codec_files = run_codec(args.data, is_main, say)
     if corpus.vocab_size % topo.tp:
-        raise LayoutError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
+        raise InputError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
     cfg = model_config(args, corpus.vocab_size)
     if cfg.num_experts and args.moe_expert_impl == "grouped":
         probe = torch.empty(0, device=topo.device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         if not grouped_mm_available(probe, cfg.hidden_size, cfg.expert_ffn_size):
-            raise ConfigError(f"--moe-expert-impl grouped: torch._grouped_mm does not run {precision} on {topo.device} "
+            raise InputError(f"--moe-expert-impl grouped: torch._grouped_mm does not run {precision} on {topo.device} "
                               f"with these sizes (use auto or loop)")
     layer_ids = stage_layer_ids(cfg.num_layers, topo.pp, topo.pp_rank)
     model = GPT(cfg, topo, layer_ids, first=topo.is_first_stage, last=topo.is_last_stage)
@@ -842,14 +834,14 @@ def run_dirs(args, topo: Topology, cleanup: contextlib.ExitStack) -> tuple[Path,
                 resume_from = checkpoint_to_resume(args, Path(checkpoint_dir), will_save)
                 if resume_from is not None:
                     saved_model = read_manifest(resume_from)["model"]
-            except (ConfigError, CheckpointError) as e:
+            except InputError as e:
                 error = str(e)
         if topo.world_size > 1:  # ranks may also read the clock in different seconds: rank 0's names win
             shared = [output_dir, checkpoint_dir, resume_from, error, probe, saved_model]
             dist.broadcast_object_list(shared, src=0)
             output_dir, checkpoint_dir, resume_from, error, probe, saved_model = shared
         if error:
-            raise ConfigError(error)
+            raise InputError(error)
         if topo.world_size > 1 and (probe or resume_from):
             check_shared_checkpoints(checkpoint_dir, probe, resume_from, topo)
     return Path(output_dir), Path(checkpoint_dir), resume_from, saved_model
@@ -862,7 +854,7 @@ def checkpoint_to_resume(args, checkpoint_dir: Path, will_save: bool) -> Optiona
     found = complete_checkpoints(checkpoint_dir)
     if args.resume is None:
         if found and will_save:
-            raise ConfigError(f"--checkpoint-dir {checkpoint_dir} already holds checkpoints of an earlier run (newest "
+            raise InputError(f"--checkpoint-dir {checkpoint_dir} already holds checkpoints of an earlier run (newest "
                               f"{found[-1][1].name}): continue it with --resume auto, or choose another "
                               f"--output-dir / --checkpoint-dir")
         return None
@@ -1063,7 +1055,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         train(args)
-    except (ConfigError, LayoutError, DataError, SinkError, CheckpointError, ProfileError) as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

@@ -17,11 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import InputError
 from profiling import phase
-
-
-class LayoutError(ValueError):
-    """An impossible parallel layout; reported as one line and exit code 2."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,13 +71,13 @@ class Topology:
 
 
 def check_layout(world_size: int, tp: int, pp: int) -> int:
-    """Returns the DP size, or raises LayoutError naming the flag."""
+    """Returns the DP size, or raises InputError naming the flag."""
     if tp < 1:
-        raise LayoutError(f"--tensor-parallel-size must be >= 1, got {tp}")
+        raise InputError(f"--tensor-parallel-size must be >= 1, got {tp}")
     if pp < 1:
-        raise LayoutError(f"--pipeline-parallel-size must be >= 1, got {pp}")
+        raise InputError(f"--pipeline-parallel-size must be >= 1, got {pp}")
     if world_size % (tp * pp) != 0:
-        raise LayoutError(f"--tensor-parallel-size {tp} x --pipeline-parallel-size {pp} = {tp * pp} "
+        raise InputError(f"--tensor-parallel-size {tp} x --pipeline-parallel-size {pp} = {tp * pp} "
                           f"must divide the world size {world_size}")
     return world_size // (tp * pp)
 
@@ -262,7 +259,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         for s in out_segments:
             if s % topo.tp:
-                raise LayoutError(f"output size {s} is not divisible by --tensor-parallel-size {topo.tp}")
+                raise InputError(f"output size {s} is not divisible by --tensor-parallel-size {topo.tp}")
         self.topo = topo
         local_out = sum(s // topo.tp for s in out_segments)
         self.weight = mark_sharded(nn.Parameter(torch.empty(local_out, in_features)), 0, out_segments)
@@ -280,7 +277,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, topo: Topology, init_std: float = 0.02):
         super().__init__()
         if in_features % topo.tp:
-            raise LayoutError(f"input size {in_features} is not divisible by --tensor-parallel-size {topo.tp}")
+            raise InputError(f"input size {in_features} is not divisible by --tensor-parallel-size {topo.tp}")
         self.topo = topo
         self.weight = mark_sharded(nn.Parameter(torch.empty(out_features, in_features // topo.tp)), 1, [in_features])
         self.weight.init_std = init_std
@@ -295,7 +292,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int, topo: Topology, init_std: float = 0.02):
         super().__init__()
         if vocab_size % topo.tp:
-            raise LayoutError(f"vocab size {vocab_size} is not divisible by --tensor-parallel-size {topo.tp}")
+            raise InputError(f"vocab size {vocab_size} is not divisible by --tensor-parallel-size {topo.tp}")
         self.topo = topo
         self.local_vocab = vocab_size // topo.tp
         self.vocab_start = topo.tp_rank * self.local_vocab

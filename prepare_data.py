@@ -39,6 +39,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from errors import InputError, OneLineParser
+
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_FILES = ("train.bin", "val.bin", META_FILE, TOKENIZER_FILE)
@@ -50,22 +52,13 @@ CHUNK_BYTES = 1 << 20  # text files are read and tokenised in pieces of about th
 MAX_VOCAB = 2 ** 32
 
 
-class PrepareError(ValueError):
-    """Bad input; reported as one line `error: ...` and exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Tokenize text files, directories, .jsonl and .parquet into train.bin / val.bin / "
-                            "meta.json for minimal_pretrain.py --data DIR.")
+    p = OneLineParser(description="Tokenize text files, directories, .jsonl and .parquet into train.bin / val.bin / "
+                                  "meta.json for minimal_pretrain.py --data DIR.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text file, directory, .jsonl or .parquet")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     p.add_argument("--tokenizer", default="bytes", metavar="bytes|bpe|PATH",
@@ -91,7 +84,7 @@ def input_files(inputs: list, out: Path) -> list:
     for given in inputs:
         p = Path(given)
         if not p.exists():
-            raise PrepareError(f"{given}: no such file or directory")
+            raise InputError(f"{given}: no such file or directory")
         if p.is_dir():  # every non-hidden file below, but not our own output when --out lies inside
             found = sorted(f for f in p.rglob("*") if f.is_file()
                            and not any(s.startswith(".") for s in f.relative_to(p).parts)
@@ -103,15 +96,15 @@ def input_files(inputs: list, out: Path) -> list:
             try:
                 files.append((f, kind, f.stat().st_size))
             except OSError as e:
-                raise PrepareError(f"{f}: cannot read ({e.strerror})") from None
+                raise InputError(f"{f}: cannot read ({e.strerror})") from None
     if not files:
-        raise PrepareError(f"no input files in {' '.join(inputs)}")
+        raise InputError(f"no input files in {' '.join(inputs)}")
     if any(kind == "parquet" for _, kind, _ in files):
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             first = next(f for f, kind, _ in files if kind == "parquet")
-            raise PrepareError(f"{first}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+            raise InputError(f"{first}: reading .parquet needs pyarrow (pip install pyarrow)") from None
     return files
 
 
@@ -179,7 +172,7 @@ def _text_docs(path: Path) -> Iterator[tuple]:
             size += n
             yield text, i == 0, False, n
     except NotUTF8 as e:
-        raise PrepareError(f"{e}; give UTF-8 text, .jsonl or .parquet files") from None
+        raise InputError(f"{e}; give UTF-8 text, .jsonl or .parquet files") from None
     if size:
         yield "", False, True, 0  # the file's end: close the document
 
@@ -187,11 +180,11 @@ def _text_docs(path: Path) -> Iterator[tuple]:
 def _record_text(record: dict, where: str, field: str) -> str:
     if field not in record:
         shown = ", ".join(sorted(map(str, record))[:10]) or "none"
-        raise PrepareError(f"{where}: no field '{field}' in the record (its fields: {shown}); choose one with --text-field")
+        raise InputError(f"{where}: no field '{field}' in the record (its fields: {shown}); choose one with --text-field")
     value = record[field]
     if not isinstance(value, str):
         held = "null" if value is None else type(value).__name__
-        raise PrepareError(f"{where}: --text-field '{field}' holds {held}, not a string")
+        raise InputError(f"{where}: --text-field '{field}' holds {held}, not a string")
     return value
 
 
@@ -204,9 +197,9 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[tuple]:
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise PrepareError(f"{path}:{lineno}: not a JSON object ({e}); .jsonl needs one object per line") from None
+                raise InputError(f"{path}:{lineno}: not a JSON object ({e}); .jsonl needs one object per line") from None
             if not isinstance(record, dict):
-                raise PrepareError(f"{path}:{lineno}: not a JSON object; .jsonl needs one object per line")
+                raise InputError(f"{path}:{lineno}: not a JSON object; .jsonl needs one object per line")
             text = _record_text(record, f"{path}:{lineno}", field)
             yield text, bool(text), bool(text), len(line)  # an empty record is no document
 
@@ -217,18 +210,18 @@ def _parquet_docs(path: Path, field: str, size: int) -> Iterator[tuple]:
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
-        raise PrepareError(f"{path}: cannot read as parquet ({e})") from None
+        raise InputError(f"{path}: cannot read as parquet ({e})") from None
     names = pf.schema_arrow.names
     if field not in names:
-        raise PrepareError(f"{path}: no column '{field}' (its columns: {', '.join(names[:10])}); choose one with --text-field")
+        raise InputError(f"{path}: no column '{field}' (its columns: {', '.join(names[:10])}); choose one with --text-field")
     col_type = pf.schema_arrow.field(field).type
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
-        raise PrepareError(f"{path}: column '{field}' holds {col_type}, not strings; choose another with --text-field")
+        raise InputError(f"{path}: column '{field}' holds {col_type}, not strings; choose another with --text-field")
     rows, done = max(pf.metadata.num_rows, 1), 0
     for batch in pf.iter_batches(batch_size=1024, columns=[field]):
         for j, text in enumerate(batch.column(0).to_pylist()):
             if text is None:
-                raise PrepareError(f"{path}: row {done + j} of column '{field}' is null, not a string")
+                raise InputError(f"{path}: row {done + j} of column '{field}' is null, not a string")
             yield text, bool(text), bool(text), 0
         consumed = size * (done + batch.num_rows) // rows - size * done // rows  # progress in file bytes
         done += batch.num_rows
@@ -254,7 +247,7 @@ def documents(files: list, field: str, val_fraction: float) -> Iterator[tuple]:
                     to_val = int.from_bytes(digest, "big") < threshold
                 yield text, last, to_val, consumed
         except OSError as e:
-            raise PrepareError(f"{path}: cannot read ({e.strerror or e})") from None
+            raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,7 +257,7 @@ def _import_tokenizers(why: str):
     try:
         import tokenizers
     except ImportError:
-        raise PrepareError(f"{why} needs the tokenizers package (pip install tokenizers)") from None
+        raise InputError(f"{why} needs the tokenizers package (pip install tokenizers)") from None
     return tokenizers
 
 
@@ -274,7 +267,7 @@ def load_tokenizer_file(path: Path):
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises its own Exception subclass for any unreadable file
-        raise PrepareError(f"--tokenizer {path}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
+        raise InputError(f"--tokenizer {path}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
     vocab = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
     specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     sep = next((specials[s] for s in KNOWN_SEPARATORS if s in specials), None)
@@ -386,7 +379,7 @@ def tokenize(pieces: Iterator[tuple], files_out: tuple, workers: int, init_args:
 # --------------------------------------------------------------------------------------------------
 def token_dtype(vocab_size: int) -> str:
     if vocab_size > MAX_VOCAB:
-        raise PrepareError(f"vocabulary of {vocab_size:,} tokens exceeds 2^32, the most a uint32 token file holds")
+        raise InputError(f"vocabulary of {vocab_size:,} tokens exceeds 2^32, the most a uint32 token file holds")
     return "uint16" if vocab_size <= 2 ** 16 else "uint32"
 
 
@@ -437,9 +430,9 @@ def prepare(args: argparse.Namespace, tmp: Path) -> dict:
     seconds = time.perf_counter() - t0
     n = tokens[0] + tokens[1]
     if n == 0:
-        raise PrepareError(f"no text in {' '.join(args.inputs)} (every file or record is empty)")
+        raise InputError(f"no text in {' '.join(args.inputs)} (every file or record is empty)")
     if n < 2:
-        raise PrepareError(f"only {n} token in {' '.join(args.inputs)}: too little text for a train and a validation split")
+        raise InputError(f"only {n} token in {' '.join(args.inputs)}: too little text for a train and a validation split")
     split = "hash"
     if tokens[0] == 0 or tokens[1] == 0:  # too few documents for the hash split: take the tail
         if tokens[0] == 0:
@@ -461,25 +454,25 @@ def prepare(args: argparse.Namespace, tmp: Path) -> dict:
 
 def validate(args: argparse.Namespace) -> None:
     if not 0.0 < args.val_fraction < 1.0:
-        raise PrepareError(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
+        raise InputError(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
     if args.workers < 1:
-        raise PrepareError(f"--workers must be at least 1, got {args.workers}")
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
     if args.tokenizer == "bpe":
         args.vocab_size = 8192 if args.vocab_size is None else args.vocab_size
         if args.vocab_size > MAX_VOCAB:
-            raise PrepareError(f"--vocab-size {args.vocab_size:,} exceeds 2^32, the most a uint32 token file holds")
+            raise InputError(f"--vocab-size {args.vocab_size:,} exceeds 2^32, the most a uint32 token file holds")
         if args.vocab_size <= BYTES_SEPARATOR_ID:
-            raise PrepareError(f"--vocab-size must be at least {BYTE_VOCAB_WITH_SEPARATOR} for bpe (256 bytes and the "
+            raise InputError(f"--vocab-size must be at least {BYTE_VOCAB_WITH_SEPARATOR} for bpe (256 bytes and the "
                                f"separator), got {args.vocab_size}")
     else:
         if args.vocab_size is not None:
-            raise PrepareError(f"--vocab-size applies to --tokenizer bpe only (bytes have 256 + 1, a tokenizer.json "
+            raise InputError(f"--vocab-size applies to --tokenizer bpe only (bytes have 256 + 1, a tokenizer.json "
                                f"its own)")
         if args.tokenizer != "bytes" and not Path(args.tokenizer).is_file():
-            raise PrepareError(f"--tokenizer {args.tokenizer}: not bytes, bpe or an existing tokenizer.json file")
+            raise InputError(f"--tokenizer {args.tokenizer}: not bytes, bpe or an existing tokenizer.json file")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise PrepareError(f"--out {args.out}: exists and is not a directory")
+        raise InputError(f"--out {args.out}: exists and is not a directory")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -510,7 +503,7 @@ def main(argv=None) -> int:
         _publish(tmp, out)
         print(f"wrote {out}/: train.bin, val.bin, {META_FILE}" + (f", {TOKENIZER_FILE}" if (out / TOKENIZER_FILE).exists() else ""))
         return 0
-    except PrepareError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an --out that cannot be created or written, a full disk

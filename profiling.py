@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
+from errors import InputError
+
 _enabled = False
 _NULL = contextlib.nullcontext()
 _seen: set = set()  # names entered while enabled: the rows of the summary table
@@ -40,10 +42,6 @@ def phase(name: str):
         return _NULL
     _seen.add(name)
     return torch.profiler.record_function(name)
-
-
-class ProfileError(ValueError):
-    """A trace directory that cannot be used; reported as one line and exit code 2."""
 
 
 def trace_name(rank: int, step: int, gzip: bool, partial: bool = False) -> str:
@@ -207,7 +205,7 @@ def start_profiler(args, topo, run_log, emit: Callable[[str], None] = print, fir
     try:
         os.makedirs(trace_dir, exist_ok=True)
     except OSError as e:
-        raise ProfileError(f"--trace-dir {trace_dir}: cannot create it ({e.strerror})") from None
+        raise InputError(f"--trace-dir {trace_dir}: cannot create it ({e.strerror})") from None
     return StepProfiler(True, trace_dir, args.profile_wait, args.profile_warmup, args.profile_steps, topo.rank,
                         topo.world_size, cuda=topo.device.type == "cuda", gzip=args.profile_gzip,
                         first_step=first_step, write=emit if topo.rank == 0 else print,

@@ -8,9 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-
-class SinkError(ValueError):
-    """A requested sink that cannot be used; reported as one line and exit code 2."""
+from errors import InputError
 
 
 def check_sinks(use_wandb: bool, use_tensorboard: bool) -> None:
@@ -19,12 +17,12 @@ def check_sinks(use_wandb: bool, use_tensorboard: bool) -> None:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise SinkError("--wandb needs the wandb package: pip install wandb") from None
+            raise InputError("--wandb needs the wandb package: pip install wandb") from None
     if use_tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
-            raise SinkError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
 def _fmt(v: Optional[float], spec: str) -> str:
@@ -62,7 +60,7 @@ class RunLog:
             try:
                 wandb.init(project=wandb_project, config=config, dir=output_dir)
             except Exception as e:  # e.g. no login and no WANDB_MODE=offline
-                raise SinkError(f"--wandb: wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                raise InputError(f"--wandb: wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                 f"run `wandb login` or set WANDB_MODE=offline") from None
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter

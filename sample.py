@@ -19,23 +19,15 @@ import torch
 
 import checkpoint
 from data import BYTE_VOCAB, ByteCodec, DataError, codec_from_description, text_codec
+from errors import InputError, OneLineParser
 from generate import generate
 from model import GPT, ModelConfig
 from parallel import Topology
 
 
-class SampleError(ValueError):
-    """A bad flag value; reported as one line and exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Generate text from a checkpoint of minimal_pretrain.py.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description="Generate text from a checkpoint of minimal_pretrain.py.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint directory, or a checkpoint-dir (its newest complete checkpoint is used)")
     p.add_argument("--prompt", default="\n", help="text the samples continue (default: %(default)r, a newline)")
@@ -52,50 +44,50 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(args: argparse.Namespace) -> None:
     for name in ("max_new_tokens", "num_samples"):
         if getattr(args, name) <= 0:
-            raise SampleError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise SampleError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+        raise InputError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k < 0:
-        raise SampleError(f"--top-k must be >= 0 (0 = no restriction), got {args.top_k}")
+        raise InputError(f"--top-k must be >= 0 (0 = no restriction), got {args.top_k}")
     if not -2 ** 63 <= args.seed < 2 ** 64:
-        raise SampleError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+        raise InputError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     if args.prompt == "":
-        raise SampleError("--prompt must not be empty (the default is a newline)")
+        raise InputError("--prompt must not be empty (the default is a newline)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SampleError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
 
 def checkpoint_codec(path: Path, meta: dict):
     """The codec that decodes the checkpoint's tokens. A checkpoint carries it (its manifest's `codec`, and
     the tokenizer.json copied next to it). One written before checkpoints did falls back to its run's
     --data, only if that is still there and gives the model's vocabulary: a moved BPE directory would
-    otherwise decode as bytes, i.e. garbage. Raises SampleError (one line, exit 2) when it cannot decode."""
+    otherwise decode as bytes, i.e. garbage. Raises InputError (one line, exit 2) when it cannot decode."""
     cannot = f"--checkpoint {path}: cannot decode its tokens"
     model_vocab = meta["model"]["vocab_size"]
     if "codec" in meta:
         try:
             codec = codec_from_description(meta["codec"], path, cannot)
         except DataError as e:
-            raise SampleError(str(e)) from None
+            raise InputError(str(e)) from None
     else:
         data = meta["args"].get("data")
         old = "it was written before checkpoints carried their tokenizer"
         if data is not None and not Path(data).exists():
-            raise SampleError(f"{cannot}: {old}, and its run's --data {data} is gone (put it back there)")
+            raise InputError(f"{cannot}: {old}, and its run's --data {data} is gone (put it back there)")
         try:
             codec = text_codec(data)
         except DataError as e:
-            raise SampleError(f"{cannot}: {old}, and its run's {e}") from None
+            raise InputError(f"{cannot}: {old}, and its run's {e}") from None
         # What this tokenizer gives the model (plain bytes: 256; else --vocab-size or the tokenizer's rounded
         # up to 64, as load_corpus does); a directory re-prepared since then gives another.
         plain_bytes = isinstance(codec, ByteCodec) and codec.separator_id is None
         expected = BYTE_VOCAB if plain_bytes else meta["args"].get("vocab_size") or -(-codec.vocab_size // 64) * 64
         if expected != model_vocab:
-            raise SampleError(f"{cannot}: {old}, and its run's --data {data} now gives a vocabulary of {expected}, "
+            raise InputError(f"{cannot}: {old}, and its run's --data {data} now gives a vocabulary of {expected}, "
                               f"not the model's {model_vocab}")
     # The model's vocabulary may be larger than the tokenizer's (padded to a multiple of 64), not smaller.
     if codec.vocab_size > model_vocab:
-        raise SampleError(f"{cannot}: the model's vocabulary ({model_vocab}) is smaller than its tokenizer's "
+        raise InputError(f"{cannot}: the model's vocabulary ({model_vocab}) is smaller than its tokenizer's "
                           f"{codec.vocab_size} tokens")
     return codec
 
@@ -121,13 +113,13 @@ def main(argv=None) -> int:
         try:
             model = load_model(meta, state, device)
         except (TypeError, RuntimeError) as e:  # a config field or a tensor this code does not know
-            raise SampleError(f"--checkpoint {path}: cannot build its model here "
+            raise InputError(f"--checkpoint {path}: cannot build its model here "
                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    except SampleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except checkpoint.CheckpointError as e:  # its messages start with the path
+    except checkpoint.CheckpointError as e:  # its messages start with the path (a subclass: caught first)
         print(f"error: --checkpoint {e}", file=sys.stderr)
+        return 2
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
     prompt = torch.tensor([codec.encode(args.prompt)] * args.num_samples, dtype=torch.long, device=device)

@@ -53,6 +53,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import profiling  # noqa: E402
+from errors import InputError, OneLineParser  # noqa: E402
 from moe_layers import DROP_POLICIES, SparseMoE, capacity_mask, expert_capacity, route_topk  # noqa: E402
 from parallel import Topology  # noqa: E402
 
@@ -60,10 +61,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 PHASES = {"pack": ("moe/capacity", "moe/permute"), "combine": ("moe/unpermute_combine",),
           "routing": ("moe/capacity", "moe/permute", "moe/unpermute_combine")}
 PHASES["capacity"] = PHASES["routing"]
-
-
-class BenchError(ValueError):
-    """A bad flag value: one line, exit code 2."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,11 +284,6 @@ def run(args) -> list:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def float_list(text: str) -> list:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -300,9 +292,9 @@ def float_list(text: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bench_routing.py", description="Routing micro-benchmarks on the project's MoE code "
-                "(see the module docstring for what is timed and how).")
-    sub = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    p = OneLineParser(prog="bench_routing.py", description="Routing micro-benchmarks on the project's MoE code "
+                      "(see the module docstring for what is timed and how).")
+    sub = p.add_subparsers(dest="bench", required=True, parser_class=OneLineParser)
     helps = {"topk": "router logits -> top-k experts and weights", "pack": "sort and gather tokens by expert",
              "combine": "unsort and weighted sum over k", "routing": "pack + combine",
              "capacity": "routing with expert capacity, per capacity factor and drop policy"}
@@ -335,36 +327,36 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(args) -> None:
     for name in ("num_tokens", "hidden_dim", "num_experts", "top_k", "iters"):
         if getattr(args, name) < 1:
-            raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
-        raise BenchError(f"--warmup must be >= 0, got {args.warmup}")
+        raise InputError(f"--warmup must be >= 0, got {args.warmup}")
     if args.top_k > args.num_experts:
-        raise BenchError(f"--top-k {args.top_k} must not exceed --num-experts {args.num_experts}")
+        raise InputError(f"--top-k {args.top_k} must not exceed --num-experts {args.num_experts}")
     factors = [("--capacity-factor", args.capacity_factor)] if hasattr(args, "capacity_factor") else []
     if hasattr(args, "capacity_factors"):
         if not args.capacity_factors:
-            raise BenchError("--capacity-factors is empty")
+            raise InputError("--capacity-factors is empty")
         factors += [("--capacity-factors", v) for v in args.capacity_factors]
         if not math.isfinite(args.skew) or args.skew < 0:
-            raise BenchError(f"--skew must be a finite number >= 0, got {args.skew}")
+            raise InputError(f"--skew must be a finite number >= 0, got {args.skew}")
         bad = [p for p in args.drop_policies if p not in DROP_POLICIES]
         if bad or not args.drop_policies:
-            raise BenchError(f"--drop-policies must be a comma-separated subset of {','.join(DROP_POLICIES)}, "
+            raise InputError(f"--drop-policies must be a comma-separated subset of {','.join(DROP_POLICIES)}, "
                              f"got {','.join(args.drop_policies)}")
     for flag, v in factors:
         if not math.isfinite(v) or v < 0:
-            raise BenchError(f"{flag} must hold finite numbers >= 0, got {v}")
+            raise InputError(f"{flag} must hold finite numbers >= 0, got {v}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: no CUDA device is available")
+        raise InputError("--device cuda: no CUDA device is available")
     if args.out and os.path.isdir(args.out):
-        raise BenchError(f"--out {args.out} is a directory")
+        raise InputError(f"--out {args.out} is a directory")
 
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         validate(args)
-    except BenchError as e:
+    except InputError as e:
         print(f"bench_routing.py: error: {e}", file=sys.stderr)
         return 2
     recs = run(args)

@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from errors import InputError, OneLineParser  # noqa: E402
+
 TOLERANCES = {  # dtype -> (loss, grad norm at the first step, grad norm after it), relative
     "fp32": (1e-4, 1e-4, 1e-4),
     "bf16": (2 ** -7, 0.01, 0.05),
@@ -172,7 +175,7 @@ def compare(run: Run, ref: Run) -> tuple[dict, list]:
 
 def run_all(args, workdir: str) -> tuple[list, list]:
     """(one-device runs, layout runs): the one-device runs first (side by side, one per GPU), then every
-    layout in turn. Raises BadFlags if a one-device run refuses its flags (exit 2): every run would."""
+    layout in turn. Raises InputError if a one-device run refuses its flags (exit 2): every run would."""
     combos = [(m, d) for m in args.modes for d in args.dtypes]
     refs = {c: Run(Layout(), *c) for c in combos}
     slots = args.nproc if args.device == "cuda" else 1
@@ -183,7 +186,7 @@ def run_all(args, workdir: str) -> tuple[list, list]:
         for r, proc, out in started:
             finish(r, proc, out, args.log_dir)
             if r.error and r.error.startswith("exit 2:"):
-                raise BadFlags(r.error.removeprefix("exit 2: "))
+                raise InputError(r.error.removeprefix("exit 2: "))
     runs = []
     for (mode, dtype), layout in itertools.product(combos, layouts_for(args.nproc)):
         r = Run(layout, mode, dtype)
@@ -225,17 +228,8 @@ def print_table(rows: list) -> None:
               f"{rel(r['loss']):>11}{rel(r['gnorm0']):>10}{rel(r['gnorm']):>11}  {verdict}")
 
 
-class BadFlags(ValueError):
-    """Flags that the trainer refuses (exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if there is a GPU")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks of the layouts (default: every GPU; CPU: 2); 1: only compiled against eager")
@@ -285,7 +279,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="check_layouts_") as workdir:
         try:
             refs, runs = run_all(args, workdir)
-        except BadFlags as e:
+        except InputError as e:
             print(f"error: the one-device run refuses these flags ({str(e).removeprefix('error: ')})", file=sys.stderr)
             return 2
     rows, ok = table({(r.mode, r.dtype): r for r in refs}, runs)

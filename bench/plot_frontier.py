@@ -16,9 +16,8 @@ import os
 import sys
 from typing import Optional
 
-
-class FrontierError(ValueError):
-    """One line, exit code 2."""
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from errors import InputError  # noqa: E402
 
 
 def _num(text: str) -> Optional[float]:
@@ -32,12 +31,12 @@ def _num(text: str) -> Optional[float]:
 def read_configs(path: str) -> list:
     """[{label, x, y, xerr, yerr}] of the summary's config rows that have both numbers."""
     if not os.path.isfile(path):
-        raise FrontierError(f"no such file: {path}")
+        raise InputError(f"no such file: {path}")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     need = {"row", "config", "val_loss", "val_loss_std", "tokens_per_s", "tokens_per_s_std"}
     if not rows or not need <= set(rows[0]):
-        raise FrontierError(f"{path} is not a sweep summary.csv (columns {sorted(need)} needed)")
+        raise InputError(f"{path} is not a sweep summary.csv (columns {sorted(need)} needed)")
     points = []
     for r in rows:
         x, y = _num(r["tokens_per_s"]), _num(r["val_loss"])
@@ -45,7 +44,7 @@ def read_configs(path: str) -> list:
             points.append({"label": r["config"], "x": x, "y": y, "n": r.get("n", ""),
                            "xerr": _num(r["tokens_per_s_std"]) or 0.0, "yerr": _num(r["val_loss_std"]) or 0.0})
     if not points:
-        raise FrontierError(f"{path} has no config row with both a validation loss and tokens/s")
+        raise InputError(f"{path} has no config row with both a validation loss and tokens/s")
     return points
 
 
@@ -85,7 +84,7 @@ def main(argv: Optional[list] = None) -> int:
     args = p.parse_args(argv)
     try:
         points = read_configs(args.summary)
-    except (FrontierError, OSError) as e:
+    except (InputError, OSError) as e:
         print(f"plot_frontier.py: error: {e}", file=sys.stderr)
         return 2
     front = pareto_front(points)

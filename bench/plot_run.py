@@ -16,6 +16,9 @@ import sys
 from types import ModuleType
 from typing import Any, Optional
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from errors import InputError  # noqa: E402
+
 DESCRIPTION = """Writes loss.png, load_cv.png and utilization_heatmap.png for RUN_DIR/metrics.jsonl.
 With several run directories, writes overlay_loss.png (training loss, smoothed, and validation loss of
 every run) and overlay_load_cv.png (moe/cv_mean), by default into overlay/ beside the first run.
@@ -23,10 +26,6 @@ metrics.jsonl is appended to by every run in RUN_DIR, so it may hold several run
 only the LAST run is plotted (a new run starts where the step number goes back down, or a training
 step repeats). The heatmap needs the expert count matrix, logged with --moe-metrics detailed or
 --moe-detailed-every N."""
-
-
-class PlotError(Exception):
-    """Reported as one line and exit code 2."""
 
 
 def read_last_run(path: str) -> tuple[list[dict], int]:
@@ -49,7 +48,7 @@ def read_last_run(path: str) -> tuple[list[dict], int]:
             runs[-1].append(rec)
             prev_step = step
     if not runs:
-        raise PlotError(f"{path} holds no records")
+        raise InputError(f"{path} holds no records")
     return runs[-1], len(runs)
 
 
@@ -240,13 +239,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         metrics = os.path.join(args.run_dir, "metrics.jsonl")
         if not os.path.isdir(args.run_dir):
-            raise PlotError(f"no such run directory: {args.run_dir}")
+            raise InputError(f"no such run directory: {args.run_dir}")
         if not os.path.isfile(metrics):
-            raise PlotError(f"no metrics.jsonl in {args.run_dir}")
+            raise InputError(f"no metrics.jsonl in {args.run_dir}")
         recs, num_runs = read_last_run(metrics)
         out = args.out or os.path.join(args.run_dir, "plots")
         os.makedirs(out, exist_ok=True)
-    except (PlotError, OSError) as e:
+    except (InputError, OSError) as e:
         print(f"plot_run.py: error: {e}", file=sys.stderr)
         return 2
     title, ep = run_title(args.run_dir)
@@ -276,11 +275,11 @@ def main_overlay(plt: ModuleType, run_dirs: list, out: Optional[str]) -> int:
         for d in run_dirs:
             metrics = os.path.join(d, "metrics.jsonl")
             if not os.path.isfile(metrics):
-                raise PlotError(f"no metrics.jsonl in {d}")
+                raise InputError(f"no metrics.jsonl in {d}")
             runs.append((os.path.basename(os.path.abspath(d)), read_last_run(metrics)[0]))
         out = out or os.path.join(os.path.dirname(os.path.abspath(run_dirs[0])), "overlay")
         os.makedirs(out, exist_ok=True)
-    except (PlotError, OSError) as e:
+    except (InputError, OSError) as e:
         print(f"plot_run.py: error: {e}", file=sys.stderr)
         return 2
     for path in plot_overlay(plt, runs, out):

@@ -44,6 +44,7 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from errors import InputError, OneLineParser  # noqa: E402
 
 GRID_FLAGS = {  # sweep flag -> minimal_pretrain flag
     "num_experts": "--num-experts", "top_k": "--num-experts-per-token", "capacity_factor": "--moe-capacity-factor",
@@ -54,10 +55,6 @@ METRICS = ("val_loss", "tokens_per_s", "drop_rate", "load_cv")
 COLUMNS = (["row", "config", *GRID_FLAGS, "seed", "n", "status"]
            + [c for m in METRICS for c in (m, m + "_std")] + ["active_params", "total_params", "tokens_per_s_source"])
 DONE = "sweep_run.json"  # written into a run directory when its process exits
-
-
-class SweepError(ValueError):
-    """Bad flags: one line, exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -100,13 +97,8 @@ def _list(kind):
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sweep.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
+    p = OneLineParser(prog="sweep.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
     p.add_argument("--out", default="runs/sweep", help="sweep directory (run directories and summary.csv)")
     p.add_argument("--num-experts", type=_list(int), default=[8], help="comma-separated expert counts")
     p.add_argument("--top-k", type=_list(int), default=[2], help="comma-separated top-k values")
@@ -123,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list) -> tuple:
-    """(sweep args, passthrough minimal_pretrain flags), validated; raises SweepError."""
+    """(sweep args, passthrough minimal_pretrain flags), validated; raises InputError."""
     if "--" in argv:
         i = argv.index("--")
         argv, passthrough = argv[:i], argv[i + 1:]
@@ -132,17 +124,17 @@ def parse(argv: list) -> tuple:
     args = build_parser().parse_args(argv)
     for name in ("max_steps", "parallel"):
         if getattr(args, name) < 1:
-            raise SweepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.timing_steps < 0:
-        raise SweepError(f"--timing-steps must be >= 0, got {args.timing_steps}")
+        raise InputError(f"--timing-steps must be >= 0, got {args.timing_steps}")
     for flag, values in (("--capacity-factors", args.capacity_factors), ("--bias-update", args.bias_update)):
         if any(not math.isfinite(v) or v < 0 for v in values):
-            raise SweepError(f"{flag} must hold finite numbers >= 0, got {values}")
+            raise InputError(f"{flag} must hold finite numbers >= 0, got {values}")
     if any(r not in ("softmax", "sigmoid") for r in args.router):
-        raise SweepError(f"--router must be a comma-separated subset of softmax,sigmoid, got {','.join(args.router)}")
+        raise InputError(f"--router must be a comma-separated subset of softmax,sigmoid, got {','.join(args.router)}")
     clash = sorted({a.split("=")[0] for a in passthrough} & OWNED)
     if clash:
-        raise SweepError(f"{', '.join(clash)} after -- : the sweep sets it per run (use its own flag)")
+        raise InputError(f"{', '.join(clash)} after -- : the sweep sets it per run (use its own flag)")
     return args, passthrough
 
 
@@ -169,15 +161,13 @@ def make_runs(args, passthrough: list) -> tuple:
 def check_run_flags(runs: list) -> None:
     """Every run's flags through minimal_pretrain's own parser and validation, before anything starts."""
     import minimal_pretrain
-    from parallel import LayoutError
-    from run_log import SinkError
     for run in runs:
         parser = minimal_pretrain.build_parser()
         parser.prog = f"minimal_pretrain.py (run {os.path.basename(run.out_dir)})"
         try:
             minimal_pretrain.validate(parser.parse_args(run.argv), 1)
-        except (minimal_pretrain.ConfigError, LayoutError, SinkError) as e:
-            raise SweepError(f"run {os.path.basename(run.out_dir)}: {e}")
+        except InputError as e:
+            raise InputError(f"run {os.path.basename(run.out_dir)}: {e}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +181,7 @@ def finished(run: Run) -> bool:
     with open(path) as f:
         done = json.load(f)
     if done.get("argv") != run.argv:
-        raise SweepError(f"{run.out_dir} was run with other flags ({' '.join(done.get('argv', []))}); "
+        raise InputError(f"{run.out_dir} was run with other flags ({' '.join(done.get('argv', []))}); "
                          f"use another --out")
     return done.get("returncode") == 0
 
@@ -334,7 +324,7 @@ def main(argv: Optional[list] = None) -> int:
         check_run_flags(runs + timing)
         for r in runs + timing:
             finished(r)  # a directory made with other flags: stop before running anything
-    except SweepError as e:
+    except InputError as e:
         print(f"sweep.py: error: {e}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)

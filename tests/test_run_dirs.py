@@ -12,6 +12,7 @@ import pytest
 
 import checkpoint as ckpt
 import minimal_pretrain
+from errors import InputError
 
 from helpers import (ROOT, _HYGIENE_SHAPE, _clean_env, _free_port, _hygiene_argv, _main_in_process, _train_in_process,
                      _wait_for_line)
@@ -144,7 +145,7 @@ def test_a_sink_that_fails_to_start_leaves_config_json_as_it_was(tmp_path, monke
         raise RuntimeError("no login")
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=refuse))
     (tmp_path / "config.json").write_text('{"seed": 1}')
-    with pytest.raises(run_log.SinkError, match="--wandb"):
+    with pytest.raises(InputError, match="--wandb"):
         run_log.RunLog(str(tmp_path), {"seed": 2}, use_wandb=True)
     assert (tmp_path / "config.json").read_text() == '{"seed": 1}'
     assert not (tmp_path / "metrics.jsonl").exists()
