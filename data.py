@@ -1,5 +1,6 @@
 """Training data: the embedded default corpus, text/directory/.bin inputs, directories written by
-prepare_data.py, and deterministic batches.
+prepare_data.py (their format and the UTF-8 text check, which prepare_data.py imports from here), and
+deterministic batches.
 
 Default corpus: the running interpreter's standard-library Python source, byte-level tokenized
 (vocab 256), split into train/validation by file (a stable hash of the relative path), cached as
@@ -17,15 +18,21 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
-import torch
 
 from errors import InputError
 
-# prepare_data owns the format and the text check (it imports neither torch nor this module)
-from prepare_data import BYTES_SEPARATOR_ID, META_FILE, SEPARATOR_TEXT, TOKENIZER_FILE, NotUTF8, utf8_pieces
+if TYPE_CHECKING:  # torch is imported inside the two batch functions only: prepare_data.py imports the format
+    import torch   # and the text check from here, and it and its worker processes should not load torch (2 s, 0.2 GB)
+
+# The format of a prepare_data.py directory: prepare_data.py writes it, load_corpus and text_codec read it.
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+BYTES_SEPARATOR_ID = 256  # bytes use ids 0..255; the document separator is one id past them
+SEPARATOR_TEXT = "<|endoftext|>"  # the BPE separator token, and how a decoder shows the bytes one
+TEXT_PIECE_BYTES = 1 << 20  # text files are read (and prepare_data.py tokenises them) in pieces of about this size
 
 BYTE_VOCAB = 256
 VAL_EVERY = 50  # one file in ~50 goes to validation
@@ -83,6 +90,63 @@ def stdlib_corpus() -> Corpus:
     val = np.memmap(val_bin, dtype=np.uint16, mode="r")
     return Corpus(train, val, BYTE_VOCAB, f"Python {sys.version.split()[0]} standard library source "
                   f"({len(files)} files, {len(train):,} train / {len(val):,} val byte tokens, cache {cache})")
+
+
+def _cut_point(buf: bytes, force: bool) -> int:
+    """Where to end the next piece of a text file: just before the last newline that is followed by a
+    non-space character. Byte-level BPE's pre-tokenizer (the GPT-2 pattern) always splits there, also when
+    the newline ends a longer whitespace run, so tokenising the pieces apart gives the tokens of the whole
+    file. Without such a newline: 0 (read more), or when forced (no such newline in 4 x chunk bytes) before
+    the last character, never inside a UTF-8 sequence (there the tokens may differ from the whole file's)."""
+    i = len(buf) - 1
+    while (i := buf.rfind(b"\n", 1, i)) > 0:
+        nxt = buf[i + 1]
+        if 0x21 <= nxt <= 0x7E or (nxt >= 0xC0 and not buf[i + 1:i + 5].decode("utf-8", "ignore")[:1].isspace()):
+            return i
+    if not force:
+        return 0
+    cut = len(buf) - 1
+    while cut > 0 and buf[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: step back to its lead byte
+        cut -= 1
+    return cut or len(buf)
+
+
+def text_pieces(path: Path, chunk: Optional[int] = None) -> Iterator[bytes]:
+    """The bytes of a text file in pieces of about `chunk` bytes (at most 5 x chunk), cut by _cut_point."""
+    chunk = chunk or TEXT_PIECE_BYTES
+    buf = b""
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            buf += data
+            if len(buf) > chunk:
+                cut = _cut_point(buf, force=len(buf) >= 4 * chunk)
+                if cut:
+                    yield buf[:cut]
+                    buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+class NotUTF8(ValueError):
+    """A file that is not UTF-8 text; `offset` is its first bad byte."""
+
+    def __init__(self, path: Path, offset: int):
+        super().__init__(f"{path}: not UTF-8 text (bad byte at offset {offset})")
+        self.path, self.offset = path, offset
+
+
+def utf8_pieces(path: Path, chunk: Optional[int] = None) -> Iterator[tuple]:
+    """(text, bytes read) of a text file in the pieces of `text_pieces`; raises NotUTF8 at the first piece that
+    is not UTF-8. The one text check: prepare_data.py applies it to every text input, and --data to its text
+    files (_check_text), so both refuse the same files."""
+    offset = 0
+    for piece in text_pieces(path, chunk):
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise NotUTF8(path, offset + e.start) from None
+        offset += len(piece)
+        yield text, len(piece)
 
 
 def _check_text(files: list, path: str) -> None:
@@ -293,6 +357,7 @@ def corpus_fingerprint(corpus: Corpus, sample: int = 1 << 16) -> str:
 
 def batch_offsets(n_tokens: int, seq_len: int, global_batch: int, seed: int, step: int, split: str) -> torch.Tensor:
     """Start offsets of the `global_batch` sequences of one step: a pure function of its arguments."""
+    import torch
     split_id = 0 if split == "train" else 1
     gen = torch.Generator().manual_seed((seed * 1_000_003 + step * 2 + split_id) % (2 ** 63))
     return torch.randint(0, n_tokens - seq_len - 1, (global_batch,), generator=gen)
@@ -300,6 +365,7 @@ def batch_offsets(n_tokens: int, seq_len: int, global_batch: int, seed: int, ste
 
 def get_batch(tokens: np.ndarray, offsets: torch.Tensor, seq_len: int, device: torch.device):
     """(inputs, targets) int64 [len(offsets), seq_len] on `device`."""
+    import torch
     idx = offsets.numpy()[:, None] + np.arange(seq_len + 1)[None, :]
     rows = torch.from_numpy(tokens[idx].astype(np.int64))
     x, y = rows[:, :-1], rows[:, 1:]

@@ -39,16 +39,14 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+# The directory format and the text check are data.py's, the module that reads what this script writes.
+from data import BYTES_SEPARATOR_ID, META_FILE, SEPARATOR_TEXT, TEXT_PIECE_BYTES, TOKENIZER_FILE, NotUTF8, utf8_pieces
 from errors import InputError, OneLineParser
 
-META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_FILES = ("train.bin", "val.bin", META_FILE, TOKENIZER_FILE)
-BYTES_SEPARATOR_ID = 256  # bytes use ids 0..255; the document separator is one id past them
 BYTE_VOCAB_WITH_SEPARATOR = BYTES_SEPARATOR_ID + 1
-SEPARATOR_TEXT = "<|endoftext|>"  # the BPE separator token, and how a decoder shows the bytes one
 KNOWN_SEPARATORS = (SEPARATOR_TEXT, "<|end_of_text|>", "</s>", "<eos>")  # looked for in a given tokenizer.json
-CHUNK_BYTES = 1 << 20  # text files are read and tokenised in pieces of about this size
+CHUNK_BYTES = TEXT_PIECE_BYTES  # text files are read and tokenised in pieces of about this size
 MAX_VOCAB = 2 ** 32
 
 
@@ -108,67 +106,10 @@ def input_files(inputs: list, out: Path) -> list:
     return files
 
 
-def _cut_point(buf: bytes, force: bool) -> int:
-    """Where to end the next piece of a text file: just before the last newline that is followed by a
-    non-space character. Byte-level BPE's pre-tokenizer (the GPT-2 pattern) always splits there, also when
-    the newline ends a longer whitespace run, so tokenising the pieces apart gives the tokens of the whole
-    file. Without such a newline: 0 (read more), or when forced (no such newline in 4 x chunk bytes) before
-    the last character, never inside a UTF-8 sequence (there the tokens may differ from the whole file's)."""
-    i = len(buf) - 1
-    while (i := buf.rfind(b"\n", 1, i)) > 0:
-        nxt = buf[i + 1]
-        if 0x21 <= nxt <= 0x7E or (nxt >= 0xC0 and not buf[i + 1:i + 5].decode("utf-8", "ignore")[:1].isspace()):
-            return i
-    if not force:
-        return 0
-    cut = len(buf) - 1
-    while cut > 0 and buf[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: step back to its lead byte
-        cut -= 1
-    return cut or len(buf)
-
-
-def text_pieces(path: Path, chunk: Optional[int] = None) -> Iterator[bytes]:
-    """The bytes of a text file in pieces of about `chunk` bytes (at most 5 x chunk), cut by _cut_point."""
-    chunk = chunk or CHUNK_BYTES
-    buf = b""
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            buf += data
-            if len(buf) > chunk:
-                cut = _cut_point(buf, force=len(buf) >= 4 * chunk)
-                if cut:
-                    yield buf[:cut]
-                    buf = buf[cut:]
-    if buf:
-        yield buf
-
-
-class NotUTF8(ValueError):
-    """A file that is not UTF-8 text; `offset` is its first bad byte."""
-
-    def __init__(self, path: Path, offset: int):
-        super().__init__(f"{path}: not UTF-8 text (bad byte at offset {offset})")
-        self.path, self.offset = path, offset
-
-
-def utf8_pieces(path: Path) -> Iterator[tuple]:
-    """(text, bytes read) of a text file in the pieces of `text_pieces`; raises NotUTF8 at the first piece that
-    is not UTF-8. The one text check: prepare_data applies it to every text input, and minimal_pretrain's
-    --data to its text files (data.py), so both refuse the same files."""
-    offset = 0
-    for piece in text_pieces(path):
-        try:
-            text = piece.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise NotUTF8(path, offset + e.start) from None
-        offset += len(piece)
-        yield text, len(piece)
-
-
 def _text_docs(path: Path) -> Iterator[tuple]:
     size = 0
     try:
-        for i, (text, n) in enumerate(utf8_pieces(path)):
+        for i, (text, n) in enumerate(utf8_pieces(path, CHUNK_BYTES)):  # read now: tests shrink it
             size += n
             yield text, i == 0, False, n
     except NotUTF8 as e:

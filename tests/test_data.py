@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minimal_pretrain
-from data import DataError, batch_offsets, get_batch, load_corpus
+from data import DataError, batch_offsets, get_batch, load_corpus, text_pieces
 
 from helpers import PREVIOUS_LINE, _ckpt_argv, _dist_data_file
 
@@ -101,6 +101,25 @@ def test_get_batch_targets_shifted():
     for i, off in enumerate(offsets.tolist()):
         np.testing.assert_array_equal(x[i].numpy(), tokens[off:off + 24])
         np.testing.assert_array_equal(y[i].numpy(), tokens[off + 1:off + 25])
+
+
+def test_text_pieces_cut_at_line_starts(tmp_path, monkeypatch):
+    code = "".join(f"def f{i}(x):\n    y = x + {i}  # ü\n\n    return y\n" for i in range(40))
+    long_line = "é" * 700 + "\n"  # no newline for 4 x chunk bytes: a forced cut, never inside a character
+    data = (code + long_line + code).encode("utf-8")
+    (tmp_path / "t.txt").write_bytes(data)
+    pieces = list(text_pieces(tmp_path / "t.txt", chunk=64))
+    assert len(pieces) > 10 and b"".join(pieces) == data
+    assert max(map(len, pieces)) <= 5 * 64
+    for p in pieces:
+        p.decode("utf-8")  # each piece is whole characters
+    forced = 0
+    for p, nxt in zip(pieces, pieces[1:]):
+        if p.endswith("é".encode()) and nxt.startswith("é".encode()):
+            forced += 1  # inside the long line
+        else:  # everywhere else: just before a newline that a non-space character follows
+            assert nxt[:1] == b"\n" and not nxt.decode("utf-8")[1].isspace(), (p[-20:], nxt[:20])
+    assert forced >= 1
 
 
 def test_data_that_is_not_utf8_text_is_refused_like_prepare_data(tmp_path, monkeypatch, capsys):
