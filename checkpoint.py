@@ -418,38 +418,42 @@ def check_hub(repo: str) -> None:
 
 
 class HubUploader:
-    """Uploads each saved checkpoint to a Hub model repo from a background thread, so training does not
-    wait on the network. A failed upload is reported and training goes on: the local copy is the truth.
-    Checkpoints still queued or uploading are not deleted by --keep-last until their upload ends."""
+    """Uploads each saved checkpoint to a Hub model repo in the background, so training does not wait on the
+    network. A failed upload is reported and training goes on: the local copy is the truth. Checkpoints still
+    queued or uploading are not deleted by --keep-last until their upload ends.
+
+    The jobs run on huggingface_hub's own executor, HfApi.run_as_future (one thread, jobs in the order given:
+    what upload_folder(..., run_as_future=True) uses). A job is create_repo, upload_folder and the report,
+    because create_repo has no run_as_future of its own and a failure of either is one report."""
 
     def __init__(self, repo: str, say=print):
-        import queue
-        import threading
         from huggingface_hub import HfApi
         self.repo, self.say, self.api = repo, say, HfApi()
-        self.queue: "queue.Queue[Optional[Path]]" = queue.Queue()
         self.busy: set = set()
-        self.thread = threading.Thread(target=self._run, name="hf-upload", daemon=True)
-        self.thread.start()
+        self.pending: list = []  # futures of the jobs not yet waited for
 
     def upload(self, path: Path) -> None:
         self.busy.add(path.name)
-        self.queue.put(path)
+        self.pending = [f for f in self.pending if not f.done()] + [self.api.run_as_future(self._upload, path)]
 
-    def _run(self) -> None:
-        while (path := self.queue.get()) is not None:
-            try:
-                self.api.create_repo(self.repo, exist_ok=True, private=True)
-                self.api.upload_folder(repo_id=self.repo, folder_path=str(path), path_in_repo=path.name,
-                                       commit_message=f"checkpoint {path.name}")
-                self.say(f"uploaded {path.name} to the Hugging Face Hub repo {self.repo}")
-            except Exception as e:  # the network, the token's rights, the Hub: report and carry on
-                self.say(f"warning: upload of {path.name} to {self.repo} failed ({type(e).__name__}: {e}); "
-                         f"the local checkpoint is kept")
-            finally:
-                self.busy.discard(path.name)
+    def _upload(self, path: Path) -> None:
+        try:
+            self.api.create_repo(self.repo, exist_ok=True, private=True)
+            self.api.upload_folder(repo_id=self.repo, folder_path=str(path), path_in_repo=path.name,
+                                   commit_message=f"checkpoint {path.name}")
+            self.say(f"uploaded {path.name} to the Hugging Face Hub repo {self.repo}")
+        except Exception as e:  # the network, the token's rights, the Hub: report and carry on
+            self.say(f"warning: upload of {path.name} to {self.repo} failed ({type(e).__name__}: {e}); "
+                     f"the local checkpoint is kept")
+        finally:
+            self.busy.discard(path.name)
 
     def close(self) -> None:
         """Waits for queued uploads to finish."""
-        self.queue.put(None)
-        self.thread.join()
+        try:
+            for future in self.pending:
+                future.result()
+        finally:  # interrupted (a second Ctrl-C): the jobs not started yet are dropped
+            for future in self.pending:
+                future.cancel()
+            self.pending = []
