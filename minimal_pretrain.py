@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
     t.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     t.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
-    t.add_argument("--seed", type=int, default=1337, help="seed of initialisation, data order and dropout")
+    t.add_argument("--seed", type=int, default=1337,
+                   help="seed of initialisation, data order and dropout (the dropout seed also varies with the PP "
+                        "stage and DP rank; TP ranks share it)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")

@@ -1,10 +1,20 @@
-"""The documents agree with the code."""
+"""The documents agree with the code: README's exit-code table, and MOE_GUIDE.md's flag table, which is generated
+from the trainer's parser:
+
+    python tests/test_docs.py        # rewrites the flag table in MOE_GUIDE.md section 9 from the parser
+"""
 from __future__ import annotations
 
+import argparse
+import re
 
-import minimal_pretrain
+from helpers import ROOT  # first: it puts the repository root on sys.path when this file runs as a script
 
-from helpers import ROOT
+import minimal_pretrain  # noqa: E402
+
+FLAGS_BEGIN = ("<!-- generated from minimal_pretrain.py's parser by `python tests/test_docs.py`: "
+               "edit the help texts there, not this table -->")
+FLAGS_END = "<!-- end of the generated flag table -->"
 
 
 def test_readme_exit_code_table_covers_every_code_main_returns():
@@ -17,3 +27,49 @@ def test_readme_exit_code_table_covers_every_code_main_returns():
     rows = {m.split()[0] for m in re.findall(r"^\| (\d[^|]*) \|", section, re.M)}
     returned = set(re.findall(r"return (\d+)", inspect.getsource(minimal_pretrain.main)))
     assert returned == {"0", "2", "3"} and returned | {"1", "128"} <= rows, (rows, returned)
+
+
+def _markdown(text: str) -> str:
+    """A help text as a table cell: flags and <placeholders> as code (a bare <time> would be read as HTML)."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return re.sub(r"(?<![\w`])(--[a-z0-9][a-z0-9-]*|[\w./{}-]*<[^>\s]+>[\w./{}-]*)", r"`\1`", text)
+
+
+def flag_table(parser: argparse.ArgumentParser) -> str:
+    """Markdown table of every flag: a bold row per argument group, then flag, default and help text."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for group in parser._action_groups:  # argparse has no public way to list the groups
+        actions = [a for a in group._group_actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+        if not actions:
+            continue
+        rows.append(f"| **{group.title}** | | |")
+        for a in actions:
+            if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                default = "off"
+            else:
+                default = "-" if a.default is None else _markdown(str(a.default))
+            flag = ", ".join(f"`{s}`" for s in a.option_strings)
+            choices = f" (one of {', '.join(f'`{c}`' for c in a.choices)})" if a.choices else ""
+            rows.append(f"| {flag} | {default} | {_markdown(a.help)}{choices} |")
+    return "\n".join(rows)
+
+
+def _guide_table(guide: str) -> tuple[int, int]:
+    start = guide.index(FLAGS_BEGIN) + len(FLAGS_BEGIN)
+    return start, guide.index(FLAGS_END, start)
+
+
+def test_moe_guide_flag_table_is_the_parsers():
+    """MOE_GUIDE.md section 9 lists exactly the trainer's flags, defaults and help texts."""
+    guide = (ROOT / "MOE_GUIDE.md").read_text()
+    start, end = _guide_table(guide)
+    assert guide[start:end].strip() == flag_table(minimal_pretrain.build_parser()), \
+        "MOE_GUIDE.md's flag table differs from minimal_pretrain.py's parser: run python tests/test_docs.py"
+
+
+if __name__ == "__main__":
+    path = ROOT / "MOE_GUIDE.md"
+    guide = path.read_text()
+    start, end = _guide_table(guide)
+    path.write_text(guide[:start] + "\n" + flag_table(minimal_pretrain.build_parser()) + "\n" + guide[end:])
+    print(f"rewrote the flag table in {path}")
