@@ -20,18 +20,36 @@ import torch
 from model import GPT, KVCache
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits [b, V] -> next token ids [b, 1]. temperature 0: greedy (argmax); otherwise sample from
-    softmax(logits / temperature), restricted to the top_k most likely tokens when top_k is set (> 0)."""
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+def draw_noise(shape: tuple, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The random numbers of one sampling step: Exp(1) noise [b, V] in fp32. Another decoding path that
+    draws the same shape, dtype and device from the same generator gets the same numbers."""
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=generator)
+
+
+def sample_with_noise(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                      noise: torch.Tensor) -> torch.Tensor:
+    """logits [b, V], noise [b, V] (Exp(1), from draw_noise) -> next token ids [b, 1], sampled from
+    softmax(logits / temperature) restricted to the top_k most likely tokens when top_k is set (> 0).
+
+    The exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) independent is token i with probability
+    p_i (the Gumbel-max trick, since -log E_i is Gumbel). Unlike torch.multinomial it is plain tensor
+    arithmetic on noise drawn beforehand, so a compiled, graph-captured step can sample without a
+    generator inside it and without reading anything back to the host."""
+    logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [b, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    # Exp(1) noise can be exactly 0 (probability ~2^-24): 0 / 0 would be NaN, which argmax would pick.
+    return (logits.softmax(dim=-1) / noise.clamp_min(torch.finfo(torch.float32).tiny)).argmax(dim=-1, keepdim=True)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits [b, V] -> next token ids [b, 1]. temperature 0: greedy (argmax, no random numbers drawn);
+    otherwise sample_with_noise with fresh noise from the generator."""
+    if temperature == 0:
+        return logits.float().argmax(dim=-1, keepdim=True)
+    return sample_with_noise(logits, temperature, top_k, draw_noise(logits.shape, logits.device, generator))
 
 
 @torch.no_grad()

@@ -3960,5 +3960,20 @@ def test_reference_overload_factor_counts_the_kept_tokens():
     assert m["moe/avg_overload_factor"] == pytest.approx(sum(want) / len(want))
 
 
+# --------------------------------------------------------------------------------------------------
+# fast decoding (issue 19, target 3): static KV cache, a decode step of fixed shapes (CUDA graphs on a GPU),
+# the same tokens as the plain path; sample.py's stdout holds only the samples
+# --------------------------------------------------------------------------------------------------
+def test_sample_with_noise_zero_noise_never_picks_a_filtered_token():
+    """Exp(1) noise can be exactly 0: without care p / 0 = NaN for a token top-k removed (p = 0), and
+    argmax would pick the NaN."""
+    from generate import sample_with_noise
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    noise = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the filtered token 3 draws a 0
+    assert sample_with_noise(logits, 1.0, 2, noise).tolist() == [[0]]
+    noise = torch.tensor([[1.0, 0.0, 1.0, 1.0]])  # a kept token drawing 0 wins the race
+    assert sample_with_noise(logits, 1.0, 2, noise).tolist() == [[1]]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
