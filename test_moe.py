@@ -3964,6 +3964,86 @@ def test_reference_overload_factor_counts_the_kept_tokens():
 # fast decoding (issue 19, target 3): static KV cache, a decode step of fixed shapes (CUDA graphs on a GPU),
 # the same tokens as the plain path; sample.py's stdout holds only the samples
 # --------------------------------------------------------------------------------------------------
+def _decoding_model(kind: str, seed: int = 2) -> GPT:
+    """_sampling_model's tiny model (T = 16): 'moe', 'dense', or 'capacity' (MoE with capacity factor 1, so
+    a prefill drops assignments)."""
+    if kind != "capacity":
+        return _sampling_model(4 if kind == "moe" else 0, seed)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_seq_length=16, num_experts=4, num_experts_per_token=2,
+                      moe_capacity_factor=1.0)
+    model = GPT(cfg, Topology())
+    model.init_weights(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense", "capacity"])
+def test_static_kv_cache_logits_match_full_recompute_and_hide_stale_slots(kind, one_thread):
+    from model import StaticKVCache
+    model = _decoding_model(kind)
+    T = model.cfg.max_seq_length
+    ids = torch.randint(0, 64, (2, 2 * T), generator=torch.Generator().manual_seed(1))
+    cache = StaticKVCache(list(model.layers.keys()), 2, 2, T, model.cfg.head_dim, torch.float32, torch.device("cpu"))
+    step = lambda x, start: model(x, kv_cache=cache, input_pos=torch.arange(start, start + x.shape[1]))[0]
+    with torch.no_grad():
+        for seq in (ids[:, :T], ids[:, T:]):  # the second sequence over the first one's slots, no reset
+            full, _ = model(seq) if kind != "capacity" else model(seq[:, :5])  # capacity: the prefill alone
+            if kind == "capacity":  # drops depend on the tokens of each forward: compare the prefill only
+                torch.testing.assert_close(step(seq[:, :5], 0), full, rtol=1e-5, atol=1e-5)
+                continue
+            # a 5-token prefill, single tokens, a 3-token chunk (queries after cached keys), single tokens to T
+            feeds = [(0, 5)] + [(i, i + 1) for i in range(5, 9)] + [(9, 12)] + [(i, i + 1) for i in range(12, T)]
+            got = torch.cat([step(seq[:, a:b], a) for a, b in feeds], dim=1)
+            torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+        # A short prefill over the slots of a whole earlier sequence: the stale slots after it are not seen.
+        torch.testing.assert_close(step(ids[:, :3], 0), model(ids[:, :3])[0], rtol=1e-5, atol=1e-5)
+    assert full.std() > 0.3
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense", "capacity"])
+def test_fast_decode_greedy_identical_to_plain_across_windows(kind, one_thread):
+    """One decoder reused for prompts of several lengths (below, at and past T), each generating 3T tokens
+    so the window is rebuilt several times: the same tokens as the plain path, and (without capacity,
+    where a rebuild's drops differ from a recompute's) as the brute-force recompute of the policy."""
+    from generate import StaticDecoder, generate
+    model = _decoding_model(kind)
+    T = model.cfg.max_seq_length
+    new = 3 * T
+    lengths = (1, 3, T - 1, T, T + 4)
+    decoder = StaticDecoder(model, 2, max(lengths) + new, temperature=0.0)
+    for n in lengths:
+        ids = torch.randint(0, 64, (2, n), generator=torch.Generator().manual_seed(n))
+        got = decoder.generate(ids, new)
+        plain = generate(model, ids, new, temperature=0.0)
+        assert got.shape == (2, n + new) and torch.equal(got[:, :n], ids)
+        assert torch.equal(got, plain), (n, (got != plain).nonzero()[:3])
+        if kind != "capacity":
+            assert torch.equal(got, _greedy_by_recompute(model, ids, new)), n
+        assert len(set(got[:, n:].flatten().tolist())) > 5  # not a constant continuation
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+def test_fast_decode_sampling_identical_to_plain_for_the_same_seed(kind, one_thread):
+    from generate import StaticDecoder, generate
+    model = _decoding_model(kind, seed=3)
+    T = model.cfg.max_seq_length
+    ids = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(0))
+    for temperature, top_k in ((0.8, 20), (1.0, None), (0.5, 1)):
+        decoder = StaticDecoder(model, 3, 4 + 2 * T, temperature, top_k)
+        fast = lambda seed: decoder.generate(ids, 2 * T, torch.Generator().manual_seed(seed))
+        plain = generate(model, ids, 2 * T, temperature, top_k, torch.Generator().manual_seed(7))
+        a, b, c = fast(7), fast(7), fast(8)
+        assert torch.equal(a, plain) and torch.equal(a, b), (temperature, top_k)
+        if top_k == 1:  # top-1 is greedy whatever the noise
+            assert torch.equal(a, c) and torch.equal(a, generate(model, ids, 2 * T, temperature=0.0))
+        else:
+            assert not torch.equal(a, c)
+
+
 def test_sample_with_noise_zero_noise_never_picks_a_filtered_token():
     """Exp(1) noise can be exactly 0: without care p / 0 = NaN for a token top-k removed (p = 0), and
     argmax would pick the NaN."""
@@ -3973,6 +4053,49 @@ def test_sample_with_noise_zero_noise_never_picks_a_filtered_token():
     assert sample_with_noise(logits, 1.0, 2, noise).tolist() == [[0]]
     noise = torch.tensor([[1.0, 0.0, 1.0, 1.0]])  # a kept token drawing 0 wins the race
     assert sample_with_noise(logits, 1.0, 2, noise).tolist() == [[1]]
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+def test_decode_step_compiles_to_one_graph_and_decodes_the_same(kind, one_thread):
+    """What CUDA graph capture needs, checked on the CPU: torch.compile traces the whole decode step (MoE
+    routing, sort and grouped GEMM at T = batch tokens, cache writes, sampling) as one graph (fullgraph),
+    with no op that reads a device value back to the host (.item(), .tolist() and data-dependent shapes
+    become _local_scalar_dense or nonzero in the aten graph; torch 2.13 captures them rather than breaking
+    the graph), once for every later step and run, and the compiled step gives the eager step's tokens.
+    The MoE model runs under bf16 autocast, as on a GPU, so its experts take the grouped GEMM."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+    from generate import StaticDecoder
+    host_reads = []
+
+    def inspect(gm, example_inputs):  # the aten graph, then run as it is (as backend="aot_eager" does)
+        host_reads.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+                          and any(op in str(n.target) for op in ("_local_scalar_dense", "nonzero")))
+        return gm
+
+    model = _decoding_model(kind)
+    T = model.cfg.max_seq_length
+    ids = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "moe"):
+        for temperature in (0.0, 0.8):
+            decoder = StaticDecoder(model, 2, 3 + 2 * T, temperature, 20)
+            assert decoder.dtype == (torch.bfloat16 if kind == "moe" else torch.float32)
+            eager = decoder.generate(ids, 2 * T, torch.Generator().manual_seed(1))
+            before = counters["stats"]["unique_graphs"]
+            decoder.compile_step(backend=aot_autograd(fw_compiler=inspect), fullgraph=True, dynamic=False)
+            got = [decoder.generate(ids, 2 * T, torch.Generator().manual_seed(1)) for _ in range(2)]
+            assert counters["stats"]["unique_graphs"] - before == 1  # no recompilation per step or per run
+            assert host_reads == [], host_reads
+            assert torch.equal(got[0], eager) and torch.equal(got[1], eager), temperature
+
+
+def test_static_decoder_refuses_a_run_it_cannot_hold():
+    from generate import StaticDecoder
+    decoder = StaticDecoder(_decoding_model("dense"), 2, 10, temperature=0.0)
+    with pytest.raises(ValueError, match="2 rows of at most 10 tokens"):
+        decoder.generate(torch.zeros(2, 4, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match="2 rows"):
+        decoder.generate(torch.zeros(3, 4, dtype=torch.long), 2)
 
 
 if __name__ == "__main__":
