@@ -978,20 +978,22 @@ def test_sample_py_end_to_end_on_a_trained_checkpoint(tiny_checkpoint, capsys, o
     proc = _sample(*common, "--seed", "1")  # the real command line, once
     out1, err1 = proc.communicate(timeout=120)
     assert proc.returncode == 0, err1
-    outs = []
+    runs = []
     for seed in ("1", "2"):  # the same main() in this process: seed 1 must repeat the command line's text
         assert sample.main([*common, "--seed", seed]) == 0
-        outs.append(capsys.readouterr().out)
-    out2, out3 = outs
+        cap = capsys.readouterr()
+        runs.append((cap.out, cap.err))
+    (out2, err2), (out3, err3) = runs
 
-    def parse(out: str) -> tuple[list, str]:  # header line, samples separated by dashes, timing line
-        parts = out.split("\n---------------\n")
-        header, first = parts[0].split("\n", 1)
+    def parse(out: str, err: str) -> tuple[list, str]:
+        """stdout: only the samples, each followed by a dashed line; stderr: a header line, a timing line."""
+        assert out.endswith("\n---------------\n"), out
+        header, timing = err.splitlines()  # exactly two lines
         assert header.startswith("checkpoint ") and "step 4" in header, header
-        return [first] + parts[1:-1], parts[-1]
+        return out[:-len("\n---------------\n")].split("\n---------------\n"), timing
 
-    (s1, timing), (s2, _), (s3, _) = parse(out1), parse(out2), parse(out3)
-    assert "tokens/s" in timing and timing.count("\n") == 1, timing
+    (s1, timing), (s2, _), (s3, _) = parse(out1, err1), parse(out2, err2), parse(out3, err3)
+    assert "tokens/s" in timing and "ms per step" in timing, timing
     assert len(s1) == 2 and all(s.startswith("def f(") and len(s) > len("def f(") for s in s1), s1
     assert s1 == s2 and s1 != s3
 
@@ -1598,7 +1600,8 @@ def test_sample_a_run_on_prepared_bytes_from_another_directory(tmp_path, monkeyp
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--device", "cpu",
                         "--max-new-tokens", "5", "--prompt", "def"]) == 0, capsys.readouterr().err
-    assert "tokens/s" in capsys.readouterr().out
+    cap = capsys.readouterr()  # the sample on stdout, the speed on stderr
+    assert cap.out.startswith("def") and "tokens/s" in cap.err and "tokens/s" not in cap.out
 
 
 def test_resume_with_other_model_exits_2_naming_fields(tmp_path, monkeypatch):
@@ -3772,7 +3775,7 @@ def test_checkpoint_carries_its_tokenizer_so_sample_needs_no_data(tmp_path, monk
     def sample_text() -> str:
         capsys.readouterr()
         assert sample.main(flags) == 0, capsys.readouterr().err
-        return capsys.readouterr().out.split("\n---------------\n")[0]  # header and the sample, no timing
+        return capsys.readouterr().out.split("\n---------------\n")[0]  # the sample (stdout holds only samples)
     with_data = sample_text()
     data.rename(moved)
     assert sample_text() == with_data
@@ -3960,6 +3963,7 @@ def test_reference_overload_factor_counts_the_kept_tokens():
     assert m["moe/avg_overload_factor"] == pytest.approx(sum(want) / len(want))
 
 
+
 # --------------------------------------------------------------------------------------------------
 # fast decoding (issue 19, target 3): static KV cache, a decode step of fixed shapes (CUDA graphs on a GPU),
 # the same tokens as the plain path; sample.py's stdout holds only the samples
@@ -4096,6 +4100,37 @@ def test_static_decoder_refuses_a_run_it_cannot_hold():
         decoder.generate(torch.zeros(2, 4, dtype=torch.long), 7)
     with pytest.raises(ValueError, match="2 rows"):
         decoder.generate(torch.zeros(3, 4, dtype=torch.long), 2)
+
+
+def test_sample_py_fast_decode_same_text_and_stdout_holds_only_samples(tiny_checkpoint, capsys, one_thread):
+    """The command line with --fast-decode on and off (CPU, 40 tokens past a window of 16): stdout is the
+    samples and their dashed lines, nothing else, and the same text both ways, greedy and sampled;
+    stderr names the path and gives the speed. A bad --fast-decode is one error line, exit 2."""
+    import sample
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompt", "def f(", "--max-new-tokens", "40",
+              "--num-samples", "2", "--device", "cpu"]
+    procs = {mode: _sample(*common, "--temperature", "0", "--fast-decode", mode) for mode in ("on", "off")}
+    texts = {}
+    for mode, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        samples = out.split("\n---------------\n")
+        assert samples[-1] == "" and len(samples) == 3, out  # two samples, each followed by the dashes
+        assert all(x.startswith("def f(") and len(x.encode()) > len("def f(") for x in samples[:2]), samples
+        header, timing = err.splitlines()
+        assert header.startswith("checkpoint ") and ("static KV cache" in header) == (mode == "on"), header
+        assert "tokens/s" in timing and "tokens/s" not in out
+        texts[mode] = out
+    assert texts["on"] == texts["off"]
+    sampled = {}
+    for mode in ("on", "off"):  # in process, sampling with a seed
+        assert sample.main([*common, "--temperature", "0.9", "--top-k", "50", "--seed", "5", "--fast-decode", mode]) == 0
+        sampled[mode] = capsys.readouterr().out
+    assert sampled["on"] == sampled["off"] != texts["on"]
+    with pytest.raises(SystemExit) as e:
+        sample.main([*common, "--fast-decode", "maybe"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--fast-decode" in err, err
 
 
 if __name__ == "__main__":
