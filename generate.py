@@ -97,14 +97,16 @@ class StaticDecoder(nn.Module):
     State (buffers, never reallocated): a StaticKVCache; `pos` [1], the cache slot of the token fed next;
     `n` [1], the column of `tokens` the next sampled token goes to; `logits` [b, V] fp32, the last fed
     token's logits; `noise` [b, V], the random numbers of the next sampling step; `tokens` [b,
-    max_tokens], prompt and samples. The step reads them all on the device and advances pos and n there,
-    so a step needs nothing from the host and reads nothing back: the host loop only counts.
+    max_tokens], prompt and samples; `window` [b, T // 2], the tokens a rebuild feeds. The step reads them
+    all on the device and advances pos and n there, so a step needs nothing from the host and reads
+    nothing back: the host loop only counts.
 
-    compile_step() wraps the step in torch.compile (on CUDA: mode="reduce-overhead", which captures it in a
-    CUDA graph and replays it; gpt-fast does the same). Prefills (the prompt, and the rebuild when the
-    window is full) and the last sample of a run run eagerly: they are a few per window, and their shapes
-    differ. One decoder serves many runs of up to max_tokens tokens with batch_size rows, the same
-    temperature and top_k (a new decoder would mean new buffers, hence a recompilation).
+    compile_steps() wraps the decode step and the window rebuild (a prefill of the last T // 2 tokens:
+    one shape every time) in torch.compile (on CUDA: mode="reduce-overhead", which captures each in a CUDA
+    graph and replays it; gpt-fast does the same for its decode step); warm_up() then compiles and
+    captures them before a timed run. The prompt's prefill (any length) and the last sample of a run run
+    eagerly. One decoder serves many runs of up to max_tokens tokens with batch_size rows, the same
+    temperature and top_k (another temperature or top_k is another compilation).
     """
 
     def __init__(self, model: GPT, batch_size: int, max_tokens: int, temperature: float = 1.0,
@@ -130,18 +132,45 @@ class StaticDecoder(nn.Module):
                              persistent=False)
         self.register_buffer("noise", torch.ones(batch_size, cfg.vocab_size, dtype=torch.float32, device=device),
                              persistent=False)
+        self.keep = max(1, cfg.max_seq_length // 2)  # tokens a full window is cropped to (see the module docstring)
+        self.register_buffer("window", torch.zeros(batch_size, self.keep, **long), persistent=False)
+        self.register_buffer("window_pos", torch.arange(self.keep, device=device), persistent=False)
         # Fixed addresses: torch.compile's CUDA graphs then read and update these in place instead of
         # copying them into graph-owned inputs at every replay (module buffers are static already; this
         # makes it explicit, and covers the cache's buffers too).
         for buf in self.buffers():
             torch._dynamo.mark_static_address(buf)
-        self._step = self.decode_step
+        self._step, self._rebuild = self.decode_step, self.rebuild_step
         self.compiled = False
 
-    def compile_step(self, **compile_kwargs) -> None:
-        """torch.compile the decode step, e.g. mode="reduce-overhead", dynamic=False (CUDA graphs)."""
+    def compile_steps(self, **compile_kwargs) -> None:
+        """torch.compile the decode step and the rebuild, e.g. mode="reduce-overhead", dynamic=False (CUDA
+        graphs)."""
         self._step = torch.compile(self.decode_step, **compile_kwargs)
+        self._rebuild = torch.compile(self.rebuild_step, **compile_kwargs)
         self.compiled = True
+
+    def _call(self, fn) -> None:
+        if self.compiled:  # a new iteration: a previous replay's outputs may be overwritten (there are none)
+            torch.compiler.cudagraph_mark_step_begin()
+        fn()
+
+    @torch.no_grad()
+    def warm_up(self, calls: int = 3) -> None:
+        """Run the rebuild and the decode step `calls` times on whatever the buffers hold: torch.compile traces
+        a function at its first call, records its CUDA graph at the second and replays it from the third, so
+        this moves compilation and capture out of the next run. The state it leaves is discarded by the
+        prefill that starts every run."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for _ in range(calls):
+                self._call(self._rebuild)  # pos = keep
+                if self.keep < self.model.cfg.max_seq_length:
+                    self.n.zero_()
+                    self._call(self._step)
+        finally:
+            self.model.train(was_training)
 
     def _pick(self) -> torch.Tensor:
         """The next tokens [b, 1] from the logits and noise buffers, as sample_next picks them."""
@@ -163,6 +192,12 @@ class StaticDecoder(nn.Module):
         self.tokens.index_copy_(1, self.n, self._pick())
         self.n.add_(1)
 
+    def rebuild_step(self) -> None:
+        """Empty the cache and feed `window` at slots 0 .. keep-1: the rebuild of a full window."""
+        logits, _ = self.model(self.window, kv_cache=self.cache, input_pos=self.window_pos)
+        self.logits.copy_(logits[:, -1])
+        self.pos.fill_(self.keep)
+
     def prefill(self, ids: torch.Tensor) -> None:
         """Empty the cache and feed ids [b, t] (t <= max_seq_length) at slots 0 .. t-1 (eager)."""
         t = ids.shape[1]
@@ -179,8 +214,7 @@ class StaticDecoder(nn.Module):
         if b != self.batch_size or n + max_new_tokens > self.max_tokens:
             raise ValueError(f"this decoder holds {self.batch_size} rows of at most {self.max_tokens} tokens, "
                              f"got {b} rows of {n} + {max_new_tokens}")
-        T = self.model.cfg.max_seq_length
-        keep = max(1, T // 2)
+        T, keep = self.model.cfg.max_seq_length, self.keep
         was_training = self.model.training
         self.model.eval()
         try:
@@ -194,12 +228,11 @@ class StaticDecoder(nn.Module):
                 if i == n + max_new_tokens - 1 or pos == T:
                     self.sample_last()
                     if pos == T and i < n + max_new_tokens - 1:  # full: rebuild, as generate does
-                        self.prefill(self.tokens[:, i + 1 - keep:i + 1])
+                        self.window.copy_(self.tokens[:, i + 1 - keep:i + 1])
+                        self._call(self._rebuild)
                         pos = keep
                     continue
-                if self.compiled:  # a new iteration: the previous replay's outputs may be overwritten
-                    torch.compiler.cudagraph_mark_step_begin()
-                self._step()
+                self._call(self._step)
                 pos += 1
         finally:
             self.model.train(was_training)

@@ -122,8 +122,8 @@ def load_model(meta: dict, state: dict, device: torch.device) -> GPT:
     return model.to(device).eval()
 
 
-# New tokens of the warm-up run: a compiled step is traced on its first call, recorded into a CUDA graph
-# on the second and replayed from the third; 5 tokens make 4 steps.
+# New tokens of the warm-up run (after StaticDecoder.warm_up on the compiled path): the prompt's prefill and
+# a few steps, so that kernel compilation (Triton) and CUDA start-up are done before the timed run.
 WARMUP_TOKENS = 5
 
 
@@ -150,7 +150,7 @@ def decode_capturable(model: GPT, dtype: torch.dtype, device: torch.device) -> b
 
 def fast_decoder(model: GPT, batch_size: int, max_tokens: int, temperature: float,
                  top_k: int) -> tuple[StaticDecoder, str]:
-    """A StaticDecoder built under the current autocast; on CUDA its step compiled with CUDA graphs.
+    """A StaticDecoder built under the current autocast; on CUDA its steps compiled with CUDA graphs.
     Returns it and a description of the path for the header."""
     decoder = StaticDecoder(model, batch_size, max_tokens, temperature, top_k)
     device = model.rope_cos.device
@@ -159,9 +159,10 @@ def fast_decoder(model: GPT, batch_size: int, max_tokens: int, temperature: floa
     one_graph = decode_capturable(model, decoder.dtype, device)
     # fullgraph: a graph break would leave a slower, partly eager step without saying so; where the expert
     # loop breaks it anyway, the pieces around it are still captured.
-    decoder.compile_step(mode="reduce-overhead", fullgraph=one_graph, dynamic=False)
-    return decoder, ("static KV cache, decode step compiled and captured in a CUDA graph" if one_graph else
-                     "static KV cache, decode step compiled with graph breaks (the MoE expert loop syncs)")
+    decoder.compile_steps(mode="reduce-overhead", fullgraph=one_graph, dynamic=False)
+    return decoder, ("static KV cache, decode step and window rebuild compiled and captured in CUDA graphs"
+                     if one_graph else "static KV cache, decode step and window rebuild compiled with graph "
+                                       "breaks (the MoE expert loop syncs)")
 
 
 def main(argv=None) -> int:
@@ -200,8 +201,10 @@ def main(argv=None) -> int:
             f"{', bf16 autocast' if device.type == 'cuda' else ', fp32'}, decoding: {how}")
         # A warm-up with its own generator: compilation (torch.compile, Triton), CUDA graph capture and CUDA
         # start-up are one-time costs that would otherwise dominate the tokens/s of a short sample; the samples
-        # themselves are unchanged. WARMUP_TOKENS runs the compiled step often enough to be captured and replayed.
+        # themselves are unchanged.
         start = time.perf_counter()
+        if fast and decoder.compiled:
+            decoder.warm_up()  # the compiled steps, the rebuild included, traced, recorded and replayed
         run(WARMUP_TOKENS, torch.Generator(device=device).manual_seed(0)).tolist()
         warmup_s = time.perf_counter() - start
         start = time.perf_counter()

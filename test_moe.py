@@ -4060,12 +4060,13 @@ def test_sample_with_noise_zero_noise_never_picks_a_filtered_token():
 
 
 @pytest.mark.parametrize("kind", ["moe", "dense"])
-def test_decode_step_compiles_to_one_graph_and_decodes_the_same(kind, one_thread):
+def test_decode_step_and_rebuild_compile_to_one_graph_each_and_decode_the_same(kind, one_thread):
     """What CUDA graph capture needs, checked on the CPU: torch.compile traces the whole decode step (MoE
-    routing, sort and grouped GEMM at T = batch tokens, cache writes, sampling) as one graph (fullgraph),
-    with no op that reads a device value back to the host (.item(), .tolist() and data-dependent shapes
-    become _local_scalar_dense or nonzero in the aten graph; torch 2.13 captures them rather than breaking
-    the graph), once for every later step and run, and the compiled step gives the eager step's tokens.
+    routing, sort and grouped GEMM at T = batch tokens, cache writes, sampling) and the window rebuild as
+    one graph each (fullgraph), with no op that reads a device value back to the host (.item(), .tolist()
+    and data-dependent shapes become _local_scalar_dense or nonzero in the aten graph; torch 2.13 captures
+    them rather than breaking the graph), once for every later call and run (warm_up included), and the
+    compiled steps give the eager steps' tokens, also after warm_up left its state in the buffers.
     The MoE model runs under bf16 autocast, as on a GPU, so its experts take the grouped GEMM."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.utils import counters
@@ -4086,9 +4087,10 @@ def test_decode_step_compiles_to_one_graph_and_decodes_the_same(kind, one_thread
             assert decoder.dtype == (torch.bfloat16 if kind == "moe" else torch.float32)
             eager = decoder.generate(ids, 2 * T, torch.Generator().manual_seed(1))
             before = counters["stats"]["unique_graphs"]
-            decoder.compile_step(backend=aot_autograd(fw_compiler=inspect), fullgraph=True, dynamic=False)
+            decoder.compile_steps(backend=aot_autograd(fw_compiler=inspect), fullgraph=True, dynamic=False)
+            decoder.warm_up()
             got = [decoder.generate(ids, 2 * T, torch.Generator().manual_seed(1)) for _ in range(2)]
-            assert counters["stats"]["unique_graphs"] - before == 1  # no recompilation per step or per run
+            assert counters["stats"]["unique_graphs"] - before == 2  # step and rebuild, no recompilation
             assert host_reads == [], host_reads
             assert torch.equal(got[0], eager) and torch.equal(got[1], eager), temperature
 

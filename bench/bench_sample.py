@@ -166,7 +166,9 @@ def main() -> int:
             eager = StaticDecoder(model, b, n + a.new_tokens, temperature, top_k)
             skips_before = counters["inductor"]["cudagraph_skips"]
             start = time.perf_counter()
-            fast.generate(ids, sample.WARMUP_TOKENS, gen()).tolist()  # compiles and captures
+            if fast.compiled:
+                fast.warm_up()  # compiles and captures the decode step and the rebuild
+            fast.generate(ids, sample.WARMUP_TOKENS, gen()).tolist()
             warmup_s = time.perf_counter() - start
             generate(model, ids, sample.WARMUP_TOKENS, temperature, top_k, gen()).tolist()
             res = {"mode": mode, "batch": b, "temperature": temperature, "top_k": top_k, "fast_path": how,
