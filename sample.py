@@ -140,11 +140,13 @@ def cudagraph_skips() -> int:
 
 
 def decode_capturable(model: GPT, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a decode step can be one graph: every MoE layer's experts run as a grouped GEMM (sync-free).
-    Elsewhere (an MoE model in fp32 on CUDA, or below sm90) their loop reads group sizes back to the host."""
+    """Whether torch.compile can trace a decode step as one graph: every MoE layer's experts run as a
+    grouped GEMM (sync-free) in bf16, the one dtype its compiled form takes (moe_layers). Elsewhere (fp32,
+    or a GPU below sm90) the experts run outside the graph: the loop reads group sizes back to the host."""
     probe = torch.empty(0, dtype=dtype, device=device)
     cfg = model.cfg
-    return all(moe.experts.impl != "loop" and grouped_mm_available(probe, cfg.hidden_size, cfg.expert_ffn_size)
+    return all(moe.experts.impl != "loop" and dtype == torch.bfloat16
+               and grouped_mm_available(probe, cfg.hidden_size, cfg.expert_ffn_size)
                for moe in model.moe_layers().values())
 
 
