@@ -13,7 +13,8 @@ first window is conditioned on between T // 2 and T - 1 preceding tokens, and th
 token's forward per generated token on average (a T // 2 prefill every T // 2 tokens). Cropping to the
 last T tokens at every step would condition on more but recompute the whole window for each token.
 Both paths follow this policy and draw their random numbers alike (see sample_next), so for the same
-logits they pick the same tokens.
+logits they pick the same tokens. Their logits agree to rounding, not bit for bit (the static cache's
+attention sums over all max_seq_length slots; a compiled step fuses and rounds differently).
 """
 from __future__ import annotations
 
