@@ -6,6 +6,7 @@ norm, LM head and loss if it is the last. All splitting across TP ranks lives in
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import asdict, dataclass
@@ -127,6 +128,42 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class StaticKVCache(nn.Module):
+    """Keys and values of every attention layer in buffers of one fixed shape, [b, kv_heads, max_len, hd]
+    per layer, allocated (zeroed) at construction, for decoding steps whose shapes never change, so that
+    a step can be captured once in a CUDA graph and replayed (generate.StaticDecoder).
+
+    Unlike KVCache, it keeps no position on the host: each forward is given the positions of its tokens
+    as a device tensor (`input_pos` [t]), writes their k and v there (index_copy_) and attends over all
+    max_len slots under a mask that hides every slot after the query's position. Slots past the current
+    position hold stale keys from an earlier window or sample and are never seen; zero-initialised, they
+    are always finite, so the mask removes them exactly (a NaN there would survive the -inf).
+    """
+
+    def __init__(self, layer_ids: Sequence[int], batch_size: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.max_len = max_len
+        for i in layer_ids:
+            self.register_buffer(f"k_{i}", torch.zeros(batch_size, kv_heads, max_len, head_dim, dtype=dtype,
+                                                       device=device), persistent=False)
+            self.register_buffer(f"v_{i}", torch.zeros(batch_size, kv_heads, max_len, head_dim, dtype=dtype,
+                                                       device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
+
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """[t, max_len] bool: the query at input_pos[i] sees the slots 0 .. input_pos[i]."""
+        return self.slots.unsqueeze(0) <= input_pos.unsqueeze(1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [b, kv_heads, t, hd] at the slots input_pos [t]; return the whole buffers."""
+        k_buf, v_buf = getattr(self, f"k_{layer}"), getattr(self, f"v_{layer}")
+        k_buf.index_copy_(2, input_pos, k)  # a dtype other than the buffers' is an error, not a silent rounding
+        v_buf.index_copy_(2, input_pos, v)
+        return k_buf, v_buf
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention; heads and kv heads are split over TP ranks."""
 
@@ -143,9 +180,11 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, topo, out_init_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        """cos, sin: the rotary angles of x's positions [t, hd/2]. With a cache, x holds the positions
-        kv_cache.pos .. pos + t - 1 and attends over every position held."""
+                kv_cache: Optional[KVCache | StaticKVCache] = None, input_pos: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """cos, sin: the rotary angles of x's positions [t, hd/2]. With a KVCache, x holds the positions
+        kv_cache.pos .. pos + t - 1 and attends over every position held. With a StaticKVCache, x holds
+        the positions input_pos [t] and mask [t, max_len] is kv_cache.mask(input_pos)."""
         b, t, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.local_heads * hd, self.local_kv_heads * hd, self.local_kv_heads * hd], -1)
@@ -157,6 +196,12 @@ class Attention(nn.Module):
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
                                                enable_gqa=gqa)
+        elif isinstance(kv_cache, StaticKVCache):
+            k, v = kv_cache.update(self.layer_id, k, v, input_pos)  # [b, kv_heads, max_len, hd]
+            # All max_len slots, every step: the shapes never change. Eagerly (prefill, CPU) the backends
+            # without per-shape plans, as below; a compiled step has one shape and lets inductor choose.
+            with contextlib.nullcontext() if torch.compiler.is_compiling() else sdpa_kernel(_DECODE_BACKENDS):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             start = kv_cache.pos
             k, v = kv_cache.update(self.layer_id, k, v)  # [b, kv_heads, start + t, hd]
@@ -203,8 +248,9 @@ class Block(nn.Module):
             self.ffn = MLP(cfg, topo, out_std)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, kv_cache: Optional[KVCache] = None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, kv_cache))
+    def forward(self, x, cos, sin, kv_cache: Optional[KVCache | StaticKVCache] = None,
+                input_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, kv_cache, input_pos, mask))
         y, moe_loss = self.ffn(self.ffn_norm(x))
         return x + self.drop(y), moe_loss
 
@@ -232,30 +278,40 @@ class GPT(nn.Module):
         """{global layer index: SparseMoE} for the MoE layers of this stage."""
         return {int(i): blk.ffn for i, blk in self.layers.items() if isinstance(blk.ffn, SparseMoE)}
 
-    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None):
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache | StaticKVCache] = None, input_pos: Optional[torch.Tensor] = None):
         """First stage: x is token ids [b, T]; otherwise the hidden states [b, T, d].
         Returns (hidden, moe_loss) or, on the last stage, (mean LM loss, moe_loss), or (logits [b, T, V],
         moe_loss) when no targets are given.
 
         kv_cache (whole model in one process only): x holds the next T tokens at positions kv_cache.pos ..
         pos + T - 1 (at most max_seq_length in all, the length of the rotary tables); their keys and values
-        are added to the cache and pos advances by T."""
+        are added to the cache and pos advances by T. A StaticKVCache instead takes the positions of x's
+        tokens as input_pos, a device tensor [T] (nothing is read back to the host, so the caller keeps
+        them below its max_len; an index past it is a device-side error)."""
         t = x.shape[1]
         pos = 0
-        if kv_cache is not None:
-            if not (self.first and self.last):
-                raise ValueError("a KV cache needs the whole model in one stage")
-            pos = kv_cache.pos
-            if pos + t > self.cfg.max_seq_length:
-                raise ValueError(f"positions {pos}..{pos + t - 1} exceed max_seq_length {self.cfg.max_seq_length}")
-        cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
+        mask = None
+        if kv_cache is not None and not (self.first and self.last):
+            raise ValueError("a KV cache needs the whole model in one stage")
+        if isinstance(kv_cache, StaticKVCache):
+            if input_pos is None:
+                raise ValueError("a StaticKVCache needs input_pos, the positions of the tokens fed")
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            mask = kv_cache.mask(input_pos)  # once for all layers
+        else:
+            if kv_cache is not None:
+                pos = kv_cache.pos
+                if pos + t > self.cfg.max_seq_length:
+                    raise ValueError(f"positions {pos}..{pos + t - 1} exceed max_seq_length {self.cfg.max_seq_length}")
+            cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
         h = self.embed_drop(self.embed(x)) if self.first else x
         moe_loss = torch.zeros((), device=h.device)
         for blk in self.layers.values():
-            h, layer_loss = blk(h, cos, sin, kv_cache)
+            h, layer_loss = blk(h, cos, sin, kv_cache, input_pos, mask)
             if layer_loss is not None:
                 moe_loss = moe_loss + layer_loss
-        if kv_cache is not None:
+        if isinstance(kv_cache, KVCache):
             kv_cache.pos += t
         if not self.last:
             return h, moe_loss

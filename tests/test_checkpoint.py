@@ -399,7 +399,7 @@ def test_checkpoint_carries_its_tokenizer_so_sample_needs_no_data(tmp_path, monk
     def sample_text() -> str:
         capsys.readouterr()
         assert sample.main(flags) == 0, capsys.readouterr().err
-        return capsys.readouterr().out.split("\n---------------\n")[0]  # header and the sample, no timing
+        return capsys.readouterr().out.split("\n---------------\n")[0]  # the sample (stdout holds only samples)
     with_data = sample_text()
     data.rename(moved)
     assert sample_text() == with_data

@@ -165,20 +165,22 @@ def test_sample_py_end_to_end_on_a_trained_checkpoint(tiny_checkpoint, capsys, o
     proc = _sample(*common, "--seed", "1")  # the real command line, once
     out1, err1 = proc.communicate(timeout=120)
     assert proc.returncode == 0, err1
-    outs = []
+    runs = []
     for seed in ("1", "2"):  # the same main() in this process: seed 1 must repeat the command line's text
         assert sample.main([*common, "--seed", seed]) == 0
-        outs.append(capsys.readouterr().out)
-    out2, out3 = outs
+        cap = capsys.readouterr()
+        runs.append((cap.out, cap.err))
+    (out2, err2), (out3, err3) = runs
 
-    def parse(out: str) -> tuple[list, str]:  # header line, samples separated by dashes, timing line
-        parts = out.split("\n---------------\n")
-        header, first = parts[0].split("\n", 1)
+    def parse(out: str, err: str) -> tuple[list, str]:
+        """stdout: only the samples, each followed by a dashed line; stderr: a header line, a timing line."""
+        assert out.endswith("\n---------------\n"), out
+        header, timing = err.splitlines()  # exactly two lines
         assert header.startswith("checkpoint ") and "step 4" in header, header
-        return [first] + parts[1:-1], parts[-1]
+        return out[:-len("\n---------------\n")].split("\n---------------\n"), timing
 
-    (s1, timing), (s2, _), (s3, _) = parse(out1), parse(out2), parse(out3)
-    assert "tokens/s" in timing and timing.count("\n") == 1, timing
+    (s1, timing), (s2, _), (s3, _) = parse(out1, err1), parse(out2, err2), parse(out3, err3)
+    assert "tokens/s" in timing and "ms per step" in timing, timing
     assert len(s1) == 2 and all(s.startswith("def f(") and len(s) > len("def f(") for s in s1), s1
     assert s1 == s2 and s1 != s3
 
@@ -228,4 +230,179 @@ def test_sample_a_run_on_prepared_bytes_from_another_directory(tmp_path, monkeyp
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--device", "cpu",
                         "--max-new-tokens", "5", "--prompt", "def"]) == 0, capsys.readouterr().err
-    assert "tokens/s" in capsys.readouterr().out
+    cap = capsys.readouterr()  # the sample on stdout, the speed on stderr
+    assert cap.out.startswith("def") and "tokens/s" in cap.err and "tokens/s" not in cap.out
+
+
+# --------------------------------------------------------------------------------------------------
+# fast decoding: static KV cache, a decode step of fixed shapes (CUDA graphs on a GPU),
+# the same tokens as the plain path; sample.py's stdout holds only the samples
+# --------------------------------------------------------------------------------------------------
+def _decoding_model(kind: str, seed: int = 2) -> GPT:
+    """_sampling_model's tiny model (T = 16): 'moe', 'dense', or 'capacity' (MoE with capacity factor 1, so
+    a prefill drops assignments)."""
+    if kind != "capacity":
+        return _sampling_model(4 if kind == "moe" else 0, seed)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_seq_length=16, num_experts=4, num_experts_per_token=2,
+                      moe_capacity_factor=1.0)
+    model = GPT(cfg, Topology())
+    model.init_weights(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense", "capacity"])
+def test_static_kv_cache_logits_match_full_recompute_and_hide_stale_slots(kind, one_thread):
+    from model import StaticKVCache
+    model = _decoding_model(kind)
+    T = model.cfg.max_seq_length
+    ids = torch.randint(0, 64, (2, 2 * T), generator=torch.Generator().manual_seed(1))
+    cache = StaticKVCache(list(model.layers.keys()), 2, 2, T, model.cfg.head_dim, torch.float32, torch.device("cpu"))
+    step = lambda x, start: model(x, kv_cache=cache, input_pos=torch.arange(start, start + x.shape[1]))[0]
+    with torch.no_grad():
+        for seq in (ids[:, :T], ids[:, T:]):  # the second sequence over the first one's slots, no reset
+            full, _ = model(seq) if kind != "capacity" else model(seq[:, :5])  # capacity: the prefill alone
+            if kind == "capacity":  # drops depend on the tokens of each forward: compare the prefill only
+                torch.testing.assert_close(step(seq[:, :5], 0), full, rtol=1e-5, atol=1e-5)
+                continue
+            # a 5-token prefill, single tokens, a 3-token chunk (queries after cached keys), single tokens to T
+            feeds = [(0, 5)] + [(i, i + 1) for i in range(5, 9)] + [(9, 12)] + [(i, i + 1) for i in range(12, T)]
+            got = torch.cat([step(seq[:, a:b], a) for a, b in feeds], dim=1)
+            torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+        # A short prefill over the slots of a whole earlier sequence: the stale slots after it are not seen.
+        torch.testing.assert_close(step(ids[:, :3], 0), model(ids[:, :3])[0], rtol=1e-5, atol=1e-5)
+    assert full.std() > 0.3
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense", "capacity"])
+def test_fast_decode_greedy_identical_to_plain_across_windows(kind, one_thread):
+    """One decoder reused for prompts of several lengths (below, at and past T), each generating 3T tokens
+    so the window is rebuilt several times: the same tokens as the plain path, and (without capacity,
+    where a rebuild's drops differ from a recompute's) as the brute-force recompute of the policy."""
+    from generate import StaticDecoder, generate
+    model = _decoding_model(kind)
+    T = model.cfg.max_seq_length
+    new = 3 * T
+    lengths = (1, 3, T - 1, T, T + 4)
+    decoder = StaticDecoder(model, 2, max(lengths) + new, temperature=0.0)
+    for n in lengths:
+        ids = torch.randint(0, 64, (2, n), generator=torch.Generator().manual_seed(n))
+        got = decoder.generate(ids, new)
+        plain = generate(model, ids, new, temperature=0.0)
+        assert got.shape == (2, n + new) and torch.equal(got[:, :n], ids)
+        assert torch.equal(got, plain), (n, (got != plain).nonzero()[:3])
+        if kind != "capacity":
+            assert torch.equal(got, _greedy_by_recompute(model, ids, new)), n
+        assert len(set(got[:, n:].flatten().tolist())) > 5  # not a constant continuation
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+def test_fast_decode_sampling_identical_to_plain_for_the_same_seed(kind, one_thread):
+    from generate import StaticDecoder, generate
+    model = _decoding_model(kind, seed=3)
+    T = model.cfg.max_seq_length
+    ids = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(0))
+    for temperature, top_k in ((0.8, 20), (1.0, None), (0.5, 1)):
+        decoder = StaticDecoder(model, 3, 4 + 2 * T, temperature, top_k)
+        fast = lambda seed: decoder.generate(ids, 2 * T, torch.Generator().manual_seed(seed))
+        plain = generate(model, ids, 2 * T, temperature, top_k, torch.Generator().manual_seed(7))
+        a, b, c = fast(7), fast(7), fast(8)
+        assert torch.equal(a, plain) and torch.equal(a, b), (temperature, top_k)
+        if top_k == 1:  # top-1 is greedy whatever the noise
+            assert torch.equal(a, c) and torch.equal(a, generate(model, ids, 2 * T, temperature=0.0))
+        else:
+            assert not torch.equal(a, c)
+
+
+def test_sample_with_noise_zero_noise_never_picks_a_filtered_token():
+    """Exp(1) noise can be exactly 0: without care p / 0 = NaN for a token top-k removed (p = 0), and
+    argmax would pick the NaN."""
+    from generate import sample_with_noise
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    noise = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the filtered token 3 draws a 0
+    assert sample_with_noise(logits, 1.0, 2, noise).tolist() == [[0]]
+    noise = torch.tensor([[1.0, 0.0, 1.0, 1.0]])  # a kept token drawing 0 wins the race
+    assert sample_with_noise(logits, 1.0, 2, noise).tolist() == [[1]]
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+def test_decode_step_and_rebuild_compile_to_one_graph_each_and_decode_the_same(kind, one_thread):
+    """What CUDA graph capture needs, checked on the CPU: torch.compile traces the whole decode step (MoE
+    routing, sort and grouped GEMM at T = batch tokens, cache writes, sampling) and the window rebuild as
+    one graph each (fullgraph), with no op that reads a device value back to the host (.item(), .tolist()
+    and data-dependent shapes become _local_scalar_dense or nonzero in the aten graph; torch 2.13 captures
+    them rather than breaking the graph), once for every later call and run (warm_up included), and the
+    compiled steps give the eager steps' tokens, also after warm_up left its state in the buffers.
+    The MoE model runs under bf16 autocast, as on a GPU, so its experts take the grouped GEMM."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+    from generate import StaticDecoder
+    host_reads = []
+
+    def inspect(gm, example_inputs):  # the aten graph, then run as it is (as backend="aot_eager" does)
+        host_reads.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+                          and any(op in str(n.target) for op in ("_local_scalar_dense", "nonzero")))
+        return gm
+
+    model = _decoding_model(kind)
+    T = model.cfg.max_seq_length
+    ids = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "moe"):
+        for temperature in (0.0, 0.8):
+            decoder = StaticDecoder(model, 2, 3 + 2 * T, temperature, 20)
+            assert decoder.dtype == (torch.bfloat16 if kind == "moe" else torch.float32)
+            eager = decoder.generate(ids, 2 * T, torch.Generator().manual_seed(1))
+            before = counters["stats"]["unique_graphs"]
+            decoder.compile_steps(backend=aot_autograd(fw_compiler=inspect), fullgraph=True, dynamic=False)
+            decoder.warm_up()
+            got = [decoder.generate(ids, 2 * T, torch.Generator().manual_seed(1)) for _ in range(2)]
+            assert counters["stats"]["unique_graphs"] - before == 2  # step and rebuild, no recompilation
+            assert host_reads == [], host_reads
+            assert torch.equal(got[0], eager) and torch.equal(got[1], eager), temperature
+
+
+def test_static_decoder_refuses_a_run_it_cannot_hold():
+    from generate import StaticDecoder
+    decoder = StaticDecoder(_decoding_model("dense"), 2, 10, temperature=0.0)
+    with pytest.raises(ValueError, match="2 rows of at most 10 tokens"):
+        decoder.generate(torch.zeros(2, 4, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match="2 rows"):
+        decoder.generate(torch.zeros(3, 4, dtype=torch.long), 2)
+
+
+@pytest.mark.multiprocess
+def test_sample_py_fast_decode_same_text_and_stdout_holds_only_samples(tiny_checkpoint, capsys, one_thread):
+    """The command line with --fast-decode on and off (CPU, 40 tokens past a window of 16): stdout is the
+    samples and their dashed lines, nothing else, and the same text both ways, greedy and sampled;
+    stderr names the path and gives the speed. A bad --fast-decode is one error line, exit 2."""
+    import sample
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompt", "def f(", "--max-new-tokens", "40",
+              "--num-samples", "2", "--device", "cpu"]
+    procs = {mode: _sample(*common, "--temperature", "0", "--fast-decode", mode) for mode in ("on", "off")}
+    texts = {}
+    for mode, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        samples = out.split("\n---------------\n")
+        assert samples[-1] == "" and len(samples) == 3, out  # two samples, each followed by the dashes
+        assert all(x.startswith("def f(") and len(x.encode()) > len("def f(") for x in samples[:2]), samples
+        header, timing = err.splitlines()
+        assert header.startswith("checkpoint ") and ("static KV cache" in header) == (mode == "on"), header
+        assert "tokens/s" in timing and "tokens/s" not in out
+        texts[mode] = out
+    assert texts["on"] == texts["off"]
+    sampled = {}
+    for mode in ("on", "off"):  # in process, sampling with a seed
+        assert sample.main([*common, "--temperature", "0.9", "--top-k", "50", "--seed", "5", "--fast-decode", mode]) == 0
+        sampled[mode] = capsys.readouterr().out
+    assert sampled["on"] == sampled["off"] != texts["on"]
+    with pytest.raises(SystemExit) as e:
+        sample.main([*common, "--fast-decode", "maybe"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--fast-decode" in err, err
+
+
