@@ -4399,5 +4399,52 @@ def test_routing_strategies_same_under_layouts(case, world_size, flags, tmp_path
     assert ref["records"][-1]["moe/drop_rate"] > 0
 
 
+# ---- sweep strategy axis and the plots ----
+def test_sweep_strategy_axis_summary_and_plots(tmp_path):
+    """--strategies puts each strategy's flags into its runs; the summary has a strategy column and the
+    new metric columns; plot_frontier colours by strategy; plot_routing draws drop rate against capacity
+    factor per k (from a sweep summary or bench_routing's capacity lines) and the gate balance."""
+    out = tmp_path / "sweep"
+    argv = [sys.executable, str(HERE / "bench" / "sweep.py"), "--out", str(out), "--capacity-factors", "0,1.0",
+            "--strategies", "hard-topk,expert-choice,hash", "--seeds", "17", "--max-steps", "2", "--parallel", "2",
+            "--", "--device", "cpu", "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2",
+            "--max-seq-length", "16", "--global-batch-size", "4", "--eval-iters", "1", "--log-interval", "1"]
+    p = subprocess.run(argv, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    runs = [r for r in rows if r["row"] == "run"]
+    assert [(r["strategy"], r["capacity_factor"]) for r in runs] == [
+        (s, cf) for cf in ("0.0", "1.0") for s in ("hard-topk", "expert-choice", "hash")]
+    for r in runs:
+        cfg = json.loads((out / f"{r['config']}_s17" / "config.json").read_text())
+        want = {"hard-topk": ("token-choice", "hard"), "expert-choice": ("expert-choice", "soft"),
+                "hash": ("hash", "soft")}[r["strategy"]]
+        assert (cfg["moe_routing"], cfg["moe_gate"]) == want
+        assert r["gate_entropy"] != "" and r["mean_topk_prob"] != ""
+        assert (r["val_loss_expert_choice"] != "") == (r["strategy"] == "expert-choice")
+        assert (float(r["drop_rate"]) > 0) == (r["strategy"] == "expert-choice" or r["capacity_factor"] == "1.0")
+    p = subprocess.run(argv[:2] + ["--out", str(tmp_path / "bad"), "--strategies", "soft-topk,best"], cwd=tmp_path,
+                       env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--strategies" in p.stderr, p.stderr
+    pytest.importorskip("matplotlib")
+    import plot_frontier
+    import plot_routing
+    points = plot_frontier.read_configs(str(out / "summary.csv"))
+    assert {q["strategy"] for q in points} == {"hard-topk", "expert-choice", "hash"}
+    assert plot_frontier.main([str(out / "summary.csv")]) == 0 and (out / "frontier.png").stat().st_size > 10_000
+    assert plot_routing.main(["drops", str(out / "summary.csv"), "--out", str(tmp_path / "d1.png")]) == 0
+    assert plot_routing.main(["gate-balance", str(out / "summary.csv"), "--out", str(tmp_path / "g.png")]) == 0
+    cap = tmp_path / "cap.jsonl"
+    for k in ("1", "2"):
+        args = [a if a != "2" or i != TINY_BENCH.index("--top-k") + 1 else k for i, a in enumerate(TINY_BENCH)]
+        import bench_routing
+        assert bench_routing.main(["capacity", *args, "--capacity-factors", "0.5,1.0,1.5", "--out", str(cap)]) == 0
+    series = plot_routing.drop_series(str(cap))
+    assert {key[0] for key in series} == {1, 2} and all(len(v) == 3 for v in series.values())
+    assert plot_routing.main(["drops", str(cap), "--out", str(tmp_path / "d2.png")]) == 0
+    for png in ("d1.png", "g.png", "d2.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
