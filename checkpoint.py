@@ -379,10 +379,12 @@ REPORTED_FLAGS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "weigh
                   "moe_bias_update_rate")
 
 
-def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology) -> str:
+def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology, defaults: Optional[dict] = None) -> str:
     """Checks that the checkpoint's model is the one these flags build (raises CheckpointError naming
-    the differing fields otherwise) and returns one line saying what resumes and what changed."""
-    saved, now = manifest["model"], meta["model"]
+    the differing fields otherwise) and returns one line saying what resumes and what changed. defaults:
+    the model fields' default values, which a checkpoint written before a field existed was trained with
+    (so resuming it with another value is refused too); without them such a field is not compared."""
+    saved, now = {**(defaults or {}), **manifest["model"]}, meta["model"]
     differing = [f"{k} (checkpoint {saved.get(k)}, now {now.get(k)})" for k in sorted(set(saved) | set(now))
                  if k not in CHANGEABLE_MODEL_FIELDS and k in saved and k in now and saved[k] != now[k]]
     rate = "moe_bias_update_rate"

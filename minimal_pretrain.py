@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--moe-bias-update-rate", type=float, default=0.0,
                    help="auxiliary-loss-free balancing: after each step every expert bias moves by "
                         "R * sign(mean load - load) (0 = off)")
+    e.add_argument("--moe-routing", choices=["token-choice", "expert-choice", "hash"], default="token-choice",
+                   help="token-choice: each token takes its top-k experts; expert-choice (Zhou et al. 2022): in "
+                        "training each expert takes its top C = capacity factor (default 1.0) * tokens * k / experts "
+                        "tokens of the microbatch, later positions included, while evaluation and generation route "
+                        "by top-k over the same scores; hash (Roller et al. 2021): a fixed random map from token id "
+                        "to k experts, no learned router")
+    e.add_argument("--moe-gate", choices=["soft", "hard"], default="soft",
+                   help="combine weights: soft = the router's scores (1/k each under hash routing); hard = every "
+                        "chosen expert weighted 1 (the router then learns only from its losses)")
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, default=None,
                    help="sequences per microbatch per DP rank (default min(8, global/DP), or derived from --num-microbatches)")
@@ -279,6 +288,7 @@ def check_model_flags(args: argparse.Namespace) -> None:
         if args.moe_layer_interval > args.num_layers:
             raise InputError(f"--moe-layer-interval {args.moe_layer_interval} exceeds --num-layers "
                               f"{args.num_layers}: no layer would be MoE (use --num-experts 0 for a dense model)")
+        check_routing_flags(args)
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     for flag, value in (("--num-attention-heads", args.num_attention_heads),
                         ("--num-key-value-heads", args.num_key_value_heads),
@@ -289,6 +299,29 @@ def check_model_flags(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}{why}")
     if args.num_layers < pp:
         raise InputError(f"--num-layers {args.num_layers} must be at least --pipeline-parallel-size {pp}")
+
+
+def check_routing_flags(args: argparse.Namespace) -> None:
+    """Flags that mean nothing under the chosen --moe-routing / --moe-gate are refused rather than ignored."""
+    routing, gate = args.moe_routing, args.moe_gate
+    if routing != "token-choice" and args.moe_bias_update_rate > 0:
+        raise InputError(f"--moe-bias-update-rate {args.moe_bias_update_rate} needs --moe-routing token-choice: bias "
+                          f"balancing steers a top-k choice ({routing} routing has none to steer)")
+    if routing == "hash" and args.moe_router_score != "softmax":
+        raise InputError("--moe-router-score sigmoid: --moe-routing hash has no router scores (valid: softmax, the "
+                          "default)")
+    if routing != "token-choice" and not args.router_normalize_topk:
+        raise InputError(f"--no-router-normalize-topk applies to --moe-routing token-choice only ({routing} routing "
+                          f"never renormalises its weights)")
+    if routing == "expert-choice" and args.moe_drop_policy != "position":
+        raise InputError("--moe-drop-policy applies to token-choice and hash routing: expert choice keeps each "
+                          "expert's top-C tokens by score")
+    if args.moe_renorm_after_drop and (routing == "expert-choice" or gate == "hard"):
+        why = "expert choice drops no assignment of a token" if routing == "expert-choice" else \
+            "--moe-gate hard weights every kept expert 1"
+        raise InputError(f"--moe-renorm-after-drop applies to token-choice and hash routing with --moe-gate soft ({why})")
+    if gate == "hard" and not args.router_normalize_topk:
+        raise InputError("--no-router-normalize-topk applies to --moe-gate soft only (hard gates are all 1)")
 
 
 @contextlib.contextmanager
@@ -468,7 +501,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         router_normalize_topk=args.router_normalize_topk, moe_expert_impl=args.moe_expert_impl,
         moe_capacity_factor=args.moe_capacity_factor, moe_drop_policy=args.moe_drop_policy,
         moe_renorm_after_drop=args.moe_renorm_after_drop, moe_router_score=args.moe_router_score,
-        moe_bias_update_rate=args.moe_bias_update_rate)
+        moe_bias_update_rate=args.moe_bias_update_rate, moe_routing=args.moe_routing, moe_gate=args.moe_gate)
 
 
 def lr_at(step: int, args) -> float:
@@ -806,7 +839,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         comm=PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None,
         step_stats=StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=stats_on),
         stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.num_experts, m, topo.dp,
-                                 drops=cfg.moe_capacity_factor > 0, bias=cfg.moe_bias_update_rate > 0),
+                                 drops=cfg.has_capacity, bias=cfg.moe_bias_update_rate > 0, gates=True),
         run_log=None, output_dir=output_dir, checkpoint_dir=checkpoint_dir, resume_from=resume_from, uploader=uploader,
         emit=say,
         flops_per_token=flops_per_token(cfg, active), peak_flops=peak_flops(topo.device, precision))
@@ -894,7 +927,9 @@ def train_step(t: Trainer, step: int, record_stats: bool) -> StepOutput:
     def forward(i, h):
         nonlocal lm_loss_sum
         with t.autocast:
-            out, moe_loss = t.model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
+            # Every stage gets the microbatch's token ids (hash routing reads them in every MoE layer).
+            out, moe_loss = t.model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None,
+                                    token_ids=xs[i])
         with phase("moe/stats"):
             t.step_stats.end_microbatch()
         # The mean over the global batch: 1/m for the microbatches, 1/DP for the DP ranks (whose gradients
@@ -964,20 +999,25 @@ def log_step(t: Trainer, step: int, out: StepOutput, clock: Throughput, result: 
     t.run_log.log(rec, counts)
     result.records.append(rec)
     result.losses.append(rec["loss"])
-    t.emit(console_line(rec, capacity=t.cfg.num_experts > 0 and t.cfg.moe_capacity_factor > 0))
+    t.emit(console_line(rec, capacity=t.cfg.has_capacity))
 
 
-def evaluate(t: Trainer) -> float:
-    """Mean validation loss over --eval-iters global batches (the same batches at every evaluation)."""
+def evaluate(t: Trainer, expert_choice: bool = False) -> float:
+    """Mean validation loss over --eval-iters global batches (the same batches at every evaluation).
+    expert_choice (expert-choice models): route by expert choice over each validation microbatch, as
+    training does, instead of the causal top-k over the same scores that evaluation and generation use."""
     args, topo, model = t.args, t.topo, t.model
     model.eval()
+    for moe in model.moe_layers().values():
+        moe.expert_choice_eval = expert_choice
     total_loss = torch.zeros(2, device=topo.device)
     with torch.no_grad(), t.autocast:
         for it in range(args.eval_iters):
             xs, ys = rank_batch(t, "val", t.corpus.val, it)
 
             def fwd(i, h):
-                out, _ = model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None)
+                out, _ = model(xs[i] if topo.is_first_stage else h, ys[i] if topo.is_last_stage else None,
+                               token_ids=xs[i])
                 if topo.is_last_stage:
                     total_loss[0] += out.float()
                     total_loss[1] += 1
@@ -985,16 +1025,25 @@ def evaluate(t: Trainer) -> float:
             run_forward_only(args.num_microbatches, fwd, t.comm, topo)
     all_reduce_(total_loss, topo.pp_group)
     all_reduce_(total_loss, topo.dp_group)
+    for moe in model.moe_layers().values():
+        moe.expert_choice_eval = False
     model.train()
     return (total_loss[0] / total_loss[1]).item()
 
 
 def evaluate_and_log(t: Trainer, step: int, result: TrainResult) -> None:
+    """The validation loss; expert-choice models add val_loss_expert_choice, the same batches routed by expert
+    choice as in training (not causal: it ranks each token against its whole microbatch)."""
     val = evaluate(t)
     result.val_loss = val
+    rec = {"step": step, "val_loss": val}
+    line = f"step {step:>5d} | val loss {val:.4f}"
+    if t.cfg.num_experts and t.cfg.moe_routing == "expert-choice":
+        rec["val_loss_expert_choice"] = evaluate(t, expert_choice=True)
+        line += f" | with expert choice (not causal) {rec['val_loss_expert_choice']:.4f}"
     if t.run_log is not None:
-        t.run_log.log({"step": step, "val_loss": val})
-    t.emit(f"step {step:>5d} | val loss {val:.4f}")
+        t.run_log.log(rec)
+    t.emit(line)
 
 
 def run_codec(data: Optional[str], is_main: bool, say: Callable) -> tuple[dict, dict]:
@@ -1043,7 +1092,8 @@ def resume(t: Trainer, result: TrainResult) -> int:
             t.emit(f"resume auto: no checkpoint in {t.checkpoint_dir}, starting from step 0")
         return 0
     manifest = read_manifest(path)
-    t.emit(describe_resume(path, manifest, checkpoint_meta(t), t.topo))
+    # A checkpoint written before a model field existed was trained with its default.
+    t.emit(describe_resume(path, manifest, checkpoint_meta(t), t.topo, defaults=dataclasses.asdict(ModelConfig())))
     load_checkpoint(path, t.model, None if args.eval_only else t.optimizer, t.topo, manifest)
     if t.weight_copies is not None:
         t.weight_copies.refresh()

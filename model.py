@@ -45,6 +45,8 @@ class ModelConfig:
     moe_renorm_after_drop: bool = False
     moe_router_score: str = "softmax"
     moe_bias_update_rate: float = 0.0  # 0 = no aux-loss-free bias balancing
+    moe_routing: str = "token-choice"  # or "expert-choice", "hash" (moe_layers.ROUTINGS)
+    moe_gate: str = "soft"  # "hard": every chosen expert weighted 1
     rope_theta: float = 10000.0
 
     @property
@@ -64,6 +66,12 @@ class ModelConfig:
 
     def layer_pattern(self) -> str:
         return " ".join("M" if self.is_moe_layer(i) else "D" for i in range(self.num_layers))
+
+    @property
+    def has_capacity(self) -> bool:
+        """Whether the MoE layers cap what an expert takes: a token-choice capacity factor, or expert choice
+        (always C tokens per expert). The drop and capacity statistics exist only then."""
+        return self.num_experts > 0 and (self.moe_capacity_factor > 0 or self.moe_routing == "expert-choice")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -243,15 +251,18 @@ class Block(nn.Module):
                                  out_init_std=out_std, expert_impl=cfg.moe_expert_impl,
                                  capacity_factor=cfg.moe_capacity_factor, drop_policy=cfg.moe_drop_policy,
                                  renorm_after_drop=cfg.moe_renorm_after_drop, router_score=cfg.moe_router_score,
-                                 bias_update_rate=cfg.moe_bias_update_rate)
+                                 bias_update_rate=cfg.moe_bias_update_rate, routing=cfg.moe_routing,
+                                 gate=cfg.moe_gate, vocab_size=cfg.vocab_size, layer_id=layer_id)
         else:
             self.ffn = MLP(cfg, topo, out_std)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, kv_cache: Optional[KVCache | StaticKVCache] = None,
-                input_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+                input_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                token_ids: Optional[torch.Tensor] = None):
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, kv_cache, input_pos, mask))
-        y, moe_loss = self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        y, moe_loss = self.ffn(h, token_ids) if isinstance(self.ffn, SparseMoE) else self.ffn(h)
         return x + self.drop(y), moe_loss
 
 
@@ -279,10 +290,14 @@ class GPT(nn.Module):
         return {int(i): blk.ffn for i, blk in self.layers.items() if isinstance(blk.ffn, SparseMoE)}
 
     def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache | StaticKVCache] = None, input_pos: Optional[torch.Tensor] = None):
+                kv_cache: Optional[KVCache | StaticKVCache] = None, input_pos: Optional[torch.Tensor] = None,
+                token_ids: Optional[torch.Tensor] = None):
         """First stage: x is token ids [b, T]; otherwise the hidden states [b, T, d].
         Returns (hidden, moe_loss) or, on the last stage, (mean LM loss, moe_loss), or (logits [b, T, V],
         moe_loss) when no targets are given.
+
+        token_ids [b, T]: the input token ids of this microbatch, which hash routing needs in every MoE
+        layer; the first stage takes them from x, a later stage must be given them (the trainer does).
 
         kv_cache (whole model in one process only): x holds the next T tokens at positions kv_cache.pos ..
         pos + T - 1 (at most max_seq_length in all, the length of the rotary tables); their keys and values
@@ -305,10 +320,12 @@ class GPT(nn.Module):
                 if pos + t > self.cfg.max_seq_length:
                     raise ValueError(f"positions {pos}..{pos + t - 1} exceed max_seq_length {self.cfg.max_seq_length}")
             cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
+        if self.first:
+            token_ids = x
         h = self.embed_drop(self.embed(x)) if self.first else x
         moe_loss = torch.zeros((), device=h.device)
         for blk in self.layers.values():
-            h, layer_loss = blk(h, cos, sin, kv_cache, input_pos, mask)
+            h, layer_loss = blk(h, cos, sin, kv_cache, input_pos, mask, token_ids)
             if layer_loss is not None:
                 moe_loss = moe_loss + layer_loss
         if isinstance(kv_cache, KVCache):

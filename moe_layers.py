@@ -1,5 +1,5 @@
-"""Mixture-of-Experts layers: TopKRouter, stacked experts, SparseMoE and the router losses; optional
-expert capacity (token dropping) and auxiliary-loss-free bias balancing.
+"""Mixture-of-Experts layers: the routers (token-choice top-k, expert choice, hash), stacked experts, SparseMoE
+and the router losses; optional expert capacity (token dropping) and auxiliary-loss-free bias balancing.
 
 Expert parallelism is tied to tensor parallelism: TP rank r owns experts [r*E/TP, (r+1)*E/TP) in full.
 The router is replicated; every rank routes all tokens, runs its local experts on the tokens sent to
@@ -25,13 +25,27 @@ from profiling import phase
 # --------------------------------------------------------------------------------------------------
 # Router
 # --------------------------------------------------------------------------------------------------
+ROUTINGS = ("token-choice", "expert-choice", "hash")
+GATES = ("soft", "hard")
+# Expert choice always has a capacity (C tokens per expert); --moe-capacity-factor 0 means this factor.
+EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR = 1.0
+HASH_SEED = 20211  # hash routing's map of layer l is drawn from seed HASH_SEED + l (Roller et al. 2021)
+
+
 @dataclass
 class RouterOutput:
     indices: torch.Tensor  # [T, k] expert ids
     weights: torch.Tensor  # [T, k] combine weights (fp32)
     probs: torch.Tensor    # [T, E] routing distribution (fp32): the softmax, or the sigmoid scores / their sum
-    logits: torch.Tensor   # [T, E] fp32
+    logits: Optional[torch.Tensor]  # [T, E] fp32 (None: hash routing has no router)
     scores: Optional[torch.Tensor] = None  # [T, E] unbiased scores: softmax probabilities or sigmoids (fp32)
+
+
+@dataclass
+class ExpertChoice:
+    """Expert-choice routing of T tokens: expert e takes tokens[e, :] (C of them, highest score first)."""
+    tokens: torch.Tensor   # [E, C] token index of each expert's picks
+    weights: torch.Tensor  # [E, C] combine weights (fp32): the scores s[t, e] (soft gate) or 1 (hard gate)
 
 
 class RoutingRecord(NamedTuple):
@@ -42,54 +56,117 @@ class RoutingRecord(NamedTuple):
     aux: torch.Tensor     # load-balancing loss (scalar)
     z: torch.Tensor       # router z-loss (scalar)
     probs: torch.Tensor   # [T, E] router probabilities (fp32), for the entropy
-    drops: Optional[torch.Tensor] = None  # [2] dropped assignments, tokens with all k dropped (capacity only)
+    drops: Optional[torch.Tensor] = None  # [2] dropped assignments, tokens with none kept (capacity only)
     kept: Optional[torch.Tensor] = None   # [E] assignments each expert keeps (capacity only): what its EP rank computes
+    fill: Optional[torch.Tensor] = None   # [2] busiest and mean expert's kept / capacity (capacity only)
+    gates: Optional[torch.Tensor] = None  # [4] gate_statistics: gate entropy, kept probabilities, kept, tokens
+
+
+def router_scores(logits: torch.Tensor, score: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] (fp32) -> (scores, probs), both [T, E]. score "softmax": s = softmax(logits);
+    "sigmoid": s = sigmoid(logits) (DeepSeek-V3), and probs = s / sum_e s, a distribution for the aux loss
+    and the entropy (for softmax probs is s)."""
+    if score == "softmax":
+        scores = logits.softmax(dim=-1)
+        return scores, scores
+    if score == "sigmoid":
+        scores = logits.sigmoid()
+        return scores, scores / scores.sum(dim=-1, keepdim=True)
+    raise ValueError(f"router score must be softmax or sigmoid, got {score}")
 
 
 def route_topk(logits: torch.Tensor, top_k: int, score: str = "softmax", normalize_topk: bool = True,
-               bias: Optional[torch.Tensor] = None) -> RouterOutput:
+               bias: Optional[torch.Tensor] = None, gate: str = "soft") -> RouterOutput:
     """Router logits [T, E] (fp32) -> top-k experts and combine weights.
 
-    score "softmax": s = softmax(logits); "sigmoid": s = sigmoid(logits) (DeepSeek-V3). The k experts
-    are the top-k of s + bias (bias: [E], aux-loss-free balancing; it steers the choice only), the
-    combine weights are the chosen unbiased s, divided by their sum when normalize_topk."""
-    if score == "softmax":
-        scores = probs = logits.softmax(dim=-1)
-    elif score == "sigmoid":
-        scores = logits.sigmoid()
-        probs = scores / scores.sum(dim=-1, keepdim=True)  # a distribution, for the aux loss and the entropy
-    else:
-        raise ValueError(f"router score must be softmax or sigmoid, got {score}")
+    The k experts are the top-k of s + bias (s: router_scores; bias: [E], aux-loss-free balancing; it
+    steers the choice only). Soft gate: the combine weights are the chosen unbiased s, divided by their
+    sum when normalize_topk. Hard gate: every chosen expert is weighted 1 (no gradient reaches the router
+    through the weights; it learns from its losses only)."""
+    scores, probs = router_scores(logits, score)
     if bias is None:
         weights, indices = scores.topk(top_k, dim=-1)
     else:
         indices = (scores.detach() + bias).topk(top_k, dim=-1).indices
         weights = scores.gather(-1, indices)
-    if normalize_topk:
+    if gate == "hard":
+        weights = torch.ones_like(weights)  # [T, k], no gradient
+    elif normalize_topk:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return RouterOutput(indices, weights, probs, logits, scores)
 
 
+def expert_choice_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens each expert takes under expert choice: expert_capacity with the capacity factor (its default,
+    EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR, when 0), at most the T tokens there are."""
+    factor = capacity_factor if capacity_factor > 0 else EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR
+    return min(num_tokens, expert_capacity(num_tokens, top_k, num_experts, factor))
+
+
+def route_expert_choice(scores: torch.Tensor, capacity: int, gate: str = "soft") -> ExpertChoice:
+    """Expert-choice routing (Zhou et al. 2022): scores [T, E] -> every expert takes the `capacity` tokens
+    with its highest scores s[t, e], so every expert gets exactly C tokens and a token zero, one or several
+    experts. Soft gate: token t's output from expert e is weighted s[t, e] (not renormalised); hard: 1.
+    The choice of a token depends on every token of the batch, later positions included."""
+    top = scores.t().topk(capacity, dim=-1)  # [E, C]: each expert's top-C tokens
+    weights = top.values if gate == "soft" else torch.ones_like(top.values)
+    return ExpertChoice(top.indices, weights)
+
+
 class TopKRouter(nn.Module):
-    """Linear router in fp32, softmax or sigmoid scores, top-k, optionally renormalised top-k weights.
-    With bias balancing on, `expert_bias` [E] is a persistent buffer (saved with the model, not trained
-    by the optimizer) added to the scores for choosing the experts; see update_expert_biases."""
+    """Linear router in fp32, softmax or sigmoid scores, top-k, optionally renormalised top-k weights (soft
+    gate) or weights 1 (hard gate). With bias balancing on, `expert_bias` [E] is a persistent buffer (saved
+    with the model, not trained by the optimizer) added to the scores for choosing the experts; see
+    update_expert_biases. Expert choice uses `logits` and route_expert_choice instead of the top-k."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_topk: bool = True,
-                 init_std: float = 0.02, score: str = "softmax", expert_bias: bool = False):
+                 init_std: float = 0.02, score: str = "softmax", expert_bias: bool = False, gate: str = "soft"):
         super().__init__()
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"router score must be softmax or sigmoid, got {score}")
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate}")
         self.num_experts, self.top_k, self.normalize_topk, self.score = num_experts, top_k, normalize_topk, score
+        self.gate = gate
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.weight.init_std = init_std
         self.expert_bias: Optional[torch.Tensor]
         self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None, persistent=True)
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, d] -> [T, E] router logits, in fp32 whatever the autocast."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
-        return route_topk(logits, self.top_k, self.score, self.normalize_topk, self.expert_bias)
+            return F.linear(x.float(), self.weight.float())
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        return route_topk(self.logits(x), self.top_k, self.score, self.normalize_topk, self.expert_bias, self.gate)
+
+
+class HashRouter(nn.Module):
+    """Hash routing (Roller et al. 2021): a fixed random map from token id to k distinct experts, no learned
+    parameter. `table` [V, k] is a persistent buffer, so a checkpoint keeps the map it was trained with; it
+    is drawn on the CPU from seed HASH_SEED + layer_id (not --seed): every layout and run builds the same.
+    The routing distribution puts 1/k on each of a token's k experts; the soft gate weights each by 1/k
+    (their mean), the hard gate by 1 (their sum)."""
+
+    def __init__(self, vocab_size: int, num_experts: int, top_k: int, layer_id: int = 0, gate: str = "soft"):
+        super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate}")
+        self.num_experts, self.top_k, self.gate = num_experts, top_k, gate
+        gen = torch.Generator().manual_seed(HASH_SEED + layer_id)
+        # k distinct experts per token id, uniformly at random (explicitly on the CPU: a model built on the
+        # meta device, for counting parameters, still gets a real map).
+        table = torch.rand(vocab_size, num_experts, generator=gen, device="cpu").argsort(dim=-1)[:, :top_k]
+        self.table: torch.Tensor
+        self.register_buffer("table", table.contiguous(), persistent=True)
+
+    def forward(self, token_ids: torch.Tensor) -> RouterOutput:
+        indices = self.table[token_ids.reshape(-1)]  # [T, k]
+        num_tokens, k = indices.shape
+        weights = torch.full((num_tokens, k), 1.0 / k if self.gate == "soft" else 1.0, device=indices.device)
+        probs = torch.zeros(num_tokens, self.num_experts, device=indices.device).scatter(1, indices, 1.0 / k)  # [T, E]
+        return RouterOutput(indices, weights, probs, None, probs)
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -154,6 +231,36 @@ def capacity_mask(indices: torch.Tensor, scores: torch.Tensor, counts: torch.Ten
     kept = torch.empty(n, dtype=torch.bool, device=flat.device)
     kept[order] = slot < capacity
     return kept.view(num_tokens, k)
+
+
+@torch.no_grad()
+def capacity_statistics(experts_per_token: torch.Tensor, kept: torch.Tensor, capacity: int,
+                        top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one forward with a capacity (a token-choice capacity factor, or expert choice) leaves for the
+    step statistics: drops [2] = (dropped assignments sum_t max(0, k - n_t), tokens with n_t = 0) and
+    fill [2] = (the busiest expert's kept / capacity, the mean expert's kept / capacity).
+    experts_per_token [T]: n_t, the experts that process token t (at most k under token choice, any number
+    under expert choice); kept [E]: the assignments each expert keeps. On the device, no host sync."""
+    n = experts_per_token.float()
+    kept = kept.float()
+    drops = torch.stack([(top_k - n).clamp_min(0).sum(), (n == 0).sum().float()])
+    return drops, torch.stack([kept.amax(), kept.mean()]) / capacity
+
+
+@torch.no_grad()
+def gate_statistics(weights: torch.Tensor, kept_probs: torch.Tensor, num_kept) -> torch.Tensor:
+    """[4] sums of one forward, for the step statistics: (sum over tokens of the entropy of its gates, sum
+    of the kept assignments' router probabilities, kept assignments, tokens).
+
+    weights [T, n]: each token's combine weights, 0 where it has no expert (dropped, or not chosen under
+    expert choice); a token's gates are its weights divided by their sum, so the entropy is over the kept
+    gates only (ln k for k equal gates, 0 for a token with one expert or none). kept_probs: the routing
+    distribution's probability of every kept assignment (0 elsewhere; any shape). num_kept: a tensor or a
+    host number."""
+    gates = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    entropy = torch.special.entr(gates).sum()
+    kept = num_kept.float() if torch.is_tensor(num_kept) else entropy.new_full((), float(num_kept))
+    return torch.stack([entropy, kept_probs.sum(), kept, entropy.new_full((), float(weights.shape[0]))])
 
 
 @torch.no_grad()
@@ -260,27 +367,34 @@ class GroupedExperts(nn.Module):
 # SparseMoE
 # --------------------------------------------------------------------------------------------------
 class SparseMoE(nn.Module):
-    """Top-k MoE, no-drop by default: every token is processed by exactly its k experts.
+    """Mixture-of-experts FFN: route, sort the assignments by expert -> gather -> grouped GEMM -> combine.
 
-    sort the T*k assignments by expert -> gather -> grouped GEMM -> unsort -> weighted sum over k.
-
-    With capacity_factor C > 0 each expert keeps at most expert_capacity(T, k, E, C) assignments of the
-    T tokens this rank routes (capacity_mask; under EP every rank routes all tokens, so every layout
-    drops the same ones). A dropped assignment sorts after every local expert, so no expert computes
-    it, and its combine weight is zero: a token with all k dropped keeps only its residual.
-    With bias_update_rate > 0 the router's expert bias steers the top-k choice and the training
-    forwards add their expert counts to `step_load`, which update_expert_biases consumes.
+    routing "token-choice" (default): every token goes to its top-k experts (TopKRouter), no-drop unless
+    capacity_factor C > 0: then each expert keeps at most expert_capacity(T, k, E, C) assignments of the T
+    tokens this rank routes (capacity_mask; under EP every rank routes all tokens, so every layout drops
+    the same ones). A dropped assignment sorts after every local expert, so no expert computes it, and its
+    combine weight is zero: a token with all k dropped keeps only its residual.
+    routing "hash": the same with the fixed token-id -> experts map of HashRouter (forward needs token_ids).
+    routing "expert-choice": in training forwards every expert takes its top-C tokens by score
+    (route_expert_choice, C = expert_choice_capacity); in eval mode (evaluation, generation) the same
+    scores route by token-choice top-k, no capacity, since expert choice is not causal (it ranks each
+    token against the whole batch, later positions included). expert_choice_eval = True makes eval
+    forwards use expert choice too (to measure it). It trains no aux loss: every expert's load is C.
+    gate "soft": combine weights from the router's scores; "hard": every chosen expert weighted 1.
+    With bias_update_rate > 0 (token choice) the router's expert bias steers the top-k choice and the
+    training forwards add their expert counts to `step_load`, which update_expert_biases consumes.
 
     forward returns (output, loss) where loss = aux_coef * aux + z_coef * z for this layer. A training
-    forward also leaves `last_routing` (counts, losses, probabilities: references, no copies) for the
-    step statistics of moe_stats.StepStats.
+    forward also leaves `last_routing` (counts, losses, probabilities: references, no copies; and small
+    device-side sums) for the step statistics of moe_stats.StepStats.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, topo: Topology,
                  aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001, normalize_topk: bool = True,
                  init_std: float = 0.02, out_init_std: float = 0.02, expert_impl: str = "auto",
                  capacity_factor: float = 0.0, drop_policy: str = "position", renorm_after_drop: bool = False,
-                 router_score: str = "softmax", bias_update_rate: float = 0.0):
+                 router_score: str = "softmax", bias_update_rate: float = 0.0, routing: str = "token-choice",
+                 gate: str = "soft", vocab_size: Optional[int] = None, layer_id: int = 0):
         super().__init__()
         if num_experts % topo.ep:
             raise ValueError(f"num experts {num_experts} not divisible by the EP size {topo.ep}")
@@ -290,15 +404,26 @@ class SparseMoE(nn.Module):
             raise ValueError(f"capacity factor must be a finite number >= 0, got {capacity_factor}")
         if not (math.isfinite(bias_update_rate) and bias_update_rate >= 0):
             raise ValueError(f"bias update rate must be a finite number >= 0, got {bias_update_rate}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing}")
+        if routing != "token-choice" and bias_update_rate > 0:
+            raise ValueError(f"bias balancing steers a token-choice router; {routing} routing has no such choice")
+        if routing == "hash" and vocab_size is None:
+            raise ValueError("hash routing needs the vocabulary size")
         self.capacity_factor, self.drop_policy, self.renorm_after_drop = capacity_factor, drop_policy, renorm_after_drop
         self.bias_update_rate = bias_update_rate
+        self.routing, self.gate = routing, gate
         self.topo = topo
         self.num_experts, self.top_k = num_experts, top_k
         self.num_local = num_experts // topo.ep
         self.first_local = topo.ep_rank * self.num_local
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.router = TopKRouter(hidden_size, num_experts, top_k, normalize_topk, init_std, router_score,
-                                 expert_bias=bias_update_rate > 0)
+        self.router: nn.Module
+        if routing == "hash":
+            self.router = HashRouter(vocab_size, num_experts, top_k, layer_id, gate)
+        else:  # expert choice weights by the raw scores: its token-choice fallback does not renormalise either
+            self.router = TopKRouter(hidden_size, num_experts, top_k, normalize_topk and routing == "token-choice",
+                                     init_std, router_score, expert_bias=bias_update_rate > 0, gate=gate)
         # This step's expert counts of the training forwards, for the bias update (not saved).
         self.step_load: Optional[torch.Tensor]
         self.register_buffer("step_load", torch.zeros(num_experts) if bias_update_rate > 0 else None,
@@ -307,40 +432,69 @@ class SparseMoE(nn.Module):
                                       out_init_std, expert_impl)
         # Sorted rows past the local experts' groups exist under EP (other ranks' experts) and with a
         # capacity factor (dropped assignments, sorted past every expert): the permutation skips them.
-        self.tail_rows = self.num_local < num_experts or capacity_factor > 0
+        self.tail_rows = self.num_local < num_experts or self.token_capacity_factor > 0
+        self.expert_choice_eval = False  # eval forwards of an expert-choice layer: expert choice, not top-k
         # Statistics: while record_routing is set (by moe_stats.StepStats, at logging steps), a training
         # forward leaves its RoutingRecord here; StepStats takes it after each microbatch.
         self.record_routing = False
         self.last_routing: Optional[RoutingRecord] = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def token_capacity_factor(self) -> float:
+        """The capacity factor of the token-choice path (expert choice's factor sizes its C instead, and its
+        top-k fallback in eval mode runs without capacity)."""
+        return 0.0 if self.routing == "expert-choice" else self.capacity_factor
+
+    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., d] -> (output [..., d], this layer's loss). token_ids [...] (x's leading shape): the input
+        token ids, needed by hash routing only."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if self.routing == "expert-choice" and (self.training or self.expert_choice_eval):
+            out, loss = self._expert_choice(x)
+        else:
+            out, loss = self._token_choice(x, shape, token_ids)
+        return out.view(shape), loss
+
+    def _token_choice(self, x: torch.Tensor, shape: torch.Size,
+                      token_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens, k, E = x.shape[0], self.top_k, self.num_experts
+        record = self.training and self.record_routing
 
         with phase("moe/router"):
-            r = self.router(x)
+            if self.routing == "hash":
+                if token_ids is None:
+                    raise ValueError("hash routing needs the input token ids (GPT.forward's token_ids on every stage)")
+                r = self.router(token_ids)
+            else:
+                r = self.router(x)
             flat_expert = r.indices.reshape(-1)  # [T*k]
             counts = torch.zeros(E, device=x.device, dtype=torch.float32)
             counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.float32))
             aux = load_balancing_loss(r.probs, counts, k)
-            z = router_z_loss(r.logits)
+            # Hash routing has no router, hence no logits and no z-loss (its aux loss has no gradient).
+            z = router_z_loss(r.logits) if r.logits is not None else x.new_zeros((), dtype=torch.float32)
             if self.step_load is not None and self.training:
                 self.step_load.add_(counts)
         weights, routed, kept, drops = r.weights, counts, None, None  # routed: assignments the experts compute
-        if self.capacity_factor > 0:
+        if self.token_capacity_factor > 0:
             with phase("moe/capacity"):
-                capacity = expert_capacity(num_tokens, k, E, self.capacity_factor)
+                capacity = expert_capacity(num_tokens, k, E, self.token_capacity_factor)
                 kept = capacity_mask(r.indices, r.scores, counts, capacity, self.drop_policy,
                                      shape[-2] if len(shape) > 2 else None)  # [T, k]
                 routed = counts.clamp(max=capacity)  # [E] the assignments each expert keeps
                 weights = torch.where(kept, weights, 0.0)
                 if self.renorm_after_drop:  # kept weights sum to 1 (a token with none kept stays all zero)
                     weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-                if self.training and self.record_routing:
-                    drops = torch.stack([(~kept).sum(), (~kept.any(dim=-1)).sum()]).float()
-        if self.training and self.record_routing:  # read without autograd, taken right after
-            self.last_routing = RoutingRecord(counts, aux, z, r.probs, drops, routed if kept is not None else None)
+                if record:
+                    drops, fill = capacity_statistics(kept.sum(dim=-1), routed, capacity, k)
+        if record:  # read without autograd, taken right after
+            kept_probs = r.probs.detach().gather(-1, r.indices)  # [T, k]
+            if kept is not None:
+                kept_probs = torch.where(kept, kept_probs, 0.0)
+            gates = gate_statistics(weights.detach(), kept_probs, kept.sum() if kept is not None else num_tokens * k)
+            self.last_routing = RoutingRecord(counts, aux, z, r.probs, drops, routed if kept is not None else None,
+                                              fill if kept is not None else None, gates)
 
         with phase("moe/permute"):
             # Sort the T*k assignments by expert, local experts first: key = (expert - first_local) mod E
@@ -364,5 +518,59 @@ class SparseMoE(nn.Module):
             weights = all_reduce_grad_tp(weights, self.topo)
             out = unpermute_combine(y_sorted, inverse, weights, num_valid)  # [T, d] unsort + weighted sum
             out = reduce_from_tp(out, self.topo)
-        loss = self.aux_loss_coef * aux + self.z_loss_coef * z
-        return out.view(shape), loss
+        return out, self.aux_loss_coef * aux + self.z_loss_coef * z
+
+    def _expert_choice(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert takes its top-C tokens. The assignments come out grouped by expert already (expert
+        e's C tokens are rows e*C .. (e+1)*C - 1), so there is no sort: this rank gathers its local experts'
+        E_local*C token rows, runs them, and adds each back into its token weighted by its gate (index_add,
+        whose backward is the gather: a token picked by several experts gets the sum of their gradients).
+        Every shape is fixed by T, E and C, host numbers: no host sync."""
+        num_tokens, k, E, L = x.shape[0], self.top_k, self.num_experts, self.num_local
+        with phase("moe/router"):
+            logits = self.router.logits(x)
+            scores, probs = router_scores(logits, self.router.score)
+            capacity = expert_choice_capacity(num_tokens, k, E, self.capacity_factor)
+            choice = route_expert_choice(scores, capacity, self.gate)  # [E, C] tokens and weights
+            z = router_z_loss(logits)
+        if self.training and self.record_routing:
+            self.last_routing = self._expert_choice_record(choice, scores, probs, z, capacity)
+
+        with phase("moe/permute"):
+            rows = choice.tokens[self.first_local:self.first_local + L].reshape(-1)  # [L*C] local experts' tokens
+            ends = torch.arange(1, L + 1, device=x.device, dtype=torch.int32) * capacity  # C rows per expert
+            x_in = copy_to_tp(x.to(compute_dtype(x)), self.topo)
+            x_sorted = x_in.index_select(0, rows)  # [L*C, d]
+        with phase("moe/experts"):
+            y_sorted = self.experts(x_sorted, ends)  # [L*C, d]
+
+        with phase("moe/unpermute_combine"):
+            # The weights' gradient is nonzero only for this rank's experts: summed over the group, whole.
+            weights = all_reduce_grad_tp(choice.weights, self.topo)[self.first_local:self.first_local + L]
+            contrib = y_sorted.float() * weights.reshape(-1, 1)  # [L*C, d] in fp32, as the token-choice combine
+            out = torch.zeros(num_tokens, x.shape[-1], device=x.device, dtype=torch.float32).index_add(0, rows, contrib)
+            out = reduce_from_tp(out.to(y_sorted.dtype), self.topo)  # [T, d]
+        # No aux loss: every expert takes exactly C tokens, so there is nothing to balance.
+        return out, self.z_loss_coef * z
+
+    @torch.no_grad()
+    def _expert_choice_record(self, choice: ExpertChoice, scores: torch.Tensor, probs: torch.Tensor,
+                              z: torch.Tensor, capacity: int) -> RoutingRecord:
+        """The statistics of an expert-choice forward. The load statistics (counts, aux, cv) describe the
+        demand: the top-k each token would pick by the same scores, which is how eval mode routes; the
+        experts themselves keep exactly C each (kept). The capacity statistics count, per token, the
+        experts that took it."""
+        num_tokens, k, E = scores.shape[0], self.top_k, self.num_experts
+        demand = scores.topk(k, dim=-1).indices.reshape(-1)  # [T*k]
+        counts = torch.zeros(E, device=scores.device).scatter_add_(0, demand, torch.ones_like(demand, dtype=torch.float32))
+        aux = load_balancing_loss(probs, counts, k)  # logged only: expert choice trains no aux loss
+        tokens = choice.tokens.reshape(-1)  # [E*C]
+        served = torch.zeros(num_tokens, device=scores.device).index_add(0, tokens, torch.ones_like(tokens, dtype=torch.float32))
+        kept = torch.full((E,), float(capacity), device=scores.device)
+        drops, fill = capacity_statistics(served, kept, capacity, k)
+        experts = torch.arange(E, device=scores.device).unsqueeze(1).expand_as(choice.tokens)  # [E, C]
+        dense = torch.zeros(num_tokens * E, device=scores.device).scatter(
+            0, tokens * E + experts.reshape(-1), choice.weights.reshape(-1)).view(num_tokens, E)  # [T, E] gates
+        kept_probs = probs.t().gather(1, choice.tokens)  # [E, C]
+        gates = gate_statistics(dense, kept_probs, E * capacity)
+        return RoutingRecord(counts, aux, z, probs, drops, kept, fill, gates)

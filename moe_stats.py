@@ -28,9 +28,12 @@ class StatsLayout:
     num_experts: int
     num_microbatches: int  # per DP rank per step
     dp: int
-    drops: bool = False  # capacity on: per layer [dropped assignments, tokens with all k dropped, tokens], and
-    #                      the overload factors of the demand (before the drop) beside those of the kept tokens
+    drops: bool = False  # capacity on: per layer [dropped assignments, tokens with all k dropped, tokens], the
+    #                      overload factors of the demand (before the drop) beside those of the kept tokens, and
+    #                      per layer [busiest, mean] expert fill (kept / capacity) summed over microbatches and DP
     bias: bool = False   # bias balancing on: per layer mean |expert bias|, summed over DP ranks
+    gates: bool = False  # per layer [gate entropy, kept probabilities, kept assignments, tokens] sums (the trainer
+    #                      always sets it; hand-made layouts may leave it out)
 
     @property
     def L(self) -> int:
@@ -46,8 +49,11 @@ class StatsLayout:
         if self.drops:  # the routing options' blocks exist only when the options are on
             sizes["drops"] = L * 3
             sizes["overload_before_drop"] = dp * L * m
+            sizes["fill"] = L * 2
         if self.bias:
             sizes["bias"] = L
+        if self.gates:
+            sizes["gates"] = L * 4
         return sizes
 
     def numel(self) -> int:
@@ -57,7 +63,8 @@ class StatsLayout:
         """Views of each block of a flat torch tensor or numpy array."""
         L, E, m, dp = self.L, self.num_experts, self.num_microbatches, self.dp
         shapes = {"lm": (2,), "counts": (L, E), "losses": (L, 3), "overload": (dp, L, m), "cum_overload": (dp, L),
-                  "drops": (L, 3), "overload_before_drop": (dp, L, m), "bias": (L,)}
+                  "drops": (L, 3), "overload_before_drop": (dp, L, m), "fill": (L, 2), "bias": (L,),
+                  "gates": (L, 4)}
         out, off = {}, 0
         for name, n in self.sizes().items():
             out[name] = flat[off:off + n].reshape(shapes[name])
@@ -129,6 +136,8 @@ class StepStats:
         self.entropy: list = []  # per microbatch [L]: sum over tokens of -sum_e p ln p
         self.drops: list = []    # per microbatch [L, 2] (capacity only): dropped assignments, dropped tokens
         self.kept: list = []     # [E] per microbatch and layer (capacity only): assignments each expert keeps
+        self.fill: list = []     # per microbatch [L, 2] (capacity only): busiest and mean expert's kept / capacity
+        self.gates: list = []    # per microbatch [L, 4]: moe_layers.gate_statistics
         for moe in self.layers:
             moe.record_routing = self.enabled
             moe.last_routing = None
@@ -154,6 +163,10 @@ class StepStats:
             self.drops.append(torch.stack([r.drops for r in records]))
         if records[0].kept is not None:
             self.kept += [r.kept for r in records]
+        if records[0].fill is not None:
+            self.fill.append(torch.stack([r.fill for r in records]))
+        if records[0].gates is not None:
+            self.gates.append(torch.stack([r.gates for r in records]))
         # -p ln p with 0 ln 0 = 0, written over the stacked copy of the probabilities (one [L, T, E] buffer).
         probs = torch.stack([r.probs for r in records])
         self.entropy.append(torch.special.entr(probs, out=probs).sum(dim=(1, 2)))
@@ -211,7 +224,7 @@ def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_los
         if layout.drops:  # the demand's overload, as if nothing were dropped
             v["overload_before_drop"][topo.dp_rank, rows] = \
                 overload_factors(mb_counts, topo.ep, held)[0] if topo.ep > 1 else 1.0
-        if layout.drops or layout.bias:
+        if layout.drops or layout.bias or layout.gates:
             _pack_routing_stats(layout, step_stats, v, rows)
     all_reduce_(flat, topo.pp_group)
     all_reduce_(flat, topo.dp_group)
@@ -219,21 +232,29 @@ def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_los
 
 
 def _pack_routing_stats(layout: StatsLayout, step_stats: StepStats, v: dict, rows: slice) -> None:
-    """The capacity and bias-balancing block: per layer the step's dropped assignments, tokens with all
-    k assignments dropped and tokens routed (sums over microbatches), and the mean |expert bias|."""
+    """The capacity, bias-balancing and gate blocks: per layer the step's dropped assignments, tokens with
+    all k assignments dropped and tokens routed, the experts' fill (sums over microbatches), the mean
+    |expert bias|, and the gate sums."""
     if layout.drops:
         if len(step_stats.drops) != layout.num_microbatches:
             raise RuntimeError(f"pack_step_stats: drop counts of {len(step_stats.drops)} microbatches, "
                                f"expected {layout.num_microbatches}")
         v["drops"][rows, :2] = torch.stack(step_stats.drops).sum(0)
-        v["drops"][rows, 2] = v["counts"][rows].sum(-1) / step_stats.top_k
+        v["drops"][rows, 2] = v["counts"][rows].sum(-1) / step_stats.top_k  # counts sum to T*k (the demand)
+        if step_stats.fill:
+            v["fill"][rows] = torch.stack(step_stats.fill).sum(0)
     if layout.bias:
         v["bias"][rows] = torch.stack([moe.router.expert_bias for moe in step_stats.layers]).abs().mean(-1)
+    if layout.gates and step_stats.gates:
+        v["gates"][rows] = torch.stack(step_stats.gates).sum(0)
 
 
 def routing_metrics(layout: StatsLayout, v: dict, detailed: bool = False) -> dict:
     """moe/drop_rate (dropped assignments / T*k), moe/token_drop_rate (tokens with all k dropped / T),
-    pooled over layers, and moe/bias_abs_mean; per layer too in detailed mode. v: the host-side blocks."""
+    pooled over layers; moe/used_capacity (the busiest expert's kept / capacity) and
+    moe/used_capacity_mean (the mean expert's), averaged over layers, microbatches and DP ranks;
+    moe/bias_abs_mean; moe/gate_entropy_mean and moe/mean_topk_prob, averaged over layers; per layer too in
+    detailed mode. v: the host-side blocks."""
     out = {}
     ids = layout.moe_layer_ids
     if layout.drops:
@@ -241,10 +262,24 @@ def routing_metrics(layout: StatsLayout, v: dict, detailed: bool = False) -> dic
         assignments = v["counts"].sum(axis=1)  # [L] = T*k summed over the step
         out["moe/drop_rate"] = float(d[:, 0].sum() / max(assignments.sum(), 1.0))
         out["moe/token_drop_rate"] = float(d[:, 1].sum() / max(d[:, 2].sum(), 1.0))
+        fill = v["fill"] / (layout.num_microbatches * layout.dp)  # [L, 2] means over microbatches and DP ranks
+        out["moe/used_capacity"] = float(fill[:, 0].mean())
+        out["moe/used_capacity_mean"] = float(fill[:, 1].mean())
         if detailed:
             for row, layer_id in enumerate(ids):
                 out[f"moe/layer_{layer_id}/drop_rate"] = float(d[row, 0] / max(assignments[row], 1.0))
                 out[f"moe/layer_{layer_id}/token_drop_rate"] = float(d[row, 1] / max(d[row, 2], 1.0))
+                out[f"moe/layer_{layer_id}/used_capacity"] = float(fill[row, 0])
+    if layout.gates:
+        g = v["gates"]  # [L, 4] sums: gate entropy, kept probabilities, kept assignments, tokens
+        entropy = g[:, 0] / np.maximum(g[:, 3], 1.0)  # [L] mean over tokens
+        topk_prob = g[:, 1] / np.maximum(g[:, 2], 1.0)  # [L] mean over kept assignments
+        out["moe/gate_entropy_mean"] = float(entropy.mean())
+        out["moe/mean_topk_prob"] = float(topk_prob.mean())
+        if detailed:
+            for row, layer_id in enumerate(ids):
+                out[f"moe/layer_{layer_id}/gate_entropy"] = float(entropy[row])
+                out[f"moe/layer_{layer_id}/mean_topk_prob"] = float(topk_prob[row])
     if layout.bias:
         b = v["bias"] / layout.dp  # the same on every DP rank, summed by the reduction
         out["moe/bias_abs_mean"] = float(b.mean())

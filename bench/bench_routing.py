@@ -33,7 +33,10 @@ sizes (16384 tokens, 128 experts, top-2) load_cv is 0.07 for random logits and 0
 where capacity factor 1.25 drops 16% of the assignments (probs policy; CPU run, seed 17).
 load_cv = std (Bessel, n - 1) / mean of the per-expert assignment counts, as moe/cv_*. Capacity rows add the capacity
 per expert, avg_drop_rate (dropped assignments / T*k) and token_drop_rate (tokens with all k dropped / T).
-Output: one JSON line per configuration on stdout, appended to --out if given.
+Output: one JSON line per configuration on stdout, appended to --out if given. Drop rate against capacity
+factor per k: run `capacity` once per --top-k into one --out file, then `python bench/plot_routing.py drops
+FILE`. The routing strategies of --moe-routing / --moe-gate are not benchmarked here (this times the
+token-choice top-k path; compare strategies by training them, bench/sweep.py --strategies).
 """
 from __future__ import annotations
 

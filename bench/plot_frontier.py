@@ -5,7 +5,9 @@
 Reads the config rows of bench/sweep.py's summary.csv (mean over seeds, error bars = the standard
 deviation over seeds), draws every config and the Pareto frontier: the configs that no other config
 beats on both axes (at least as fast and at least as low a loss, better on one). The frontier configs
-are labelled on the plot and printed. Needs matplotlib (pip install matplotlib) for the PNG only.
+are labelled on the plot and printed. With a strategy column (sweeps with --strategies) each routing
+strategy has its own marker and colour, named in the legend. Needs matplotlib (pip install matplotlib)
+for the PNG only.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def read_configs(path: str) -> list:
         x, y = _num(r["tokens_per_s"]), _num(r["val_loss"])
         if r["row"] == "config" and x is not None and y is not None:
             points.append({"label": r["config"], "x": x, "y": y, "n": r.get("n", ""),
+                           "strategy": r.get("strategy") or "",  # empty in summaries written before the column
                            "xerr": _num(r["tokens_per_s_std"]) or 0.0, "yerr": _num(r["val_loss_std"]) or 0.0})
     if not points:
         raise InputError(f"{path} has no config row with both a validation loss and tokens/s")
@@ -62,11 +65,19 @@ def plot(points: list, front: list, path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 6))
     on = {p["label"] for p in front}
+    strategies = sorted({p.get("strategy", "") for p in points} - {""})
+    markers, colors = "osD^vP*X", plt.get_cmap("tab10")
+    style = {st: (markers[i % len(markers)], colors(i % 10)) for i, st in enumerate(strategies)}
     for p in points:
-        ax.errorbar(p["x"], p["y"], xerr=p["xerr"], yerr=p["yerr"], fmt="o", ms=6, capsize=3,
-                    color="tab:red" if p["label"] in on else "tab:gray", alpha=1.0 if p["label"] in on else 0.6)
+        st = p.get("strategy", "")
+        marker, color = style.get(st, ("o", "tab:red" if p["label"] in on else "tab:gray"))
+        ax.errorbar(p["x"], p["y"], xerr=p["xerr"], yerr=p["yerr"], fmt=marker, ms=7 if p["label"] in on else 6,
+                    capsize=3, color=color, alpha=1.0 if p["label"] in on or st else 0.6,
+                    mec="black" if p["label"] in on and st else color)
         ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(5, 4),
                     fontsize=8 if p["label"] in on else 6, color="black" if p["label"] in on else "gray")
+    for st in strategies:  # one legend entry per strategy
+        ax.plot([], [], style[st][0], color=style[st][1], label=st)
     ax.plot([p["x"] for p in front], [p["y"] for p in front], "-", color="tab:red", lw=1.2, label="Pareto frontier")
     ax.set_xlabel("tokens / s (higher is better)")
     ax.set_ylabel("final validation loss (lower is better)")
@@ -90,7 +101,8 @@ def main(argv: Optional[list] = None) -> int:
     front = pareto_front(points)
     print(f"{len(points)} configs, {len(front)} on the Pareto frontier (fastest last):")
     for q in front:
-        print(f"  {q['label']}: val loss {q['y']:.4f} +- {q['yerr']:.4f}, {q['x']:,.0f} +- {q['xerr']:,.0f} tokens/s")
+        print(f"  {q['label']}{' (' + q['strategy'] + ')' if q.get('strategy') else ''}: val loss {q['y']:.4f} +- "
+              f"{q['yerr']:.4f}, {q['x']:,.0f} +- {q['xerr']:,.0f} tokens/s")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

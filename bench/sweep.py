@@ -1,8 +1,13 @@
 """A grid of short training runs (subprocesses of minimal_pretrain.py) and their summary.csv.
 
     python bench/sweep.py --out runs/sweep --num-experts 8,32 --top-k 1,2,4 --capacity-factors 0,1.0,1.25 \\
-        --router softmax,sigmoid --bias-update 0,1e-3 --seeds 17,18,19 --max-steps 1000 [--parallel 4] \\
-        [--timing-steps 60] -- <any other minimal_pretrain.py flags>
+        --router softmax,sigmoid --bias-update 0,1e-3 --strategies soft-topk,hard-topk,expert-choice,hash \\
+        --seeds 17,18,19 --max-steps 1000 [--parallel 4] [--timing-steps 60] -- <any other minimal_pretrain.py flags>
+
+Strategies (--strategies), each a pair of minimal_pretrain.py flags: soft-topk (--moe-routing token-choice
+--moe-gate soft, the default), hard-topk (token-choice, hard), expert-choice (expert-choice, soft; its
+capacity factor 0 means 1.0), hash (hash, soft). A grid value that a strategy refuses (bias balancing with
+expert choice or hash, sigmoid scores with hash) stops the sweep before anything runs, naming the run.
 
 Every combination of the grid flags is a config; every config runs once per seed, each run in its own
 directory OUT/<config>_s<seed> (train.log holds its console output; no checkpoints are saved unless
@@ -18,11 +23,16 @@ tokens_per_s_source says which kind it is.
 
 summary.csv (rewritten at the end of every invocation) has one row per run (row = run) and one per
 config (row = config, with n = finished seeds):
-  config columns  num_experts, top_k, capacity_factor, router, bias_update, and seed for runs
-  val_loss        the final validation loss (last evaluation)
+  config columns  num_experts, top_k, capacity_factor, router, bias_update, strategy, and seed for runs
+  val_loss        the final validation loss (last evaluation; expert choice: routed by top-k, causal)
   tokens_per_s    median of the logged tokens_per_sec over the last 3/4 of the logged steps
-  drop_rate       mean moe/drop_rate over the last 1/4 of the logged steps (0 without capacity)
-  load_cv         moe/cv_mean of the last logged step
+  drop_rate, token_drop_rate, used_capacity   means of moe/drop_rate, moe/token_drop_rate and
+                  moe/used_capacity over the last 1/4 of the logged steps (the drop rates are 0 and
+                  used_capacity empty without a capacity)
+  load_cv, gate_entropy, mean_topk_prob   moe/cv_mean, moe/gate_entropy_mean, moe/mean_topk_prob of the
+                  last logged step
+  val_loss_expert_choice   expert choice only: the final validation loss routed by expert choice over
+                  each validation microbatch, as in training (not causal)
   active_params, total_params   of the config's model (model.count_parameters)
   for config rows, <metric>_std is the sample standard deviation over seeds (empty for one seed)
 """
@@ -49,10 +59,17 @@ from errors import InputError, OneLineParser  # noqa: E402
 GRID_FLAGS = {  # sweep flag -> minimal_pretrain flag
     "num_experts": "--num-experts", "top_k": "--num-experts-per-token", "capacity_factor": "--moe-capacity-factor",
     "router": "--moe-router-score", "bias_update": "--moe-bias-update-rate"}
-OWNED = set(GRID_FLAGS.values()) | {"--seed", "--max-steps", "--output-dir"}  # set by the sweep, per run
+STRATEGIES = {  # sweep strategy -> minimal_pretrain flags
+    "soft-topk": ["--moe-routing", "token-choice", "--moe-gate", "soft"],
+    "hard-topk": ["--moe-routing", "token-choice", "--moe-gate", "hard"],
+    "expert-choice": ["--moe-routing", "expert-choice", "--moe-gate", "soft"],
+    "hash": ["--moe-routing", "hash", "--moe-gate", "soft"]}
+CONFIG_COLUMNS = [*GRID_FLAGS, "strategy"]
+OWNED = set(GRID_FLAGS.values()) | {"--seed", "--max-steps", "--output-dir", "--moe-routing", "--moe-gate"}  # per run
 NO_CHECKPOINTS = ["--no-save", "--save-interval", "0"]  # a sweep compares configs; `-- --save-interval N` overrides
-METRICS = ("val_loss", "tokens_per_s", "drop_rate", "load_cv")
-COLUMNS = (["row", "config", *GRID_FLAGS, "seed", "n", "status"]
+METRICS = ("val_loss", "tokens_per_s", "drop_rate", "load_cv", "token_drop_rate", "used_capacity", "gate_entropy",
+           "mean_topk_prob", "val_loss_expert_choice")
+COLUMNS = (["row", "config", *CONFIG_COLUMNS, "seed", "n", "status"]
            + [c for m in METRICS for c in (m, m + "_std")] + ["active_params", "total_params", "tokens_per_s_source"])
 DONE = "sweep_run.json"  # written into a run directory when its process exits
 
@@ -64,14 +81,16 @@ class Config:
     capacity_factor: float
     router: str
     bias_update: float
+    strategy: str = "soft-topk"
 
     @property
     def label(self) -> str:
         return (f"E{self.num_experts}_k{self.top_k}_cf{self.capacity_factor:g}_{self.router}"
-                f"_bias{self.bias_update:g}")
+                f"_bias{self.bias_update:g}_{self.strategy}")
 
     def flags(self) -> list:
-        return [flag for name, opt in GRID_FLAGS.items() for flag in (opt, str(getattr(self, name)))]
+        return [flag for name, opt in GRID_FLAGS.items() for flag in (opt, str(getattr(self, name)))] + \
+            STRATEGIES[self.strategy]
 
 
 @dataclass
@@ -106,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", type=_list(str), default=["softmax"], help="comma-separated: softmax, sigmoid")
     p.add_argument("--bias-update", type=_list(float), default=[0.0],
                    help="comma-separated --moe-bias-update-rate values, 0 = off")
+    p.add_argument("--strategies", type=_list(str), default=["soft-topk"],
+                   help=f"comma-separated routing strategies: {', '.join(STRATEGIES)}")
     p.add_argument("--seeds", type=_list(int), default=[17], help="comma-separated seeds")
     p.add_argument("--max-steps", type=int, default=300, help="steps of every run")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
@@ -132,6 +153,9 @@ def parse(argv: list) -> tuple:
             raise InputError(f"{flag} must hold finite numbers >= 0, got {values}")
     if any(r not in ("softmax", "sigmoid") for r in args.router):
         raise InputError(f"--router must be a comma-separated subset of softmax,sigmoid, got {','.join(args.router)}")
+    if any(st not in STRATEGIES for st in args.strategies):
+        raise InputError(f"--strategies must be a comma-separated subset of {','.join(STRATEGIES)}, "
+                         f"got {','.join(args.strategies)}")
     clash = sorted({a.split("=")[0] for a in passthrough} & OWNED)
     if clash:
         raise InputError(f"{', '.join(clash)} after -- : the sweep sets it per run (use its own flag)")
@@ -141,7 +165,7 @@ def parse(argv: list) -> tuple:
 def make_runs(args, passthrough: list) -> tuple:
     """(quality runs, timing runs) of the grid."""
     configs = [Config(*values) for values in itertools.product(
-        args.num_experts, args.top_k, args.capacity_factors, args.router, args.bias_update)]
+        args.num_experts, args.top_k, args.capacity_factors, args.router, args.bias_update, args.strategies)]
     runs, timing = [], []
     for cfg in configs:
         common = [*NO_CHECKPOINTS, *passthrough, *cfg.flags(), "--no-progress"]
@@ -264,13 +288,25 @@ def run_metrics(run: Run) -> dict:
     from plot_run import read_last_run
     recs, _ = read_last_run(os.path.join(run.out_dir, "metrics.jsonl"))
     train = [r for r in recs if "loss" in r]
-    vals = [r["val_loss"] for r in recs if r.get("val_loss") is not None]
+    evals = [r for r in recs if r.get("val_loss") is not None]
     tps = [r["tokens_per_sec"] for r in train[len(train) // 4:] if r.get("tokens_per_sec")]
-    drops = [r["moe/drop_rate"] for r in train[len(train) * 3 // 4:] if r.get("moe/drop_rate") is not None]
-    cv = train[-1].get("moe/cv_mean") if train else None
-    return {"val_loss": vals[-1] if vals else None, "tokens_per_s": statistics.median(tps) if tps else None,
-            "drop_rate": statistics.mean(drops) if drops else (0.0 if run.config.capacity_factor == 0 else None),
-            "load_cv": cv}
+
+    def tail_mean(key):  # over the last quarter of the logged steps; None if never logged
+        values = [r[key] for r in train[len(train) * 3 // 4:] if r.get(key) is not None]
+        return statistics.mean(values) if values else None
+
+    def last(key):
+        return train[-1].get(key) if train else None
+    no_capacity = run.config.capacity_factor == 0 and run.config.strategy != "expert-choice"
+    out = {"val_loss": evals[-1]["val_loss"] if evals else None,
+           "tokens_per_s": statistics.median(tps) if tps else None,
+           "load_cv": last("moe/cv_mean"), "used_capacity": tail_mean("moe/used_capacity"),
+           "gate_entropy": last("moe/gate_entropy_mean"), "mean_topk_prob": last("moe/mean_topk_prob"),
+           "val_loss_expert_choice": evals[-1].get("val_loss_expert_choice") if evals else None}
+    for key in ("drop_rate", "token_drop_rate"):
+        value = tail_mean(f"moe/{key}")
+        out[key] = value if value is not None else (0.0 if no_capacity else None)
+    return out
 
 
 def param_counts(run: Run) -> tuple:
@@ -288,7 +324,7 @@ def summarize(runs: list, timing: list, out: str, parallel: int) -> str:
     source = "isolated" if timing else ("concurrent x%d" % parallel if parallel > 1 else "sequential")
     rows, by_config = [], {}
     for run in runs:
-        row = {"row": "run", "config": run.config.label, **{k: getattr(run.config, k) for k in GRID_FLAGS},
+        row = {"row": "run", "config": run.config.label, **{k: getattr(run.config, k) for k in CONFIG_COLUMNS},
                "seed": run.seed, "n": 1}
         if finished(run):
             m = run_metrics(run)
@@ -300,7 +336,7 @@ def summarize(runs: list, timing: list, out: str, parallel: int) -> str:
             row["status"] = "failed" if os.path.isfile(os.path.join(run.out_dir, DONE)) else "missing"
         rows.append(row)
     for cfg, members in by_config.items():
-        row = {"row": "config", "config": cfg.label, **{k: getattr(cfg, k) for k in GRID_FLAGS}, "seed": "",
+        row = {"row": "config", "config": cfg.label, **{k: getattr(cfg, k) for k in CONFIG_COLUMNS}, "seed": "",
                "n": len(members), "status": "ok", "active_params": members[0]["active_params"],
                "total_params": members[0]["total_params"], "tokens_per_s_source": source}
         for m in METRICS:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import checkpoint as ckpt  # noqa: E402
 import minimal_pretrain  # noqa: E402
-from model import ModelConfig  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
 from moe_layers import SparseMoE  # noqa: E402
 from moe_stats import StepStats  # noqa: E402
 from parallel import Topology  # noqa: E402
@@ -316,3 +316,40 @@ def _main_in_process(argv: list, monkeypatch, capsys) -> tuple:
     capsys.readouterr()
     rc = minimal_pretrain.main(argv)
     return rc, capsys.readouterr().err.strip().splitlines()
+
+
+# --------------------------------------------------------------------------------------------------
+# shared by the routing, sampling and bench files
+# --------------------------------------------------------------------------------------------------
+TINY_BENCH = ["--device", "cpu", "--num-tokens", "64", "--hidden-dim", "32", "--num-experts", "4", "--top-k", "2",
+              "--iters", "3", "--warmup", "1", "--dtype", "float32"]
+
+
+def _expected_kept(idx, scores, capacity, policy, seq_len):
+    """Brute force: per expert, its assignments sorted by priority, the first `capacity` kept."""
+    T, k = len(idx), len(idx[0])
+    kept = [[False] * k for _ in range(T)]
+    for e in {e for row in idx for e in row}:
+        mine = [(t, j) for t in range(T) for j in range(k) if idx[t][j] == e]
+        if policy == "position":
+            mine.sort(key=lambda a: (a[0] % seq_len, a[0] // seq_len))
+        else:
+            mine.sort(key=lambda a: (-scores[a[0]][e], a[0]))
+        for t, j in mine[:capacity]:
+            kept[t][j] = True
+    return kept
+
+
+def _greedy_by_recompute(model: GPT, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """The documented context policy, brute force: every token recomputes its whole window, which holds at
+    most T tokens; a prompt is cropped to its last T and a window that would exceed T restarts from the
+    last T // 2 tokens."""
+    T = model.cfg.max_seq_length
+    out, start = ids, max(0, ids.shape[1] - T)
+    with torch.no_grad():
+        for _ in range(new):
+            if out.shape[1] - start > T:
+                start = out.shape[1] - T // 2
+            logits, _ = model(out[:, start:])
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out

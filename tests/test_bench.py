@@ -12,12 +12,10 @@ import torch
 
 from model import ModelConfig, count_parameters
 
-from helpers import ROOT, _clean_env
+from helpers import ROOT, TINY_BENCH, _clean_env
 
 
 sys.path.insert(0, str(ROOT / "bench"))
-TINY_BENCH = ["--device", "cpu", "--num-tokens", "64", "--hidden-dim", "32", "--num-experts", "4", "--top-k", "2",
-              "--iters", "3", "--warmup", "1", "--dtype", "float32"]
 BENCH_FIELDS = {"bench", "num_tokens", "hidden_dim", "num_experts", "top_k", "dtype", "device", "seed", "iters",
                 "timer", "ms", "ms_p10", "ms_p90", "tokens_per_s", "load_cv"}
 

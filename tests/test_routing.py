@@ -16,7 +16,8 @@ from moe_layers import TopKRouter, capacity_mask, expert_capacity, route_topk, u
 from parallel import Topology
 
 from helpers import (MILD, _assert_checkpoints_equal, _base_argv, _ckpt_argv, _close, _cuda_moe_for_sync_check,
-                     _launch, _train_in_process, assert_same_run, dense_expert, make_moe, skewed_router_case)
+                     _expected_kept, _launch, _train_in_process, assert_same_run, dense_expert, make_moe,
+                     skewed_router_case)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,21 +103,6 @@ def test_capacity_probs_drops_lowest_scores_by_hand():
     # Capacity 3: e1's tie at .3 between t0 and t5 goes to the earlier token.
     assert _cap_mask(3, "probs") == [[True, True], [True, True], [False, True],
                                      [True, False], [True, True], [True, False]]
-
-
-def _expected_kept(idx, scores, capacity, policy, seq_len):
-    """Brute force: per expert, its assignments sorted by priority, the first `capacity` kept."""
-    T, k = len(idx), len(idx[0])
-    kept = [[False] * k for _ in range(T)]
-    for e in {e for row in idx for e in row}:
-        mine = [(t, j) for t in range(T) for j in range(k) if idx[t][j] == e]
-        if policy == "position":
-            mine.sort(key=lambda a: (a[0] % seq_len, a[0] // seq_len))
-        else:
-            mine.sort(key=lambda a: (-scores[a[0]][e], a[0]))
-        for t, j in mine[:capacity]:
-            kept[t][j] = True
-    return kept
 
 
 @pytest.mark.parametrize("policy", ["position", "probs"])

@@ -14,17 +14,7 @@ import minimal_pretrain
 from model import GPT, ModelConfig
 from parallel import Topology
 
-from helpers import ROOT, _base_argv, _ckpt_argv, _clean_env, _train_in_process
-
-
-@pytest.fixture
-def one_thread():
-    """Decoding runs hundreds of tiny ops; on a shared, oversubscribed CPU intra-op threads make each one
-    wait for the others (measured 20x slower with 2 threads here), so these tests use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from helpers import ROOT, _base_argv, _ckpt_argv, _clean_env, _greedy_by_recompute, _train_in_process
 
 
 def _sampling_model(num_experts: int, seed: int = 0) -> GPT:
@@ -65,21 +55,6 @@ def test_kv_cache_logits_match_full_recompute(num_experts, one_thread):
         got = torch.cat([model(window[:, :T // 2], kv_cache=cache)[0]] +
                         [model(window[:, i:i + 1], kv_cache=cache)[0] for i in range(T // 2, T)], dim=1)
         torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
-
-
-def _greedy_by_recompute(model: GPT, ids: torch.Tensor, new: int) -> torch.Tensor:
-    """The documented context policy, brute force: every token recomputes its whole window, which holds at
-    most T tokens; a prompt is cropped to its last T and a window that would exceed T restarts from the
-    last T // 2 tokens."""
-    T = model.cfg.max_seq_length
-    out, start = ids, max(0, ids.shape[1] - T)
-    with torch.no_grad():
-        for _ in range(new):
-            if out.shape[1] - start > T:
-                start = out.shape[1] - T // 2
-            logits, _ = model(out[:, start:])
-            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return out
 
 
 @pytest.mark.parametrize("num_experts", [4, 0], ids=["moe", "dense"])
