@@ -64,6 +64,7 @@ def test_gc_interval_schedules_collection_and_restores_the_collector(tmp_path, m
     argv = _base_argv("mixed") + ["--gc-interval", "2", "--output-dir", str(tmp_path)]
     argv[argv.index("--max-steps") + 1] = "5"
     assert gc.isenabled()
+    gc.unfreeze()  # the first run is that of a caller who froze nothing (an earlier test may have frozen objects)
     minimal_pretrain.train(minimal_pretrain.parse_args(argv))
     assert gc.isenabled() and gc.get_freeze_count() == 0
     # one full collection before freezing, then generation 1 at steps 0, 2, 4 with automatic collection off
