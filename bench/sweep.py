@@ -183,13 +183,13 @@ def make_runs(args, passthrough: list) -> tuple:
 
 
 def check_run_flags(runs: list) -> None:
-    """Every run's flags through minimal_pretrain's own parser and validation, before anything starts."""
-    import minimal_pretrain
+    """Every run's flags through the trainer's own parser and validation (config.py), before anything starts."""
+    import config
     for run in runs:
-        parser = minimal_pretrain.build_parser()
+        parser = config.build_parser()
         parser.prog = f"minimal_pretrain.py (run {os.path.basename(run.out_dir)})"
         try:
-            minimal_pretrain.validate(parser.parse_args(run.argv), 1)
+            config.validate(parser.parse_args(run.argv), 1)
         except InputError as e:
             raise InputError(f"run {os.path.basename(run.out_dir)}: {e}")
 

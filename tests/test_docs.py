@@ -10,9 +10,10 @@ import re
 
 from helpers import ROOT  # first: it puts the repository root on sys.path when this file runs as a script
 
+import config  # noqa: E402
 import minimal_pretrain  # noqa: E402
 
-FLAGS_BEGIN = ("<!-- generated from minimal_pretrain.py's parser by `python tests/test_docs.py`: "
+FLAGS_BEGIN = ("<!-- generated from the trainer's parser (config.py) by `python tests/test_docs.py`: "
                "edit the help texts there, not this table -->")
 FLAGS_END = "<!-- end of the generated flag table -->"
 
@@ -63,7 +64,7 @@ def test_moe_guide_flag_table_is_the_parsers():
     """MOE_GUIDE.md section 9 lists exactly the trainer's flags, defaults and help texts."""
     guide = (ROOT / "MOE_GUIDE.md").read_text()
     start, end = _guide_table(guide)
-    assert guide[start:end].strip() == flag_table(minimal_pretrain.build_parser()), \
+    assert guide[start:end].strip() == flag_table(config.build_parser()), \
         "MOE_GUIDE.md's flag table differs from minimal_pretrain.py's parser: run python tests/test_docs.py"
 
 
@@ -71,5 +72,5 @@ if __name__ == "__main__":
     path = ROOT / "MOE_GUIDE.md"
     guide = path.read_text()
     start, end = _guide_table(guide)
-    path.write_text(guide[:start] + "\n" + flag_table(minimal_pretrain.build_parser()) + "\n" + guide[end:])
+    path.write_text(guide[:start] + "\n" + flag_table(config.build_parser()) + "\n" + guide[end:])
     print(f"rewrote the flag table in {path}")

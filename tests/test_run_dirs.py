@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import checkpoint as ckpt
-import minimal_pretrain
+import run_control
 from errors import InputError
 
 from helpers import (ROOT, _HYGIENE_SHAPE, _clean_env, _free_port, _hygiene_argv, _main_in_process, _train_in_process,
@@ -85,7 +85,7 @@ def test_second_run_into_a_busy_output_dir_exits_2_naming_the_holder(tmp_path, m
 def test_busy_output_dir_stops_every_rank_with_one_line(tmp_path):
     """The verdict of rank 0's lock reaches every rank: each prints the same line and exits 2."""
     run = tmp_path / "run"
-    with minimal_pretrain.dir_lock(str(run), "--output-dir"):
+    with run_control.dir_lock(str(run), "--output-dir"):
         port = _free_port()
         procs = [subprocess.Popen([sys.executable, str(ROOT / "minimal_pretrain.py"), *_HYGIENE_SHAPE,
                                    *_hygiene_argv("--max-steps", "1", "--output-dir", str(run))],
@@ -109,7 +109,7 @@ def test_busy_output_dir_stops_every_rank_with_one_line(tmp_path):
 def test_busy_checkpoint_dir_is_refused_even_from_another_output_dir(tmp_path, monkeypatch, capsys):
     """Two runs with their own --output-dir but one --checkpoint-dir would save into each other's checkpoints:
     the checkpoint directory is locked too, and the refused run leaves no output directory behind."""
-    with minimal_pretrain.dir_lock(str(tmp_path / "ckpts"), "--output-dir"):  # as a run whose output dir it is
+    with run_control.dir_lock(str(tmp_path / "ckpts"), "--output-dir"):  # as a run whose output dir it is
         rc, err = _main_in_process([*_HYGIENE_SHAPE, *_hygiene_argv("--max-steps", "1", "--output-dir",
                                                                     str(tmp_path / "b"), "--checkpoint-dir",
                                                                     str(tmp_path / "ckpts"))], monkeypatch, capsys)
@@ -127,8 +127,8 @@ def test_lock_on_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypa
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(minimal_pretrain.fcntl, "flock", no_locks)
-    with minimal_pretrain.dir_lock(str(tmp_path / "run"), "--output-dir"):
+    monkeypatch.setattr(run_control.fcntl, "flock", no_locks)
+    with run_control.dir_lock(str(tmp_path / "run"), "--output-dir"):
         assert (tmp_path / "run" / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: --output-dir") and "No locks available" in err[0], err
