@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "to k experts, no learned router")
     e.add_argument("--moe-gate", choices=["soft", "hard"], default="soft",
                    help="combine weights: soft = the router's scores (1/k each under hash routing); hard = every "
-                        "chosen expert weighted 1 (the router then learns only from its losses)")
+                        "chosen expert weighted 1 (the router then learns only from its losses; not with expert-choice "
+                        "routing, whose router would learn nothing)")
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, default=None,
                    help="sequences per microbatch per DP rank (default min(8, global/DP), or derived from --num-microbatches)")
@@ -295,6 +296,9 @@ def check_routing_flags(args: argparse.Namespace) -> None:
         why = "expert choice drops no assignment of a token" if routing == "expert-choice" else \
             "--moe-gate hard weights every kept expert 1"
         raise InputError(f"--moe-renorm-after-drop applies to token-choice and hash routing with --moe-gate soft ({why})")
+    if routing == "expert-choice" and gate == "hard":
+        raise InputError("--moe-gate hard with --moe-routing expert-choice: the choice is a top-C selection and the "
+                          "weights would all be 1, so no gradient would reach the router (valid: --moe-gate soft)")
     if gate == "hard" and not args.router_normalize_topk:
         raise InputError("--no-router-normalize-topk applies to --moe-gate soft only (hard gates are all 1)")
 

@@ -84,9 +84,9 @@ class Config:
     strategy: str = "soft-topk"
 
     @property
-    def label(self) -> str:
-        return (f"E{self.num_experts}_k{self.top_k}_cf{self.capacity_factor:g}_{self.router}"
-                f"_bias{self.bias_update:g}_{self.strategy}")
+    def label(self) -> str:  # the default strategy adds no suffix, so sweeps from before the axis resume
+        suffix = "" if self.strategy == "soft-topk" else f"_{self.strategy}"
+        return f"E{self.num_experts}_k{self.top_k}_cf{self.capacity_factor:g}_{self.router}_bias{self.bias_update:g}{suffix}"
 
     def flags(self) -> list:
         return [flag for name, opt in GRID_FLAGS.items() for flag in (opt, str(getattr(self, name)))] + \

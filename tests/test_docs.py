@@ -65,7 +65,7 @@ def test_moe_guide_flag_table_is_the_parsers():
     guide = (ROOT / "MOE_GUIDE.md").read_text()
     start, end = _guide_table(guide)
     assert guide[start:end].strip() == flag_table(config.build_parser()), \
-        "MOE_GUIDE.md's flag table differs from minimal_pretrain.py's parser: run python tests/test_docs.py"
+        "MOE_GUIDE.md's flag table differs from the trainer's parser (config.py): run python tests/test_docs.py"
 
 
 if __name__ == "__main__":

@@ -344,6 +344,7 @@ STRATEGY_BAD_FLAGS = [
     (["--moe-routing", "expert-choice", "--moe-renorm-after-drop"], "--moe-renorm-after-drop"),
     (["--moe-gate", "hard", "--moe-capacity-factor", "1", "--moe-renorm-after-drop"], "--moe-renorm-after-drop"),
     (["--moe-gate", "hard", "--no-router-normalize-topk"], "--no-router-normalize-topk"),
+    (["--moe-routing", "expert-choice", "--moe-gate", "hard"], "--moe-gate"),
     (["--moe-routing", "random"], "--moe-routing"),
     (["--moe-gate", "sparse"], "--moe-gate"),
 ]
