@@ -282,6 +282,22 @@ def _close(a, b) -> bool:
     return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
 
 
+def _detailed_argv(extra: list) -> list:
+    """The mixed D M D M model of _base_argv with --moe-metrics detailed, plus `extra` flags."""
+    argv = _base_argv("mixed") + list(extra)
+    argv[argv.index("--moe-metrics") + 1] = "detailed"
+    return argv
+
+
+def _run_against_one_process(cache: dict, case: str, argv: list, world_size: int, flags: list, tmp_path,
+                             tmp_path_factory) -> tuple[dict, dict]:
+    """(reference, layout run): argv on one process (launched once per case and kept in `cache`) and
+    argv + flags on world_size processes."""
+    if case not in cache:
+        cache[case] = _launch(1, argv, tmp_path_factory.mktemp(f"ref_{case}"))
+    return cache[case], _launch(world_size, argv + flags, tmp_path)
+
+
 def _ckpt_dist_argv(ckpt_dir: Path, *extra: str) -> list:
     argv = _base_argv("all8") + ["--dropout", "0.1", "--checkpoint-dir", str(ckpt_dir), *extra]
     argv.remove("--no-save")

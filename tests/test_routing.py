@@ -15,9 +15,9 @@ import minimal_pretrain
 from moe_layers import TopKRouter, capacity_mask, expert_capacity, route_topk, update_expert_biases
 from parallel import Topology
 
-from helpers import (MILD, _assert_checkpoints_equal, _base_argv, _ckpt_argv, _close, _cuda_moe_for_sync_check,
-                     _expected_kept, _launch, _train_in_process, assert_same_run, dense_expert, make_moe,
-                     skewed_router_case)
+from helpers import (MILD, _assert_checkpoints_equal, _ckpt_argv, _close, _cuda_moe_for_sync_check, _detailed_argv,
+                     _expected_kept, _run_against_one_process, _train_in_process, assert_same_run, dense_expert,
+                     make_moe, skewed_router_case)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,20 +393,12 @@ ROUTING_LAYOUTS = [  # (case, id, world size, flags)
 _ROUTING_REFERENCE = {}
 
 
-def _routing_argv(case: str) -> list:
-    argv = _base_argv("mixed") + ROUTING_CASES[case]
-    argv[argv.index("--moe-metrics") + 1] = "detailed"
-    return argv
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("case,world_size,flags", [(c, w, f) for c, _, w, f in ROUTING_LAYOUTS],
                          ids=[f"{c}-{i}" for c, i, _, _ in ROUTING_LAYOUTS])
 def test_capacity_and_bias_same_under_layouts(case, world_size, flags, tmp_path, tmp_path_factory):
-    if case not in _ROUTING_REFERENCE:
-        _ROUTING_REFERENCE[case] = _launch(1, _routing_argv(case), tmp_path_factory.mktemp(f"ref_{case}"))
-    ref = _ROUTING_REFERENCE[case]
-    got = _launch(world_size, _routing_argv(case) + flags, tmp_path)
+    ref, got = _run_against_one_process(_ROUTING_REFERENCE, case, _detailed_argv(ROUTING_CASES[case]), world_size,
+                                        flags, tmp_path, tmp_path_factory)
     assert_same_run(got, ref)  # includes the expert biases
     biases = sorted(k for k in ref["state"] if k.endswith("router.expert_bias"))
     assert biases == ["layers.1.ffn.router.expert_bias", "layers.3.ffn.router.expert_bias"], biases

@@ -24,8 +24,9 @@ from moe_stats import StatsLayout, moe_metrics
 from parallel import Topology
 
 from helpers import (MILD, ROOT, TINY_BENCH, _assert_one_error_line, _base_argv, _ckpt_argv, _clean_env, _close,
-                     _cuda_moe_for_sync_check, _expected_kept, _greedy_by_recompute, _launch, _run_cli,
-                     _train_in_process, assert_same_run, dense_expert, make_moe, skewed_router_case, tiny_cfg)
+                     _cuda_moe_for_sync_check, _detailed_argv, _expected_kept, _greedy_by_recompute, _run_cli,
+                     _run_against_one_process, _train_in_process, assert_same_run, dense_expert, make_moe,
+                     skewed_router_case, tiny_cfg)
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -440,20 +441,12 @@ STRATEGY_METRICS = ("drop_rate", "token_drop_rate", "used_capacity", "used_capac
                     "mean_topk_prob", "cv_mean")
 
 
-def _strategy_argv(case: str) -> list:
-    argv = _base_argv("mixed") + STRATEGY_CASES[case]
-    argv[argv.index("--moe-metrics") + 1] = "detailed"
-    return argv
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("case,world_size,flags", [(c, w, f) for c, _, w, f in STRATEGY_LAYOUTS],
                          ids=[f"{c}-{i}" for c, i, _, _ in STRATEGY_LAYOUTS])
 def test_routing_strategies_same_under_layouts(case, world_size, flags, tmp_path, tmp_path_factory):
-    if case not in _STRATEGY_REFERENCE:
-        _STRATEGY_REFERENCE[case] = _launch(1, _strategy_argv(case), tmp_path_factory.mktemp(f"ref_{case}"))
-    ref = _STRATEGY_REFERENCE[case]
-    got = _launch(world_size, _strategy_argv(case) + flags, tmp_path)
+    ref, got = _run_against_one_process(_STRATEGY_REFERENCE, case, _detailed_argv(STRATEGY_CASES[case]), world_size,
+                                        flags, tmp_path, tmp_path_factory)
     assert_same_run(got, ref)  # includes the hash tables (persistent buffers)
     if case.startswith("hash"):
         assert {k for k in ref["state"] if "router" in k} == {"layers.1.ffn.router.table", "layers.3.ffn.router.table"}

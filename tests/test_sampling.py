@@ -17,11 +17,12 @@ from parallel import Topology
 from helpers import ROOT, _base_argv, _ckpt_argv, _clean_env, _greedy_by_recompute, _train_in_process
 
 
-def _sampling_model(num_experts: int, seed: int = 0) -> GPT:
+def _sampling_model(num_experts: int, seed: int = 0, **cfg_kw) -> GPT:
     """A tiny whole model in eval mode whose matrices are scaled up from the init (std 0.02 -> 0.1), so
     attention is far from uniform and the logits spread: a wrong position or mask changes them visibly."""
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_seq_length=16, num_experts=num_experts, num_experts_per_token=2)
+                      num_key_value_heads=2, max_seq_length=16, num_experts=num_experts, num_experts_per_token=2,
+                      **cfg_kw)
     model = GPT(cfg, Topology())
     model.init_weights(seed)
     with torch.no_grad():
@@ -216,18 +217,9 @@ def test_sample_a_run_on_prepared_bytes_from_another_directory(tmp_path, monkeyp
 def _decoding_model(kind: str, seed: int = 2) -> GPT:
     """_sampling_model's tiny model (T = 16): 'moe', 'dense', or 'capacity' (MoE with capacity factor 1, so
     a prefill drops assignments)."""
-    if kind != "capacity":
-        return _sampling_model(4 if kind == "moe" else 0, seed)
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_seq_length=16, num_experts=4, num_experts_per_token=2,
-                      moe_capacity_factor=1.0)
-    model = GPT(cfg, Topology())
-    model.init_weights(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(5.0)
-    return model.eval()
+    if kind == "capacity":
+        return _sampling_model(4, seed, moe_capacity_factor=1.0)
+    return _sampling_model(4 if kind == "moe" else 0, seed)
 
 
 @pytest.mark.parametrize("kind", ["moe", "dense", "capacity"])
