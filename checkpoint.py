@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -431,11 +432,13 @@ class HubUploader:
     def __init__(self, repo: str, say=print):
         from huggingface_hub import HfApi
         self.repo, self.say, self.api = repo, say, HfApi()
-        self.busy: set = set()
+        self.busy: set = set()  # names of checkpoints queued or uploading; the worker thread removes them
+        self.busy_lock = threading.Lock()
         self.pending: list = []  # futures of the jobs not yet waited for
 
     def upload(self, path: Path) -> None:
-        self.busy.add(path.name)
+        with self.busy_lock:
+            self.busy.add(path.name)
         self.pending = [f for f in self.pending if not f.done()] + [self.api.run_as_future(self._upload, path)]
 
     def _upload(self, path: Path) -> None:
@@ -448,7 +451,13 @@ class HubUploader:
             self.say(f"warning: upload of {path.name} to {self.repo} failed ({type(e).__name__}: {e}); "
                      f"the local checkpoint is kept")
         finally:
-            self.busy.discard(path.name)
+            with self.busy_lock:
+                self.busy.discard(path.name)
+
+    def protected(self) -> frozenset:
+        """The checkpoints --keep-last must not delete now: those queued or uploading."""
+        with self.busy_lock:
+            return frozenset(self.busy)
 
     def close(self) -> None:
         """Waits for queued uploads to finish."""

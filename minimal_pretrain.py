@@ -517,7 +517,7 @@ def save(t: Trainer, done_steps: int, result: TrainResult) -> None:
     """A checkpoint of the state after `done_steps` optimizer steps (every rank takes part)."""
     start = time.perf_counter()
     path = save_checkpoint(t.checkpoint_dir, done_steps, t.model, t.optimizer, t.topo, checkpoint_meta(t),
-                           keep_last=t.args.keep_last, protected=frozenset(t.uploader.busy) if t.uploader else frozenset(),
+                           keep_last=t.args.keep_last, protected=t.uploader.protected() if t.uploader else frozenset(),
                            extra_files=t.codec_files)
     result.checkpoint = str(path)
     t.emit(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")

@@ -134,6 +134,23 @@ def test_hf_upload_is_called_per_save_and_failures_do_not_stop_training(tmp_path
     assert "upload of step_00000002 to me/model failed" in out and "uploaded step_00000004" in out
 
 
+def test_hf_uploader_protects_a_checkpoint_until_its_upload_ends(tmp_path, monkeypatch):
+    """--keep-last may not delete a checkpoint that is queued or uploading: protected() names it from upload()
+    until the worker thread has finished its job, and never again after."""
+    import threading
+    hub = pytest.importorskip("huggingface_hub")
+    release = threading.Event()
+    monkeypatch.setattr(hub.HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(hub.HfApi, "upload_folder", lambda self, **kw: release.wait(30))
+    uploader = ckpt.HubUploader("me/model", say=lambda *a: None)
+    uploader.upload(tmp_path / "step_00000002")
+    uploader.upload(tmp_path / "step_00000004")
+    assert uploader.protected() == {"step_00000002", "step_00000004"}
+    release.set()
+    uploader.close()
+    assert uploader.protected() == frozenset()
+
+
 # --------------------------------------------------------------------------------------------------
 # A killed save never leaves a half checkpoint that --resume auto picks
 # --------------------------------------------------------------------------------------------------
