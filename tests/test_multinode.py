@@ -22,12 +22,19 @@ def _torchrun_agents(nproc: int, tail: list, cwds: list, timeout: int = 300) -> 
     """One torchrun agent per working directory in `cwds`, on this host as on that many machines: a c10d
     rendezvous on localhost, `nproc` ranks each running `tail` (a program and its arguments). Returns
     (exit code, output) per agent. Output goes to files (no agent blocks on a full pipe); on a time-out each
-    agent gets SIGTERM first, which it forwards to its ranks (they run in a session of their own)."""
+    agent gets SIGTERM first, which it forwards to its ranks (they run in a session of their own).
+
+    The rendezvous store lives in this process, not in an agent (`is_host=0` for both): when the agent that
+    hosted it exited first, the other agent lost the store while its rank was still stopping, and torchrun
+    then killed that rank mid-exit (a traceback from the rank, a RendezvousConnectionError from the agent)."""
+    import torch.distributed as dist
     port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     outs = [tempfile.TemporaryFile(mode="w+") for _ in cwds]
     agents = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(cwds)), "--nproc-per-node", str(nproc),
-         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nodes-test", *tail],
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nodes-test", "--rdzv-conf",
+         "is_host=0", *tail],
         cwd=cwd, env=dict(_clean_env(), OMP_NUM_THREADS="1"), stdout=out, stderr=subprocess.STDOUT, text=True)
         for cwd, out in zip(cwds, outs)]
     try:
@@ -41,6 +48,7 @@ def _torchrun_agents(nproc: int, tail: list, cwds: list, timeout: int = 300) -> 
                     a.wait(timeout=40)
                 except subprocess.TimeoutExpired:
                     a.kill()
+    del store  # every agent has exited: the rendezvous store can go
     logs = []
     for out in outs:
         out.seek(0)
@@ -102,8 +110,7 @@ def test_paths_that_the_nodes_do_not_share_stop_every_rank_with_one_line(case, t
         errors = [line for line in log.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and says in errors[0], log[-3000:]
         # No traceback from a rank (a rank's would run through minimal_pretrain.py); torchrun reports the
-        # failure with its own. A second agent's traceback when the agent that hosts the rendezvous store
-        # exits first (RendezvousConnectionError) is torchrun's teardown race, not the ranks'.
+        # failure with its own.
         assert 'minimal_pretrain.py", line' not in log and "ChildFailedError" in log, log[-3000:]
         assert "exitcode  : 2" in log, log[-3000:]
     assert [sorted(p.name for p in d.iterdir()) for d in nodes] == before
