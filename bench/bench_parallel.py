@@ -12,7 +12,8 @@ FFN D/2 in every layer, sequence 1024, global batch 32 sequences, `--compile` (u
     tp2         TP2 (EP2)                pp2-S-mM  PP2, schedule S (gpipe or 1f1b), M microbatches
 
 Layouts take micro-batch --micro-batch-size (default 8; PP: 32 / M); the one-GPU baseline runs at every micro-batch size a layout
-uses, and each layout is compared with the baseline at its own micro-batch size. tokens/s is the median
+uses, and each layout is compared with the baseline at its own micro-batch size (leave layout 1 out for a
+model one GPU cannot hold: the table then has no ratios). tokens/s is the median
 of the logged windows after the first two; memory is each rank's peak of allocated (and reserved)
 memory. PP rows also show the ideal speed-up 2 (1 - bubble), bubble = (p-1)/(m+p-1). Needs NCCL GPUs;
 NVLink multicast is kept off (NCCL_NVLS_ENABLE=0).
@@ -88,16 +89,17 @@ def main() -> None:
     names = [n for n in a.layouts.split(",") if n != "1"]
     specs = {n: layout(n, a.micro_batch_size) for n in names}
     base_flags = model_flags(a.hidden_size) + ([] if a.eager else ["--compile"])
-    micro_sizes = {micro for _, _, micro, _ in specs.values()}
-    if "1" in a.layouts.split(","):
-        micro_sizes.add(a.micro_batch_size)
+    micro_sizes = set()
+    if "1" in a.layouts.split(","):  # without layout 1 (a model one GPU cannot hold): no ratios
+        micro_sizes = {micro for _, _, micro, _ in specs.values()} | {a.micro_batch_size}
     baselines = {mb: run(f"1 GPU, micro {mb}", 1, base_flags + ["--micro-batch-size", str(mb)] + extra, a.steps,
                          a.log_every, "minimal_pretrain.py") for mb in sorted(micro_sizes)}
     rows = list(baselines.values())
     for name, (nproc, flags, micro, script) in specs.items():
         r = run(name, nproc, base_flags + flags + ["--micro-batch-size", str(micro)] + extra, a.steps, a.log_every,
                 script)
-        r["speedup"] = r["tokens_per_sec"] / baselines[micro]["tokens_per_sec"]
+        if micro in baselines:
+            r["speedup"] = r["tokens_per_sec"] / baselines[micro]["tokens_per_sec"]
         if name.startswith("pp2-"):
             m = GLOBAL_BATCH // micro
             r["ideal_speedup"] = 2 * (1 - 1 / (m + 1))
@@ -107,7 +109,7 @@ def main() -> None:
     print(f"{'layout':<18} {'tokens/s':>12} {'vs 1 GPU':>9} {'ideal':>6} {'peak alloc GiB/GPU':>20} {'final loss':>10}")
     for r in rows:
         mem = "/".join(f"{g:.1f}" for g in r["peak_allocated_gib"])
-        sp = f"{r['speedup']:.2f}x" if "speedup" in r else "1.00x"
+        sp = f"{r['speedup']:.2f}x" if "speedup" in r else ("1.00x" if r["nproc"] == 1 else "")
         ideal = f"{r['ideal_speedup']:.2f}" if "ideal_speedup" in r else ""
         print(f"{r['name']:<18} {r['tokens_per_sec']:>12,.0f} {sp:>9} {ideal:>6} {mem:>20} {r['final_loss']:>10.4f}")
     json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "model_flags": base_flags + extra,
