@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # torch is imported inside the two batch functions only: prep
     import torch   # and the text check from here, and it and its worker processes should not load torch (2 s, 0.2 GB)
 
 # The format of a prepare_data.py directory: prepare_data.py writes it, load_corpus and text_codec read it.
+TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"  # token ids of a prepared directory (and of the corpus cache)
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
 BYTES_SEPARATOR_ID = 256  # bytes use ids 0..255; the document separator is one id past them
@@ -80,7 +81,7 @@ def stdlib_corpus() -> Corpus:
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
     tag = hashlib.sha1((str(root) + sys.version + str(len(files))).encode()).hexdigest()[:12]
     cache = _cache_dir() / f"stdlib-{tag}"
-    train_bin, val_bin = cache / "train.bin", cache / "val.bin"
+    train_bin, val_bin = cache / TRAIN_FILE, cache / VAL_FILE
     if not (train_bin.exists() and val_bin.exists()):
         cache.mkdir(parents=True, exist_ok=True)
         train, val = _tokenize_files(root, files)
@@ -214,14 +215,14 @@ def load_corpus(path: Optional[str], vocab_size: Optional[int] = None) -> Corpus
     if p.is_dir() and (p / META_FILE).is_file():
         meta = read_meta(p, path)
         dtype = np.dtype(meta["dtype"])
-        train = np.memmap(p / "train.bin", dtype=dtype, mode="r")
-        val = np.memmap(p / "val.bin", dtype=dtype, mode="r")
+        train = np.memmap(p / TRAIN_FILE, dtype=dtype, mode="r")
+        val = np.memmap(p / VAL_FILE, dtype=dtype, mode="r")
         vocab = _padded_vocab(meta["vocab_size"], vocab_size, path, f"the vocabulary of its {meta['tokenizer']} tokenizer")
         return Corpus(train, val, vocab, f"{meta['tokenizer']} tokens ({dtype}) from {p}: {len(train):,} train / "
                       f"{len(val):,} val, tokenizer vocabulary {meta['vocab_size']:,} (model {vocab:,})")
-    if p.is_dir() and (p / "train.bin").is_file():
-        train = np.memmap(p / "train.bin", dtype=np.uint16, mode="r")
-        val = np.memmap(p / "val.bin", dtype=np.uint16, mode="r") if (p / "val.bin").is_file() else None
+    if p.is_dir() and (p / TRAIN_FILE).is_file():
+        train = np.memmap(p / TRAIN_FILE, dtype=np.uint16, mode="r")
+        val = np.memmap(p / VAL_FILE, dtype=np.uint16, mode="r") if (p / VAL_FILE).is_file() else None
         if val is None:
             train, val = _split_tail(train)
         corpus = Corpus(train, val, 0, f"uint16 tokens from {p}")
@@ -311,7 +312,7 @@ def codec_description(data_path: Optional[str]) -> dict:
         if meta["tokenizer"] == "bytes":
             return {"kind": "bytes", "separator_id": meta.get("doc_separator_id", BYTES_SEPARATOR_ID)}
         return {"kind": "tokenizer", "file": TOKENIZER_FILE}
-    if p is not None and ((p.is_dir() and (p / "train.bin").is_file()) or (p.is_file() and p.suffix == ".bin")):
+    if p is not None and ((p.is_dir() and (p / TRAIN_FILE).is_file()) or (p.is_file() and p.suffix == ".bin")):
         return {"kind": "none", "why": f"raw uint16 token files (--data {data_path}) carry no tokenizer to encode "
                                        f"or decode text"}
     return {"kind": "bytes"}

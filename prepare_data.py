@@ -40,10 +40,11 @@ from typing import Iterator, Optional
 import numpy as np
 
 # The directory format and the text check are data.py's, the module that reads what this script writes.
-from data import BYTES_SEPARATOR_ID, META_FILE, SEPARATOR_TEXT, TEXT_PIECE_BYTES, TOKENIZER_FILE, NotUTF8, utf8_pieces
+from data import (BYTES_SEPARATOR_ID, META_FILE, SEPARATOR_TEXT, TEXT_PIECE_BYTES, TOKENIZER_FILE, TRAIN_FILE, VAL_FILE,
+                  NotUTF8, utf8_pieces)
 from errors import InputError, OneLineParser
 
-OUTPUT_FILES = ("train.bin", "val.bin", META_FILE, TOKENIZER_FILE)
+OUTPUT_FILES = (TRAIN_FILE, VAL_FILE, META_FILE, TOKENIZER_FILE)
 BYTE_VOCAB_WITH_SEPARATOR = BYTES_SEPARATOR_ID + 1
 KNOWN_SEPARATORS = (SEPARATOR_TEXT, "<|end_of_text|>", "</s>", "<eos>")  # looked for in a given tokenizer.json
 CHUNK_BYTES = TEXT_PIECE_BYTES  # text files are read and tokenised in pieces of about this size
@@ -363,7 +364,7 @@ def prepare(args: argparse.Namespace, tmp: Path) -> dict:
     dtype = token_dtype(vocab)
 
     t0 = time.perf_counter()
-    paths = (tmp / "train.bin", tmp / "val.bin")
+    paths = (tmp / TRAIN_FILE, tmp / VAL_FILE)
     init_args = (None if tokenizer_path is None else str(tokenizer_path), dtype, sep)
     with open(paths[0], "wb") as ftrain, open(paths[1], "wb") as fval, tqdm(desc="tokenize", **bar_args) as bar:
         pieces = documents(files, args.text_field, args.val_fraction)
@@ -407,8 +408,8 @@ def validate(args: argparse.Namespace) -> None:
                                f"separator), got {args.vocab_size}")
     else:
         if args.vocab_size is not None:
-            raise InputError(f"--vocab-size applies to --tokenizer bpe only (bytes have 256 + 1, a tokenizer.json "
-                               f"its own)")
+            raise InputError("--vocab-size applies to --tokenizer bpe only (bytes have 256 + 1, a tokenizer.json "
+                             "its own)")
         if args.tokenizer != "bytes" and not Path(args.tokenizer).is_file():
             raise InputError(f"--tokenizer {args.tokenizer}: not bytes, bpe or an existing tokenizer.json file")
     out = Path(args.out)
@@ -442,7 +443,7 @@ def main(argv=None) -> int:
         tmp.mkdir()
         prepare(args, tmp)
         _publish(tmp, out)
-        print(f"wrote {out}/: train.bin, val.bin, {META_FILE}" + (f", {TOKENIZER_FILE}" if (out / TOKENIZER_FILE).exists() else ""))
+        print(f"wrote {out}/: {TRAIN_FILE}, {VAL_FILE}, {META_FILE}" + (f", {TOKENIZER_FILE}" if (out / TOKENIZER_FILE).exists() else ""))
         return 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

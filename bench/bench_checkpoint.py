@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minimal_pretrain  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from parallel import destroy_topology, init_topology  # noqa: E402
+from errors import OneLineParser  # noqa: E402
 
 # d_model 1024, 8 layers, all MoE with 16 experts of FFN 960, top-2: about 400M parameters.
 MODEL_400M = ["--hidden-size", "1024", "--num-layers", "8", "--num-attention-heads", "16", "--num-key-value-heads", "4",
@@ -38,7 +39,7 @@ def _sync(device: torch.device) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temporary directory)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("flags", nargs="*", help="minimal_pretrain flags after --, replacing the 400M model")

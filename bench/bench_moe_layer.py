@@ -26,7 +26,6 @@ layer and the MLP under torch.compile.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from model import MLP, ModelConfig  # noqa: E402
 from moe_layers import SparseMoE  # noqa: E402
 from mixed_precision import ExpertWeightCopies  # noqa: E402
 from parallel import Topology  # noqa: E402
+from errors import OneLineParser  # noqa: E402
 
 try:
     from moe_ops import permute_tokens, unpermute_combine
@@ -223,7 +223,7 @@ def bench_shape(shape: str, regime: str, iters: int, copy_bw: float, do_profile:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="T,d,f,E,k per shape")
     ap.add_argument("--regimes", nargs="+", choices=["autocast", "copies", "bf16"],
                     default=["autocast", "copies", "bf16"])

@@ -28,7 +28,6 @@ Three measurements per batch size, all in one process:
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -45,6 +44,7 @@ sys.path.insert(0, ROOT)
 import minimal_pretrain  # noqa: E402
 import moe_stats  # noqa: E402
 import run_log  # noqa: E402
+from errors import OneLineParser  # noqa: E402
 
 MODEL = ["--hidden-size", "768", "--intermediate-size", "3072", "--num-layers", "16", "--num-attention-heads", "12",
          "--num-key-value-heads", "4", "--num-experts", "16", "--num-experts-per-token", "2",
@@ -158,7 +158,7 @@ def attribute(batch: str, steps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", nargs="+", default=list(BATCHES), choices=list(BATCHES))
     ap.add_argument("--interleaved-steps", type=int, default=200, help="steps of the interleaved run (0: skip)")
     ap.add_argument("--repeats", type=int, default=2, help="separate runs per mode (0: skip)")

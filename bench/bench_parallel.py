@@ -20,7 +20,6 @@ NVLink multicast is kept off (NCCL_NVLS_ENABLE=0).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,6 +28,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from errors import OneLineParser  # noqa: E402
+
 GLOBAL_BATCH = 32
 
 
@@ -76,7 +78,7 @@ def run(name: str, nproc: int, flags: list, steps: int, log_every: int, script: 
 def main() -> None:
     argv = sys.argv[1:]
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden-size", type=int, default=1024)
     ap.add_argument("--layouts", default="1,dp2,tp2,pp2-gpipe-m4,pp2-1f1b-m4,pp2-gpipe-m8,pp2-1f1b-m8")
     ap.add_argument("--micro-batch-size", type=int, default=8, help="of the non-PP layouts")

@@ -10,7 +10,6 @@ writing); BPE training is timed on its own line.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import string
 import subprocess
@@ -20,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE))
+from errors import OneLineParser  # noqa: E402
 
 
 def make_input(root: Path, megabytes: int) -> int:
@@ -43,7 +44,7 @@ def make_input(root: Path, megabytes: int) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=int, default=100, help="input size in MB")
     p.add_argument("--workdir", default=None, help="where to write the input and outputs (default: a temp dir)")
     args = p.parse_args()

@@ -31,7 +31,6 @@ after its share, with at least 8 blocks.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import copy
@@ -50,6 +49,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import profiling  # noqa: E402
+from errors import OneLineParser  # noqa: E402
 
 SWITCH = types.SimpleNamespace(strip=False)
 INSTRUMENTED = ("parallel", "moe_layers", "minimal_pretrain")  # every module with a `with phase(...)` block
@@ -181,7 +181,7 @@ def per_call_ns(repeats: int = 7, number: int = 200_000) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS),
                     default=["launch", "gpu"] if torch.cuda.is_available() else ["tiny"])
     ap.add_argument("--budget-s", type=float, default=60.0,

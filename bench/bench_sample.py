@@ -47,6 +47,7 @@ import checkpoint  # noqa: E402
 import sample  # noqa: E402
 from generate import StaticDecoder, generate  # noqa: E402
 from model import KVCache, count_parameters  # noqa: E402
+from errors import OneLineParser  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -172,7 +173,7 @@ def measure(model, mode: str, temperature: float, top_k, b: int, prompt_ids: lis
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a checkpoint (directory) to decode instead of training one")
     p.add_argument("--train-steps", type=int, default=200, help="steps of the default model when no --checkpoint")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])

@@ -14,7 +14,6 @@ median per-iteration time after the first 10 iterations. Writes JSON with every 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -27,6 +26,8 @@ import tempfile
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from errors import OneLineParser  # noqa: E402
 MOE_COMMON = ["--hidden-size", "1024", "--num-layers", "8", "--num-attention-heads", "16", "--num-key-value-heads", "4",
               "--max-seq-length", "1024", "--global-batch-size", "32", "--compile", "--moe-metrics", "off",
               "--eval-iters", "0", "--no-progress", "--warmup-steps", "5", "--learning-rate", "3e-4", "--min-lr", "3e-5"]
@@ -79,7 +80,7 @@ def nanogpt(repo: str, dataset: str, iters: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("suite", choices=["moe", "small"])
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--micro-batch-size", type=int, nargs="+", default=[8], help="moe suite: one pair of runs each")

@@ -19,7 +19,7 @@ import sys
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from errors import InputError  # noqa: E402
+from errors import InputError, OneLineParser  # noqa: E402
 
 
 def _num(text: str) -> Optional[float]:
@@ -89,7 +89,7 @@ def plot(points: list, front: list, path: str, title: str) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("summary", metavar="SUMMARY.csv", help="bench/sweep.py's summary.csv")
     p.add_argument("--out", default=None, help="PNG path (default: frontier.png next to the summary)")
     args = p.parse_args(argv)

@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from errors import InputError  # noqa: E402
+from errors import InputError, OneLineParser  # noqa: E402
 
 DESCRIPTION = """Writes loss.png, load_cv.png and utilization_heatmap.png for RUN_DIR/metrics.jsonl.
 With several run directories, writes overlay_loss.png (training loss, smoothed, and validation loss of
@@ -221,7 +221,7 @@ def save(plt: ModuleType, fig: Any, path: str) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="a training run's --output-dir (several: overlay)")
     p.add_argument("--out", default=None,
                    help="where to write the PNGs (default RUN_DIR/plots; for an overlay, overlay/ beside the first run)")

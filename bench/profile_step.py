@@ -14,7 +14,6 @@ Under torchrun every rank reports; the JSON goes to OUT with `_rank{R}` before i
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,12 +24,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minimal_pretrain  # noqa: E402
+from errors import OneLineParser  # noqa: E402
 
 
 def main() -> None:
     argv = sys.argv[1:]
     own, train_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip", type=int, default=10)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="profile_step.json")

@@ -19,13 +19,14 @@ token as the strict traffic. Needs a CUDA GPU; the moe-routing-bench checkout mu
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from errors import OneLineParser  # noqa: E402
 
 
 def json_lines(cmd: list, env: dict) -> list:
@@ -36,7 +37,7 @@ def json_lines(cmd: list, env: dict) -> list:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--theirs", required=True, help="a checkout of yuninxia/moe-routing-bench")
     ap.add_argument("--num-tokens", type=int, default=32768)
     ap.add_argument("--hidden-dim", type=int, default=8192)

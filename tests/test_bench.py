@@ -142,3 +142,20 @@ def test_plot_frontier_and_overlay_write_pngs(tmp_path):
         runs.append(str(d))
     assert plot_run.main(runs) == 0
     assert {p.name for p in (tmp_path / "overlay").iterdir()} == {"overlay_loss.png", "overlay_load_cv.png"}
+
+
+def test_every_script_parser_answers_bad_flags_in_one_line():
+    """Each command-line script builds its parser as errors.OneLineParser (one line and exit code 2 for an
+    unknown flag or a bad value, no usage text), never a bare argparse.ArgumentParser."""
+    import ast
+    scripts = sorted(ROOT.glob("*.py")) + sorted((ROOT / "bench").glob("*.py"))
+    bare = []
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "ArgumentParser"):
+                bare.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bare, f"argparse.ArgumentParser instead of errors.OneLineParser at {bare}"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_run.py"), "--no-such-flag", "x"],
+                         capture_output=True, text=True, env=_clean_env())
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unrecognized arguments" in out.stderr, out.stderr
