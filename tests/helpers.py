@@ -94,6 +94,20 @@ def _cuda_moe_for_sync_check(**kw) -> tuple:
     return moe, x, StepStats({0: moe}, top_k=2)
 
 
+def run_without_host_sync(step):
+    """Runs step() once as a warm-up (lazy initialisation may sync), then again with CUDA's sync debug mode
+    set to "error", so that any host-device sync inside the second run raises; returns its result."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return result
+
+
 def _importable(name: str) -> bool:
     try:
         importlib.import_module(name)

@@ -15,7 +15,7 @@ from moe_layers import SparseMoE, load_balancing_loss, router_z_loss
 from moe_stats import StepStats
 from parallel import Topology
 
-from helpers import MILD, _cuda_moe_for_sync_check, dense_expert, make_moe, skewed_router_case
+from helpers import MILD, _cuda_moe_for_sync_check, dense_expert, make_moe, run_without_host_sync, skewed_router_case
 
 
 def reference_moe(moe: SparseMoE, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,15 +206,11 @@ def test_no_host_sync_in_grouped_forward():
     # expert_impl="loop" (which reads the group ends back to the host) fails with "called a
     # synchronizing CUDA operation", so the check does detect a sync.
     moe, x, stats = _cuda_moe_for_sync_check(expert_impl="auto")
-    moe(x)  # warm-up outside the sync check (lazy initialisation may sync)
-    stats.end_microbatch()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def step():
         out, loss = moe(x)
         stats.end_microbatch()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+        return out, loss
+    out, loss = run_without_host_sync(step)
     assert out.shape == x.shape and torch.isfinite(out.float()).all() and torch.isfinite(loss)
     assert stats.num_microbatches == 2

@@ -26,7 +26,7 @@ from parallel import Topology
 from helpers import (MILD, ROOT, TINY_BENCH, _assert_one_error_line, _base_argv, _ckpt_argv, _clean_env, _close,
                      _cuda_moe_for_sync_check, _detailed_argv, _expected_kept, _greedy_by_recompute, _run_cli,
                      _run_against_one_process, _train_in_process, assert_same_run, dense_expert, make_moe,
-                     skewed_router_case, tiny_cfg)
+                     run_without_host_sync, skewed_router_case, tiny_cfg)
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -408,17 +408,13 @@ def test_no_host_sync_with_routing_strategies(kw):
     """Every router's training forward, its statistics and backward stay on the device."""
     moe, x, stats = _cuda_moe_for_sync_check(**kw)
     ids = torch.randint(0, 64, x.shape[:2], device="cuda")
-    moe(x, ids)[0].float().sum().backward()  # warm-up outside the sync check (lazy initialisation may sync)
-    stats.end_microbatch()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def step():
         out, loss = moe(x, ids)
         stats.end_microbatch()
         (out.float().sum() + loss).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+        return out
+    out = run_without_host_sync(step)
     assert torch.isfinite(out.float()).all() and stats.gates[-1].shape == (1, 4)
 
 
