@@ -408,7 +408,7 @@ def train_step(t: Trainer, step: int, record_stats: bool) -> StepOutput:
     t.dp_grads.finish()
     with phase("optimizer"):
         norm = grad_norm(t.params, topo)
-        clip_grads_(t.params, norm, args.grad_clip)
+        clip_grads_(t.params, norm, args.grad_clip, t.optimizer)  # inside fused AdamW's step on CUDA
         t.optimizer.step()
         if t.weight_copies is not None:
             t.weight_copies.refresh()

@@ -363,13 +363,19 @@ def grad_norm(params: Sequence[nn.Parameter], topo: Topology) -> torch.Tensor:
     return all_reduce_(total, topo.pp_group).sqrt()
 
 
-def clip_grads_(params: Sequence[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
-    """Scales gradients on the device (no host sync) so their global norm is at most max_norm."""
+def clip_grads_(params: Sequence[nn.Parameter], norm: torch.Tensor, max_norm: float,
+                optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Scales gradients on the device (no host sync) so their global norm is at most max_norm. A fused torch
+    optimizer (`fused=True`) given as `optimizer` is told the scale instead, as its `grad_scale` (the attribute
+    AMP's GradScaler sets): its kernel divides each gradient by it on the way in, so the clip costs no pass
+    over the gradients of its own (it writes the clipped gradients back, as the plain clip leaves them)."""
     if max_norm <= 0:
         return
-    grads = [p.grad for p in params if p.grad is not None]
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coef)
+    if optimizer is not None and optimizer.defaults.get("fused"):
+        optimizer.grad_scale = coef.float().reciprocal()  # 1 when not clipped: the step is then unchanged
+        return
+    torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
 
 
 def full_state_dict(model: nn.Module, topo: Topology) -> Optional[dict]:

@@ -31,6 +31,34 @@ def test_expert_parallel_size_is_tied_to_tp(monkeypatch, capsys):
     assert err.splitlines() == [err] and "--expert-parallel-size 1" in err and "tied to TP" in err, err
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 1e4], ids=["clipped", "not-clipped"])
+def test_clip_inside_a_fused_optimizer_matches_the_plain_clip(max_norm):
+    """clip_grads_ with a fused AdamW hands the clip to the optimizer's grad_scale: the same parameters (to
+    rounding: a division instead of a product) and the same clipped gradients as scaling them first; with no
+    clip needed the scale is 1 and the step is bit-identical."""
+    from parallel import Topology, clip_grads_, grad_norm
+    torch.manual_seed(0)
+    runs = []
+    for hand_over in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(48, 32)), torch.nn.Parameter(torch.randn(32))]
+        for p in params:
+            p.grad = 3.0 * torch.randn_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)  # fused AdamW runs on the CPU too
+        norm = grad_norm(params, Topology())
+        clip_grads_(params, norm, max_norm, opt if hand_over else None)
+        assert hasattr(opt, "grad_scale") == hand_over
+        opt.step()
+        runs.append(params)
+    for plain, fused in zip(*runs):
+        if max_norm > float(norm):
+            assert torch.equal(plain, fused) and torch.equal(plain.grad, fused.grad)
+        else:
+            torch.testing.assert_close(fused, plain, rtol=0, atol=1e-6)
+            torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-6, atol=0)
+    assert float(grad_norm(runs[1], Topology())) == pytest.approx(min(max_norm, float(norm)), rel=1e-5)
+
+
 LAYOUTS = [  # (id, world size, extra flags, model)
     ("dp2-moe", 2, [], "mixed"),
     ("dp2-dense", 2, [], "dense"),
