@@ -435,7 +435,7 @@ def log_step(t: Trainer, step: int, out: StepOutput, clock: Throughput, result: 
     metrics = moe_metrics(t.stats_layout, host[:-1], detailed)
     rec = {"step": step, "loss": lm[0] / max(lm[1], 1),
            "aux_loss": metrics.get("moe/aux_loss_mean"), "z_loss": metrics.get("moe/z_loss_mean"),
-           "lr": out.lr, "grad_norm": float(host[-1]), "tokens_per_sec": tps,
+           "lr": out.lr, "grad_norm": float(host[-1]), "tokens_per_sec": tps, "elapsed_s": clock.elapsed(),
            "mfu": tps * t.flops_per_token / (t.peak_flops * topo.world_size) if t.peak_flops else None, **metrics}
     counts = parts["counts"] if t.run_log.wants_histogram(step) and t.stats_layout.L else None
     t.run_log.log(rec, counts)

@@ -230,10 +230,15 @@ class FiniteWatch:
 
 
 class Throughput:
-    """Tokens/s between logging steps, with evaluation time taken out."""
+    """Tokens/s between logging steps, with evaluation time taken out; and the wall-clock time since the
+    training loop started, with everything in (what a whole run costs)."""
 
     def __init__(self, last_step: int):
         self.last_time, self.last_step, self.excluded = time.perf_counter(), last_step, 0.0
+        self.started = self.last_time
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
     @contextlib.contextmanager
     def paused(self):

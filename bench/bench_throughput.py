@@ -1,7 +1,7 @@
 """Whole-model training throughput on one GPU, side by side in one run (issue 10, targets 4 and 5).
 
     python bench/bench_throughput.py moe [--micro-batch-size 8] [--steps 30] [--moe-variant="--moe-bf16-weights off"]
-    python bench/bench_throughput.py small --nanogpt DIR [--steps 100] [--compile-scopes blocks model]
+    python bench/bench_throughput.py small --nanogpt DIR [--steps 100] [--compile-scopes blocks model] [--real-run]
 
 moe:   the 8-layer d_model 1024 MoE model (32 experts, top-4, expert FFN 512, 72M active parameters)
        against its dense twin with the same active parameters (FFN 2048), both with --compile.
@@ -11,6 +11,13 @@ small: nanoGPT's shakespeare-char shape (6 layers, d_model 384, 6 heads, context
        parameter counts match), both on the same random tokens (vocabulary 65).
 tokens/s: ours, the median of the logged windows after the first two (compilation); nanoGPT, the
 median per-iteration time after the first 10 iterations. Writes JSON with every figure.
+--real-run (small suite): a training run as nanoGPT's config does it: dropout 0.2 in both and nanoGPT's
+evaluation cadence, every 250 iterations (default 500 of them). nanoGPT's evaluation runs 200 batches of
+each of its two splits, so ours runs 400 validation batches: the same forward work. tokens/s is then over
+the whole run from iteration 10 to the end, evaluations included (nanoGPT: the summed iteration times,
+whose evaluating iterations include the evaluation; ours: the records' wall-clock `elapsed_s`; ours runs
+10 steps more, so that its evaluation at the last multiple of 250 falls inside the timed span as nanoGPT's
+does).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from errors import OneLineParser  # noqa: E402
+
 MOE_COMMON = ["--hidden-size", "1024", "--num-layers", "8", "--num-attention-heads", "16", "--num-key-value-heads", "4",
               "--max-seq-length", "1024", "--global-batch-size", "32", "--compile", "--moe-metrics", "off",
               "--eval-iters", "0", "--no-progress", "--warmup-steps", "5", "--learning-rate", "3e-4", "--min-lr", "3e-5"]
@@ -64,19 +72,47 @@ def random_tokens(data_dir: str, vocab: int = 65, n: int = 2_000_000) -> None:
         pickle.dump({"vocab_size": vocab, "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}, f)
 
 
-def nanogpt(repo: str, dataset: str, iters: int) -> dict:
+REAL_RUN_EVAL_INTERVAL, REAL_RUN_EVAL_ITERS = 250, 200  # nanoGPT's shakespeare-char config
+SMALL_TOKENS_PER_ITER = 64 * 256  # batch_size * block_size * gradient_accumulation_steps of that config
+
+
+def nanogpt(repo: str, dataset: str, iters: int, real_run: bool = False) -> dict:
+    cadence = ([f"--eval_interval={REAL_RUN_EVAL_INTERVAL}", f"--eval_iters={REAL_RUN_EVAL_ITERS}", "--dropout=0.2"]
+               if real_run else ["--eval_interval=1000000", "--eval_iters=1", "--dropout=0.0"])
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--dataset={dataset}", "--compile=True",
-           "--dtype=bfloat16", f"--max_iters={iters}", "--eval_interval=1000000", "--eval_iters=1", "--log_interval=1",
-           "--dropout=0.0", "--always_save_checkpoint=False", "--wandb_log=False",
-           f"--out_dir={tempfile.mkdtemp(prefix='nanogpt_')}"]
+           "--dtype=bfloat16", f"--max_iters={iters}", *cadence, "--log_interval=1",
+           "--always_save_checkpoint=False", "--wandb_log=False", f"--out_dir={tempfile.mkdtemp(prefix='nanogpt_')}"]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"nanoGPT failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     times = [(int(m.group(1)), float(m.group(2))) for m in re.finditer(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", proc.stdout)]
-    ms = statistics.median(t for i, t in times if i >= 10)
-    tokens = 64 * 256  # batch_size * block_size * gradient_accumulation_steps of the shakespeare-char config
-    print(f"nanoGPT: median {ms:.2f} ms/iter over {len([1 for i, _ in times if i >= 10])} iterations", flush=True)
-    return {"name": "nanoGPT train.py", "tokens_per_sec": tokens / (ms * 1e-3), "ms_per_iter": ms}
+    timed = [t for i, t in times if i >= 10]
+    if real_run:  # the whole run after iteration 10: an evaluating iteration's time includes its evaluation
+        seconds = sum(timed) / 1e3
+        print(f"nanoGPT: {len(timed)} iterations in {seconds:.1f} s, evaluations included", flush=True)
+        return {"name": "nanoGPT train.py", "tokens_per_sec": len(timed) * SMALL_TOKENS_PER_ITER / seconds,
+                "seconds": seconds, "iterations": len(timed)}
+    ms = statistics.median(timed)
+    print(f"nanoGPT: median {ms:.2f} ms/iter over {len(timed)} iterations", flush=True)
+    return {"name": "nanoGPT train.py", "tokens_per_sec": SMALL_TOKENS_PER_ITER / (ms * 1e-3), "ms_per_iter": ms}
+
+
+def ours_real_run(name: str, flags: list, iters: int) -> dict:
+    """Our trainer with nanoGPT's dropout and evaluation cadence; tokens/s from step 10 to the end by the
+    records' wall-clock elapsed_s, evaluations included."""
+    out = tempfile.mkdtemp(prefix=f"bench_{name.replace(' ', '_')}_")
+    steps = iters + 10  # the evaluation at the last multiple of 250 lands inside the timed span
+    cmd = [sys.executable, os.path.join(ROOT, "minimal_pretrain.py"), *flags, "--dropout", "0.2",
+           "--eval-interval", str(REAL_RUN_EVAL_INTERVAL), "--eval-iters", str(2 * REAL_RUN_EVAL_ITERS),
+           "--max-steps", str(steps), "--log-interval", "10", "--no-save", "--output-dir", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    recs = {r["step"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "elapsed_s" in r}
+    seconds = recs[steps]["elapsed_s"] - recs[10]["elapsed_s"]
+    print(f"{name}: {steps - 10} steps in {seconds:.1f} s, evaluations included", flush=True)
+    return {"name": name, "flags": flags, "tokens_per_sec": (steps - 10) * SMALL_TOKENS_PER_ITER / seconds,
+            "seconds": seconds, "iterations": steps - 10, "final_loss": recs[steps]["loss"], "run_dir": out}
 
 
 def main() -> None:
@@ -89,6 +125,8 @@ def main() -> None:
                     help="moe suite: also run the MoE model with these extra flags (quoted; repeatable), "
                          "e.g. '--moe-bf16-weights off'")
     ap.add_argument("--nanogpt", default=None, help="small suite: path of a nanoGPT checkout")
+    ap.add_argument("--real-run", action="store_true",
+                    help="small suite: dropout 0.2 and nanoGPT's evaluation cadence in both, timed over the whole run")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import torch
@@ -109,14 +147,15 @@ def main() -> None:
     else:
         if not a.nanogpt:
             raise SystemExit("error: the small suite needs --nanogpt DIR (a checkout of karpathy/nanoGPT)")
-        steps = a.steps or 100
+        steps = a.steps or (500 if a.real_run else 100)
         dataset = "random65"
         data_dir = os.path.join(a.nanogpt, "data", dataset)
         random_tokens(data_dir)
-        base = nanogpt(a.nanogpt, dataset, steps)
+        base = nanogpt(a.nanogpt, dataset, steps, a.real_run)
         rows.append(base)
         for scope in a.compile_scopes:
-            r = ours(f"ours {scope}", SMALL + ["--data", data_dir, "--compile-scope", scope], steps, 10)
+            flags = SMALL + ["--data", data_dir, "--compile-scope", scope]
+            r = ours_real_run(f"ours {scope}", flags, steps) if a.real_run else ours(f"ours {scope}", flags, steps, 10)
             r["ours_over_nanogpt"] = r["tokens_per_sec"] / base["tokens_per_sec"]
             rows.append(r)
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")

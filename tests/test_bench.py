@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from model import ModelConfig, count_parameters
 
-from helpers import ROOT, TINY_BENCH, _clean_env
+from helpers import ROOT, TINY_BENCH, _base_argv, _clean_env
 
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -159,3 +160,23 @@ def test_every_script_parser_answers_bad_flags_in_one_line():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_run.py"), "--no-such-flag", "x"],
                          capture_output=True, text=True, env=_clean_env())
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unrecognized arguments" in out.stderr, out.stderr
+
+
+@pytest.mark.multiprocess
+def test_real_run_side_of_the_nanogpt_bench_times_the_whole_run(monkeypatch):
+    """bench_throughput --real-run, our side: dropout 0.2 and an evaluation every 250 steps of 400 batches
+    (nanoGPT's 200 of each of its two splits), timed from step 10 to the end by the records' wall-clock
+    elapsed_s, so that the evaluation at step 250 counts; the run goes 10 steps past the requested ones."""
+    import bench_throughput
+    monkeypatch.setattr(bench_throughput, "SMALL_TOKENS_PER_ITER", 2 * 8)  # the tiny model's global batch
+    tiny = _base_argv("dense") + ["--num-layers", "1", "--max-seq-length", "8", "--global-batch-size", "2",
+                                  "--micro-batch-size", "2"]
+    r = bench_throughput.ours_real_run("ours test", tiny, 250)
+    assert r["iterations"] == 250 and r["tokens_per_sec"] == pytest.approx(250 * 2 * 8 / r["seconds"])
+    run = Path(r["run_dir"])
+    config = json.loads((run / "config.json").read_text())
+    assert config["dropout"] == 0.2 and config["eval_iters"] == 400 and config["eval_interval"] == 250
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs if "val_loss" in x] == [250, 260]
+    elapsed = {x["step"]: x["elapsed_s"] for x in recs if "elapsed_s" in x}
+    assert r["seconds"] == pytest.approx(elapsed[260] - elapsed[10])

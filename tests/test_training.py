@@ -45,9 +45,11 @@ def test_training_loss_falls(tmp_path, monkeypatch):
     train_recs = [r for r in recs if "loss" in r]
     assert [r["step"] for r in train_recs] == list(range(1, steps + 1))  # step N: N optimizer steps done
     for r in train_recs:
-        for key in ("step", "loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec"):
+        for key in ("step", "loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s"):
             assert key in r and r[key] is not None, f"step {r.get('step')}: missing {key}"
             assert math.isfinite(r[key])
+    elapsed = [r["elapsed_s"] for r in train_recs]  # wall-clock since the loop started, evaluation included
+    assert 0 < elapsed[0] and all(a < b for a, b in zip(elapsed, elapsed[1:]))
     assert [r["loss"] for r in train_recs] == pytest.approx(losses)
     assert any("val_loss" in r for r in recs)
     config = json.loads((out_dir / "config.json").read_text())
