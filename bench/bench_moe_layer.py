@@ -14,7 +14,7 @@ Per shape (T tokens, d_model d, expert FFN f, E experts, top-k) and precision re
     one row written);
   - peak memory of one forward + backward above what was allocated before it.
 Regimes: "autocast" = fp32 parameters and fp32 input under bf16 autocast, the expert weights cast to
-bf16 at every forward (training with --moe-bf16-weights off); "copies" = the same under the trainer's
+bf16 at every forward (training with --no-moe-bf16-weights); "copies" = the same under the trainer's
 default, mixed_precision.ExpertWeightCopies: bf16 expert weights refreshed from the fp32 masters in
 every iteration (one microbatch per optimizer step, the worst case) and the bf16 weight gradients added
 into persistent fp32 gradients, every other gradient accumulated as the trainer's buffers do too (the

@@ -1,6 +1,6 @@
 """Whole-model training throughput on one GPU, side by side in one run (issue 10, targets 4 and 5).
 
-    python bench/bench_throughput.py moe [--micro-batch-size 8] [--steps 30] [--moe-variant="--moe-bf16-weights off"]
+    python bench/bench_throughput.py moe [--micro-batch-size 8] [--steps 30] [--moe-variant="--no-moe-bf16-weights"]
     python bench/bench_throughput.py small --nanogpt DIR [--steps 100] [--compile-scopes blocks model]
 
 moe:   the 8-layer d_model 1024 MoE model (32 experts, top-4, expert FFN 512, 72M active parameters)
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--compile-scopes", nargs="+", default=["blocks", "model"], choices=["blocks", "model"])
     ap.add_argument("--moe-variant", action="append", default=[], metavar="FLAGS",
                     help="moe suite: also run the MoE model with these extra flags (quoted; repeatable), "
-                         "e.g. '--moe-bf16-weights off'")
+                         "e.g. '--no-moe-bf16-weights'")
     ap.add_argument("--nanogpt", default=None, help="small suite: path of a nanoGPT checkout")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

@@ -14,7 +14,7 @@ import config  # noqa: E402
 import minimal_pretrain  # noqa: E402
 
 FLAGS_BEGIN = ("<!-- generated from the trainer's parser (config.py) by `python tests/test_docs.py`: "
-               "edit the help texts there, not this table -->")
+               "edit the options' help texts (their dataclass fields), not this table -->")
 FLAGS_END = "<!-- end of the generated flag table -->"
 
 
