@@ -103,7 +103,8 @@ OLD_SPELLINGS = [
     (["--moe-bf16-weights", "off"], ["--no-moe-bf16-weights"]),
     (["--moe-bf16-weights", "off", "--moe-bf16-weights", "on"], ["--no-moe-bf16-weights", "--moe-bf16-weights"]),
     (["--moe-bf16-weights=off"], ["--no-moe-bf16-weights"]),
-    (["--moe-renorm-after-drop", "--moe-capacity-factor", "1"], ["--moe-capacity-factor", "1", "--moe-renorm-after-drop"]),
+    (["--moe-renorm-after-drop", "--moe-capacity-factor", "1"],
+     ["--moe-capacity-factor", "1", "--moe-renorm-after-drop"]),
     (["--no-progress", "--no-save", "--compile", "--wandb"], ["--no-progress", "--no-save", "--compile", "--wandb"]),
 ]
 
