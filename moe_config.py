@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from errors import InputError
-from options import NON_NEGATIVE, POSITIVE, check_fields, flag_of, option
+from options import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_fields, flag_of, option
 
 ROUTINGS = ("token-choice", "expert-choice", "hash")
 GATES = ("soft", "hard")
@@ -49,6 +49,10 @@ class MoEConfig:
                                      changeable=True, reported=True)
     router_score: str = option("softmax", "router scores: softmax over experts, or per-expert sigmoid (DeepSeek-V3)",
                                choices=ROUTER_SCORES)
+    input_jitter_eps: float = option(0.0, "in training forwards the router's input is multiplied by noise drawn "
+                                          "uniformly from [1 - eps, 1 + eps] (Switch Transformer); the experts' "
+                                          "input is not (0 = off)", check=UNIT_INTERVAL, changeable=True,
+                                     reported=True)
     bias_update_rate: float = option(0.0, "auxiliary-loss-free balancing: after each step every expert bias moves by "
                                           "R * sign(mean load - load) (0 = off)", check=NON_NEGATIVE,
                                      changeable=True, reported=True)
@@ -79,6 +83,8 @@ class MoEConfig:
         if routing != "token-choice" and self.bias_update_rate > 0:
             raise InputError(f"--moe-bias-update-rate {self.bias_update_rate} needs --moe-routing token-choice: bias "
                               f"balancing steers a top-k choice ({routing} routing has none to steer)")
+        if routing == "hash" and self.input_jitter_eps > 0:
+            raise InputError("--moe-input-jitter-eps: --moe-routing hash has no router input to jitter")
         if routing == "hash" and self.router_score != "softmax":
             raise InputError("--moe-router-score sigmoid: --moe-routing hash has no router scores (valid: softmax, "
                               "the default)")

@@ -119,23 +119,30 @@ class TopKRouter(nn.Module):
     update_expert_biases. Expert choice uses `logits` and route_expert_choice instead of the top-k."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_topk: bool = True,
-                 init_std: float = 0.02, score: str = "softmax", expert_bias: bool = False, gate: str = "soft"):
+                 init_std: float = 0.02, score: str = "softmax", expert_bias: bool = False, gate: str = "soft",
+                 input_jitter_eps: float = 0.0):
         super().__init__()
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"router score must be softmax or sigmoid, got {score}")
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate}")
         self.num_experts, self.top_k, self.normalize_topk, self.score = num_experts, top_k, normalize_topk, score
-        self.gate = gate
+        self.gate, self.input_jitter_eps = gate, input_jitter_eps
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.weight.init_std = init_std
         self.expert_bias: Optional[torch.Tensor]
         self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None, persistent=True)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, d] -> [T, E] router logits, in fp32 whatever the autocast."""
+        """[T, d] -> [T, E] router logits, in fp32 whatever the autocast. With input jitter, a training forward
+        multiplies x by noise uniform in [1 - eps, 1 + eps] first (Switch Transformer): the logits change, the
+        experts' input does not. The noise comes from the global RNG, which TP ranks seed alike (as dropout):
+        every TP rank draws the same; with eps 0 nothing is drawn."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())
+            x = x.float()
+            if self.training and self.input_jitter_eps > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.input_jitter_eps, 1.0 + self.input_jitter_eps)
+            return F.linear(x, self.weight.float())
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         return route_topk(self.logits(x), self.top_k, self.score, self.normalize_topk, self.expert_bias, self.gate)
@@ -409,7 +416,8 @@ class SparseMoE(nn.Module):
             self.router = HashRouter(vocab_size, num_experts, top_k, layer_id, gate)
         else:  # expert choice weights by the raw scores: its token-choice fallback does not renormalise either
             self.router = TopKRouter(hidden_size, num_experts, top_k, moe.normalize_topk and routing == "token-choice",
-                                     init_std, moe.router_score, expert_bias=bias_update_rate > 0, gate=gate)
+                                     init_std, moe.router_score, expert_bias=bias_update_rate > 0, gate=gate,
+                                     input_jitter_eps=moe.input_jitter_eps)
         # This step's expert counts of the training forwards, for the bias update (not saved).
         self.step_load: Optional[torch.Tensor]
         self.register_buffer("step_load", torch.zeros(num_experts) if bias_update_rate > 0 else None,
