@@ -29,7 +29,7 @@ import shutil
 import threading
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -368,26 +368,18 @@ def load_consolidated(path: Path, with_optimizer: bool = False) -> tuple[dict, d
 # --------------------------------------------------------------------------------------------------
 # Resuming under other flags
 # --------------------------------------------------------------------------------------------------
-# Model fields that may change on resume: they alter how training goes on, not what the parameters mean.
-# The bias update rate may change too, but not between zero and non-zero (the expert-bias buffer exists
-# only when it is on).
-CHANGEABLE_MODEL_FIELDS = {"dropout", "router_aux_loss_coef", "router_z_loss_coef", "moe_expert_impl",
-                           "moe_capacity_factor", "moe_drop_policy", "moe_renorm_after_drop", "moe_bias_update_rate"}
-# Flags worth a word when they differ from the checkpoint's run (they change what training does next).
-REPORTED_FLAGS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
-                  "adam_eps", "grad_clip", "seed", "global_batch_size", "data", "dropout", "router_aux_loss_coef",
-                  "router_z_loss_coef", "moe_capacity_factor", "moe_drop_policy", "moe_renorm_after_drop",
-                  "moe_bias_update_rate")
-
-
-def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology, defaults: Optional[dict] = None) -> str:
+def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology, defaults: Optional[dict] = None,
+                    changeable: Collection[str] = (), reported: Sequence[str] = ()) -> str:
     """Checks that the checkpoint's model is the one these flags build (raises CheckpointError naming
     the differing fields otherwise) and returns one line saying what resumes and what changed. defaults:
     the model fields' default values, which a checkpoint written before a field existed was trained with
-    (so resuming it with another value is refused too); without them such a field is not compared."""
+    (so resuming it with another value is refused too); without them such a field is not compared.
+    changeable: the model fields that may differ (config.CHANGEABLE_MODEL_FIELDS); the bias update rate may,
+    but not between zero and non-zero (the expert-bias buffer exists only when it is on). reported: the
+    flags named in the line when they differ from the checkpoint's run (config.REPORTED_FLAGS)."""
     saved, now = {**(defaults or {}), **manifest["model"]}, meta["model"]
     differing = [f"{k} (checkpoint {saved.get(k)}, now {now.get(k)})" for k in sorted(set(saved) | set(now))
-                 if k not in CHANGEABLE_MODEL_FIELDS and k in saved and k in now and saved[k] != now[k]]
+                 if k not in changeable and k in saved and k in now and saved[k] != now[k]]
     rate = "moe_bias_update_rate"
     if bool(saved.get(rate, 0.0)) != bool(now.get(rate, 0.0)):
         differing.append(f"{rate} (checkpoint {saved.get(rate, 0.0)}, now {now.get(rate)}: bias balancing "
@@ -396,7 +388,7 @@ def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology, defa
         raise CheckpointError(f"--resume {path}: the checkpoint's model differs from these flags in "
                               + ", ".join(differing))
     old_args, new_args = manifest.get("args", {}), meta["args"]
-    changes = [f"--{k.replace('_', '-')} {old_args[k]} -> {new_args[k]}" for k in REPORTED_FLAGS
+    changes = [f"--{k.replace('_', '-')} {old_args[k]} -> {new_args[k]}" for k in reported
                if k in old_args and old_args[k] != new_args.get(k)]
     lay = manifest["layout"]
     if (lay["dp"], lay["tp"], lay["pp"]) != (topo.dp, topo.tp, topo.pp):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import math
 import os
@@ -22,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import (CheckpointError, HubUploader, complete_checkpoints, describe_resume, load_checkpoint,
-                        newest_checkpoint, read_manifest, resolve_checkpoint, save_checkpoint)
-from config import model_config, parse_args, take_model_flags
+                        newest_checkpoint, resolve_checkpoint, save_checkpoint)
+from config import (CHANGEABLE_MODEL_FIELDS, REPORTED_FLAGS, model_config, parse_args, read_run_manifest,
+                    take_model_flags)
 from data import (Corpus, DataError, batch_offsets, check_lengths, codec_description, corpus_fingerprint, get_batch,
                   load_corpus)
 from errors import InputError
@@ -185,7 +185,7 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
     internal."""
     args, topo = t.args, t.topo
     progress = None
-    if t.is_main and not args.no_progress and sys.stdout.isatty():  # a bar in a log file is noise
+    if t.is_main and args.progress and sys.stdout.isatty():  # a bar in a log file is noise
         from tqdm import tqdm
         progress = tqdm(total=args.max_steps, initial=start, desc="train", dynamic_ncols=True, leave=False)
         t.emit = progress.write
@@ -231,7 +231,7 @@ def train_loop(t: "Trainer", start: int, result: TrainResult, cleanup: contextli
     else:
         watch.check(topo, result.checkpoint)
         control.finish()
-        if not args.no_save and args.max_steps > start:
+        if args.save and args.max_steps > start:
             save(t, args.max_steps, result)
     if progress is not None:
         progress.close()
@@ -250,7 +250,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     if corpus.vocab_size % topo.tp:
         raise InputError(f"vocabulary size {corpus.vocab_size} must be divisible by --tensor-parallel-size {topo.tp}")
     cfg = model_config(args, corpus.vocab_size)
-    if cfg.num_experts and args.moe_expert_impl == "grouped":
+    if cfg.moe.num_experts and cfg.moe.expert_impl == "grouped":
         probe = torch.empty(0, device=topo.device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         if not grouped_mm_available(probe, cfg.hidden_size, cfg.expert_ffn_size):
             raise InputError(f"--moe-expert-impl grouped: torch._grouped_mm does not run {precision} on {topo.device} "
@@ -267,7 +267,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     m, mbs, T = args.num_microbatches, args.micro_batch_size, args.max_seq_length
     say(f"data: {corpus.description}")
     say(f"topology: {topo.describe()}, {precision}, device {topo.device}")
-    say(f"layers: {cfg.layer_pattern()}  (M = MoE with {cfg.num_experts} experts, top-{cfg.num_experts_per_token}; D = dense)")
+    say(f"layers: {cfg.layer_pattern()}  (M = MoE with {cfg.moe.num_experts} experts, top-{cfg.moe.num_experts_per_token}; D = dense)")
     say(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token")
     if topo.pp > 1:
         say("pipeline stages: " + "; ".join(f"stage {s}: layers {stage_layer_ids(cfg.num_layers, topo.pp, s)}"
@@ -278,7 +278,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     params = list(model.parameters())
     dp_grads = DataParallelGrads(params, topo, args.ddp_bucket_size_mb)
     weight_copies = None
-    if precision == "bf16" and args.moe_bf16_weights == "on" and cfg.num_experts:
+    if precision == "bf16" and args.moe_bf16_weights and cfg.moe.num_experts:
         weight_copies = ExpertWeightCopies([moe.experts for moe in model.moe_layers().values()], torch.bfloat16,
                                            dp_grads.grad_ready)
     decay = [p for p in params if p.dim() >= 2]
@@ -298,9 +298,9 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         dp_grads=dp_grads, weight_copies=weight_copies,
         autocast=torch.autocast(topo.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
         comm=PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None,
-        step_stats=StepStats(model.moe_layers(), cfg.num_experts_per_token, enabled=stats_on),
-        stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.num_experts, m, topo.dp,
-                                 drops=cfg.has_capacity, bias=cfg.moe_bias_update_rate > 0, gates=True),
+        step_stats=StepStats(model.moe_layers(), cfg.moe.num_experts_per_token, enabled=stats_on),
+        stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.moe.num_experts, m, topo.dp,
+                                 drops=cfg.has_capacity, bias=cfg.moe.bias_update_rate > 0, gates=True),
         run_log=None, output_dir=output_dir, checkpoint_dir=checkpoint_dir, resume_from=resume_from, uploader=uploader,
         emit=say,
         flops_per_token=flops_per_token(cfg, active), peak_flops=peak_flops(topo.device, precision))
@@ -319,7 +319,7 @@ def run_dirs(args, topo: Topology, cleanup: contextlib.ExitStack) -> tuple[Path,
     with contextlib.ExitStack() as keep:  # rank 0's probe in the checkpoint directory, until every rank looked
         if topo.rank == 0:
             try:
-                will_save = not args.no_save or 0 < args.save_interval < args.max_steps
+                will_save = args.save or 0 < args.save_interval < args.max_steps
                 if not args.eval_only:
                     cleanup.enter_context(dir_lock(output_dir, "--output-dir"))
                 if will_save and not args.eval_only:
@@ -329,7 +329,7 @@ def run_dirs(args, topo: Topology, cleanup: contextlib.ExitStack) -> tuple[Path,
                     probe = os.path.basename(keep.enter_context(probe_file(checkpoint_dir, "--checkpoint-dir")))
                 resume_from = checkpoint_to_resume(args, Path(checkpoint_dir), will_save)
                 if resume_from is not None:
-                    saved_model = read_manifest(resume_from)["model"]
+                    saved_model = read_run_manifest(resume_from)["model"]
             except InputError as e:
                 error = str(e)
         if topo.world_size > 1:  # ranks may also read the clock in different seconds: rank 0's names win
@@ -480,7 +480,7 @@ def evaluate_and_log(t: Trainer, step: int, result: TrainResult) -> None:
     result.val_loss = val
     rec = {"step": step, "val_loss": val}
     line = f"step {step:>5d} | val loss {val:.4f}"
-    if t.cfg.num_experts and t.cfg.moe_routing == "expert-choice":
+    if t.cfg.moe.num_experts and t.cfg.moe.routing == "expert-choice":
         rec["val_loss_expert_choice"] = evaluate(t, expert_choice=True)
         line += f" | with expert choice (not causal) {rec['val_loss_expert_choice']:.4f}"
     if t.run_log is not None:
@@ -533,9 +533,9 @@ def resume(t: Trainer, result: TrainResult) -> int:
         if args.resume == "auto":
             t.emit(f"resume auto: no checkpoint in {t.checkpoint_dir}, starting from step 0")
         return 0
-    manifest = read_manifest(path)
-    # A checkpoint written before a model field existed was trained with its default.
-    t.emit(describe_resume(path, manifest, checkpoint_meta(t), t.topo, defaults=dataclasses.asdict(ModelConfig())))
+    manifest = read_run_manifest(path)  # a model field it lacks counts as its default, trained with
+    t.emit(describe_resume(path, manifest, checkpoint_meta(t), t.topo, changeable=CHANGEABLE_MODEL_FIELDS,
+                           reported=REPORTED_FLAGS))
     load_checkpoint(path, t.model, None if args.eval_only else t.optimizer, t.topo, manifest)
     if t.weight_copies is not None:
         t.weight_copies.refresh()

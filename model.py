@@ -9,45 +9,41 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from errors import InputError
+from moe_config import MoEConfig
 from moe_layers import SparseMoE
+from options import POSITIVE, UNIT_INTERVAL, check_fields, from_flat, option, to_flat
 from parallel import (ColumnParallelLinear, RowParallelLinear, Topology, VocabParallelEmbedding, full_shape,
                       shard_of, vocab_parallel_cross_entropy)
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_seq_length: int = 128
-    dropout: float = 0.0
-    num_experts: int = 8
-    num_experts_per_token: int = 2
-    moe_layer_interval: int = 1
-    expert_intermediate_size: Optional[int] = None  # None: same as intermediate_size
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    router_normalize_topk: bool = True
-    moe_expert_impl: str = "auto"
-    moe_capacity_factor: float = 0.0  # 0 = no-drop
-    moe_drop_policy: str = "position"
-    moe_renorm_after_drop: bool = False
-    moe_router_score: str = "softmax"
-    moe_bias_update_rate: float = 0.0  # 0 = no aux-loss-free bias balancing
-    moe_routing: str = "token-choice"  # or "expert-choice", "hash" (moe_layers.ROUTINGS)
-    moe_gate: str = "soft"  # "hard": every chosen expert weighted 1
-    rope_theta: float = 10000.0
+    """The model's shape and its MoE layers' options (`moe`); flags and checks are declared on the fields
+    (options.py). Checkpoints hold it as one flat dict (to_dict; from_dict reads it back)."""
+    HELP_GROUP: ClassVar[str] = "model"
+
+    vocab_size: int = option(256, "vocabulary size; ignored by byte-level corpora (256); for .bin and prepare_data.py "
+                                  "data it defaults to the tokens' need rounded up to a multiple of 64",
+                             check=POSITIVE, flag_default=None)  # the flag's None: the data decides
+    hidden_size: int = option(128, "model width d_model", check=POSITIVE)
+    intermediate_size: int = option(512, "dense SwiGLU FFN width", check=POSITIVE)
+    num_layers: int = option(4, "transformer layers", check=POSITIVE)
+    num_attention_heads: int = option(4, "query heads", check=POSITIVE)
+    num_key_value_heads: int = option(2, "key/value heads (grouped-query attention)", check=POSITIVE)
+    max_seq_length: int = option(128, "sequence length of training samples", check=POSITIVE)
+    dropout: float = option(0.0, "dropout on embeddings, attention and residual branches", check=UNIT_INTERVAL,
+                            changeable=True, reported=True)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    rope_theta: float = 10000.0  # no flag
 
     @property
     def head_dim(self) -> int:
@@ -55,11 +51,11 @@ class ModelConfig:
 
     @property
     def expert_ffn_size(self) -> int:
-        return self.expert_intermediate_size or self.intermediate_size
+        return self.moe.expert_intermediate_size or self.intermediate_size
 
     def is_moe_layer(self, i: int) -> bool:
         """Every N-th layer is MoE: layers N-1, 2N-1, ... counting from 0."""
-        return self.num_experts > 0 and (i + 1) % self.moe_layer_interval == 0
+        return self.moe.num_experts > 0 and (i + 1) % self.moe.layer_interval == 0
 
     def moe_layer_ids(self) -> list:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
@@ -71,10 +67,45 @@ class ModelConfig:
     def has_capacity(self) -> bool:
         """Whether the MoE layers cap what an expert takes: a token-choice capacity factor, or expert choice
         (always C tokens per expert). The drop and capacity statistics exist only then."""
-        return self.num_experts > 0 and (self.moe_capacity_factor > 0 or self.moe_routing == "expert-choice")
+        return self.moe.num_experts > 0 and (self.moe.capacity_factor > 0 or self.moe.routing == "expert-choice")
+
+    def check(self, tp: int = 1, pp: int = 1) -> None:
+        """The fields' own checks, the shapes against each other (and the MoE options, MoEConfig.check) and
+        against the TP and PP sizes; raises InputError naming the flag."""
+        check_fields(self)
+        if self.hidden_size % self.num_attention_heads:
+            raise InputError(f"--hidden-size {self.hidden_size} must be divisible by --num-attention-heads "
+                              f"{self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise InputError(f"head size --hidden-size / --num-attention-heads = {self.head_dim} must be even "
+                              f"(rotary embeddings)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise InputError(f"--num-attention-heads {self.num_attention_heads} must be divisible by "
+                              f"--num-key-value-heads {self.num_key_value_heads}")
+        self.moe.check()
+        if self.moe.num_experts > 0 and self.moe.layer_interval > self.num_layers:
+            raise InputError(f"--moe-layer-interval {self.moe.layer_interval} exceeds --num-layers "
+                              f"{self.num_layers}: no layer would be MoE (use --num-experts 0 for a dense model)")
+        for flag, value in (("--num-attention-heads", self.num_attention_heads),
+                            ("--num-key-value-heads", self.num_key_value_heads),
+                            ("--intermediate-size", self.intermediate_size),
+                            ("--num-experts", self.moe.num_experts)):
+            if value % tp:
+                why = " (expert parallelism is tied to TP)" if flag == "--num-experts" else ""
+                raise InputError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}{why}")
+        if self.num_layers < pp:
+            raise InputError(f"--num-layers {self.num_layers} must be at least --pipeline-parallel-size {pp}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The flat dict checkpoints and config.json hold: every option under its flag's name
+        (moe_capacity_factor), the MoE options beside the others."""
+        return to_flat(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """The config a checkpoint's flat dict holds; one written before a flag was renamed has the old name
+        (router_aux_loss_coef), one written before a field existed lacks it: it gets the default."""
+        return from_flat(cls, d)
 
 
 class RMSNorm(nn.Module):
@@ -246,13 +277,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg, topo, out_std, layer_id)
         self.ffn_norm = RMSNorm(cfg.hidden_size)
         if cfg.is_moe_layer(layer_id):
-            self.ffn = SparseMoE(cfg.hidden_size, cfg.expert_ffn_size, cfg.num_experts, cfg.num_experts_per_token,
-                                 topo, cfg.router_aux_loss_coef, cfg.router_z_loss_coef, cfg.router_normalize_topk,
-                                 out_init_std=out_std, expert_impl=cfg.moe_expert_impl,
-                                 capacity_factor=cfg.moe_capacity_factor, drop_policy=cfg.moe_drop_policy,
-                                 renorm_after_drop=cfg.moe_renorm_after_drop, router_score=cfg.moe_router_score,
-                                 bias_update_rate=cfg.moe_bias_update_rate, routing=cfg.moe_routing,
-                                 gate=cfg.moe_gate, vocab_size=cfg.vocab_size, layer_id=layer_id)
+            self.ffn = SparseMoE(cfg.moe, cfg.hidden_size, cfg.expert_ffn_size, topo, out_init_std=out_std,
+                                 vocab_size=cfg.vocab_size, layer_id=layer_id)
         else:
             self.ffn = MLP(cfg, topo, out_std)
         self.drop = nn.Dropout(cfg.dropout)
@@ -372,8 +398,9 @@ def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
         model = GPT(cfg, Topology())
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
-    if cfg.num_experts:
+    E, k = cfg.moe.num_experts, cfg.moe.num_experts_per_token
+    if E:
         for moe in model.moe_layers().values():
             expert_params = sum(p.numel() for p in moe.experts.parameters())
-            inactive += expert_params * (cfg.num_experts - cfg.num_experts_per_token) // cfg.num_experts
+            inactive += expert_params * (E - k) // E
     return total, total - inactive

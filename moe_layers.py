@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_config import DROP_POLICIES, GATES, MoEConfig
 from moe_ops import permute_tokens, swiglu, unpermute_combine
 from parallel import (Topology, all_reduce_, all_reduce_grad_tp, compute_dtype, copy_to_tp, mark_sharded,
                       reduce_from_tp)
@@ -25,8 +26,6 @@ from profiling import phase
 # --------------------------------------------------------------------------------------------------
 # Router
 # --------------------------------------------------------------------------------------------------
-ROUTINGS = ("token-choice", "expert-choice", "hash")
-GATES = ("soft", "hard")
 # Expert choice always has a capacity (C tokens per expert); --moe-capacity-factor 0 means this factor.
 EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR = 1.0
 HASH_SEED = 20211  # hash routing's map of layer l is drawn from seed HASH_SEED + l (Roller et al. 2021)
@@ -120,23 +119,30 @@ class TopKRouter(nn.Module):
     update_expert_biases. Expert choice uses `logits` and route_expert_choice instead of the top-k."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_topk: bool = True,
-                 init_std: float = 0.02, score: str = "softmax", expert_bias: bool = False, gate: str = "soft"):
+                 init_std: float = 0.02, score: str = "softmax", expert_bias: bool = False, gate: str = "soft",
+                 input_jitter_eps: float = 0.0):
         super().__init__()
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"router score must be softmax or sigmoid, got {score}")
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate}")
         self.num_experts, self.top_k, self.normalize_topk, self.score = num_experts, top_k, normalize_topk, score
-        self.gate = gate
+        self.gate, self.input_jitter_eps = gate, input_jitter_eps
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.weight.init_std = init_std
         self.expert_bias: Optional[torch.Tensor]
         self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None, persistent=True)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, d] -> [T, E] router logits, in fp32 whatever the autocast."""
+        """[T, d] -> [T, E] router logits, in fp32 whatever the autocast. With input jitter, a training forward
+        multiplies x by noise uniform in [1 - eps, 1 + eps] first (Switch Transformer): the logits change, the
+        experts' input does not. The noise comes from the global RNG, which TP ranks seed alike (as dropout):
+        every TP rank draws the same; with eps 0 nothing is drawn."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())
+            x = x.float()
+            if self.training and self.input_jitter_eps > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.input_jitter_eps, 1.0 + self.input_jitter_eps)
+            return F.linear(x, self.weight.float())
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         return route_topk(self.logits(x), self.top_k, self.score, self.normalize_topk, self.expert_bias, self.gate)
@@ -186,9 +192,6 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Capacity (token dropping) and auxiliary-loss-free bias balancing
 # --------------------------------------------------------------------------------------------------
-DROP_POLICIES = ("position", "probs")
-
-
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """ceil(C * T * k / E) assignments per expert, at least 1: a host number from the shapes alone.
     The product is rounded to 6 decimals first so that float noise (1.1 * 10 = 11.000000000000002)
@@ -368,6 +371,7 @@ class GroupedExperts(nn.Module):
 # --------------------------------------------------------------------------------------------------
 class SparseMoE(nn.Module):
     """Mixture-of-experts FFN: route, sort the assignments by expert -> gather -> grouped GEMM -> combine.
+    Built from a MoEConfig (moe_config.py, checked there), as torchtitan's MoE(moe_args, dim, hidden_dim).
 
     routing "token-choice" (default): every token goes to its top-k experts (TopKRouter), no-drop unless
     capacity_factor C > 0: then each expert keeps at most expert_capacity(T, k, E, C) assignments of the T
@@ -389,47 +393,37 @@ class SparseMoE(nn.Module):
     device-side sums) for the step statistics of moe_stats.StepStats.
     """
 
-    def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, topo: Topology,
-                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001, normalize_topk: bool = True,
-                 init_std: float = 0.02, out_init_std: float = 0.02, expert_impl: str = "auto",
-                 capacity_factor: float = 0.0, drop_policy: str = "position", renorm_after_drop: bool = False,
-                 router_score: str = "softmax", bias_update_rate: float = 0.0, routing: str = "token-choice",
-                 gate: str = "soft", vocab_size: Optional[int] = None, layer_id: int = 0):
+    def __init__(self, moe: MoEConfig, hidden_size: int, ffn_size: int, topo: Topology, init_std: float = 0.02,
+                 out_init_std: float = 0.02, vocab_size: Optional[int] = None, layer_id: int = 0):
         super().__init__()
+        moe.check()  # the options' own checks and those between them (InputError, a ValueError)
+        num_experts, top_k, routing, gate = moe.num_experts, moe.num_experts_per_token, moe.routing, moe.gate
         if num_experts % topo.ep:
             raise ValueError(f"num experts {num_experts} not divisible by the EP size {topo.ep}")
-        if drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop policy must be one of {DROP_POLICIES}, got {drop_policy}")
-        if not (math.isfinite(capacity_factor) and capacity_factor >= 0):
-            raise ValueError(f"capacity factor must be a finite number >= 0, got {capacity_factor}")
-        if not (math.isfinite(bias_update_rate) and bias_update_rate >= 0):
-            raise ValueError(f"bias update rate must be a finite number >= 0, got {bias_update_rate}")
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing}")
-        if routing != "token-choice" and bias_update_rate > 0:
-            raise ValueError(f"bias balancing steers a token-choice router; {routing} routing has no such choice")
         if routing == "hash" and vocab_size is None:
             raise ValueError("hash routing needs the vocabulary size")
-        self.capacity_factor, self.drop_policy, self.renorm_after_drop = capacity_factor, drop_policy, renorm_after_drop
-        self.bias_update_rate = bias_update_rate
+        self.capacity_factor, self.drop_policy, self.renorm_after_drop = (moe.capacity_factor, moe.drop_policy,
+                                                                          moe.renorm_after_drop)
+        self.bias_update_rate = bias_update_rate = moe.bias_update_rate
         self.routing, self.gate = routing, gate
         self.topo = topo
         self.num_experts, self.top_k = num_experts, top_k
         self.num_local = num_experts // topo.ep
         self.first_local = topo.ep_rank * self.num_local
-        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.aux_loss_coef, self.z_loss_coef = moe.aux_loss_coef, moe.z_loss_coef
         self.router: nn.Module
         if routing == "hash":
             self.router = HashRouter(vocab_size, num_experts, top_k, layer_id, gate)
         else:  # expert choice weights by the raw scores: its token-choice fallback does not renormalise either
-            self.router = TopKRouter(hidden_size, num_experts, top_k, normalize_topk and routing == "token-choice",
-                                     init_std, router_score, expert_bias=bias_update_rate > 0, gate=gate)
+            self.router = TopKRouter(hidden_size, num_experts, top_k, moe.normalize_topk and routing == "token-choice",
+                                     init_std, moe.router_score, expert_bias=bias_update_rate > 0, gate=gate,
+                                     input_jitter_eps=moe.input_jitter_eps)
         # This step's expert counts of the training forwards, for the bias update (not saved).
         self.step_load: Optional[torch.Tensor]
         self.register_buffer("step_load", torch.zeros(num_experts) if bias_update_rate > 0 else None,
                              persistent=False)
         self.experts = GroupedExperts(num_experts, self.num_local, hidden_size, ffn_size, init_std,
-                                      out_init_std, expert_impl)
+                                      out_init_std, moe.expert_impl)
         # Sorted rows past the local experts' groups exist under EP (other ranks' experts) and with a
         # capacity factor (dropped assignments, sorted past every expert): the permutation skips them.
         self.tail_rows = self.num_local < num_experts or self.token_capacity_factor > 0

@@ -108,7 +108,7 @@ def checkpoint_codec(path: Path, meta: dict):
 def load_model(meta: dict, state: dict, device: torch.device) -> GPT:
     """The whole model on one device from a consolidated (unsharded) state."""
     # The expert kernel is a choice of the machine, not part of the model: let this one pick.
-    cfg = ModelConfig(**{**meta["model"], "moe_expert_impl": "auto"})
+    cfg = ModelConfig.from_dict({**meta["model"], "moe_expert_impl": "auto"})
     model = GPT(cfg, Topology(device=device))
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -14,7 +14,7 @@ Per shape (T tokens, d_model d, expert FFN f, E experts, top-k) and precision re
     one row written);
   - peak memory of one forward + backward above what was allocated before it.
 Regimes: "autocast" = fp32 parameters and fp32 input under bf16 autocast, the expert weights cast to
-bf16 at every forward (training with --moe-bf16-weights off); "copies" = the same under the trainer's
+bf16 at every forward (training with --no-moe-bf16-weights); "copies" = the same under the trainer's
 default, mixed_precision.ExpertWeightCopies: bf16 expert weights refreshed from the fp32 masters in
 every iteration (one microbatch per optimizer step, the worst case) and the bf16 weight gradients added
 into persistent fp32 gradients, every other gradient accumulated as the trainer's buffers do too (the
@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import MLP, ModelConfig  # noqa: E402
+from moe_config import MoEConfig  # noqa: E402
 from moe_layers import SparseMoE  # noqa: E402
 from mixed_precision import ExpertWeightCopies  # noqa: E402
 from parallel import Topology  # noqa: E402
@@ -135,7 +136,7 @@ def bench_shape(shape: str, regime: str, iters: int, copy_bw: float, do_profile:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     topo = Topology(device=dev)
-    moe = SparseMoE(d, f, E, k, topo).to(dev)
+    moe = SparseMoE(MoEConfig(num_experts=E, num_experts_per_token=k), d, f, topo).to(dev)
     mlp = MLP(ModelConfig(hidden_size=d, intermediate_size=k * f), topo, 0.02).to(dev)
     with torch.no_grad():
         for p in list(moe.parameters()) + list(mlp.parameters()):

@@ -57,7 +57,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import profiling  # noqa: E402
 from errors import InputError, OneLineParser  # noqa: E402
-from moe_layers import DROP_POLICIES, SparseMoE, capacity_mask, expert_capacity, route_topk  # noqa: E402
+from moe_config import DROP_POLICIES, MoEConfig  # noqa: E402
+from moe_layers import SparseMoE, capacity_mask, expert_capacity, route_topk  # noqa: E402
 from parallel import Topology  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -185,8 +186,9 @@ class IdentityExperts(nn.Module):
 def routing_moe(args, logits: torch.Tensor, device: torch.device, capacity_factor: float,
                 drop_policy: str) -> SparseMoE:
     """The training code's SparseMoE on one process, routed by the fixed logits, identity experts."""
-    moe = SparseMoE(args.hidden_dim, 16, args.num_experts, args.top_k, Topology(device=device),
-                    router_score=args.router_score, capacity_factor=capacity_factor, drop_policy=drop_policy)
+    moe = SparseMoE(MoEConfig(num_experts=args.num_experts, num_experts_per_token=args.top_k,
+                              router_score=args.router_score, capacity_factor=capacity_factor, drop_policy=drop_policy),
+                    args.hidden_dim, 16, Topology(device=device))
     moe.experts = IdentityExperts()  # before moving: the real experts' weights never reach the device
     moe.to(device)
     moe.router.forward = lambda x: route_topk(logits, args.top_k, args.router_score, True)

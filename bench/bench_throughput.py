@@ -1,6 +1,6 @@
 """Whole-model training throughput on one GPU, side by side in one run (issue 10, targets 4 and 5).
 
-    python bench/bench_throughput.py moe [--micro-batch-size 8] [--steps 30] [--moe-variant="--moe-bf16-weights off"]
+    python bench/bench_throughput.py moe [--micro-batch-size 8] [--steps 30] [--moe-variant="--no-moe-bf16-weights"]
     python bench/bench_throughput.py small --nanogpt DIR [--steps 100] [--compile-scopes blocks model] [--real-run]
 
 moe:   the 8-layer d_model 1024 MoE model (32 experts, top-4, expert FFN 512, 72M active parameters)
@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--compile-scopes", nargs="+", default=["blocks", "model"], choices=["blocks", "model"])
     ap.add_argument("--moe-variant", action="append", default=[], metavar="FLAGS",
                     help="moe suite: also run the MoE model with these extra flags (quoted; repeatable), "
-                         "e.g. '--moe-bf16-weights off'")
+                         "e.g. '--no-moe-bf16-weights'")
     ap.add_argument("--nanogpt", default=None, help="small suite: path of a nanoGPT checkout")
     ap.add_argument("--real-run", action="store_true",
                     help="small suite: dropout 0.2 and nanoGPT's evaluation cadence in both, timed over the whole run")

@@ -313,7 +313,7 @@ def param_counts(run: Run) -> tuple:
     from model import ModelConfig, count_parameters
     with open(os.path.join(run.out_dir, "config.json")) as f:
         model = json.load(f)["model"]
-    return count_parameters(ModelConfig(**model))
+    return count_parameters(ModelConfig.from_dict(model))
 
 
 def summarize(runs: list, timing: list, out: str, parallel: int) -> str:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import checkpoint as ckpt  # noqa: E402
 import minimal_pretrain  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
+from moe_config import MoEConfig  # noqa: E402
 from moe_layers import SparseMoE  # noqa: E402
 from moe_stats import StepStats  # noqa: E402
 from parallel import Topology  # noqa: E402
@@ -33,7 +34,7 @@ from parallel import Topology  # noqa: E402
 def make_moe(d=16, f=32, E=4, k=2, seed=0, std=0.5, **kw) -> SparseMoE:
     """A SparseMoE on the single-process topology with N(0, std) parameters."""
     torch.manual_seed(seed)
-    moe = SparseMoE(d, f, E, k, Topology(), **kw)
+    moe = SparseMoE(MoEConfig(num_experts=E, num_experts_per_token=k, **kw), d, f, Topology())
     with torch.no_grad():
         moe.router.weight.normal_(0.0, std)
         moe.experts.w_gate_up.normal_(0.0, std)
@@ -69,7 +70,7 @@ def tiny_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=6, num_attention_heads=2,
                 num_key_value_heads=1, max_seq_length=16, num_experts=4, num_experts_per_token=2)
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict(base)  # flat keys, as a checkpoint holds them
 
 
 PREVIOUS_LINE = '{"step": 0, "loss": 5.5}\n'
@@ -84,7 +85,8 @@ def _cuda_moe_for_sync_check(**kw) -> tuple:
     """A small SparseMoE on CUDA (E8, top-2) with initialised weights, a bf16 input and its StepStats; skips
     where the grouped GEMM (the path without host reads) is not available."""
     torch.manual_seed(0)
-    moe = SparseMoE(128, 256, 8, 2, Topology(device=torch.device("cuda")), **kw).cuda()
+    moe = SparseMoE(MoEConfig(num_experts=8, num_experts_per_token=2, **kw), 128, 256,
+                    Topology(device=torch.device("cuda"))).cuda()
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0.0, 0.02)

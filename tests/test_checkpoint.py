@@ -13,6 +13,7 @@ import torch
 
 import checkpoint as ckpt
 import minimal_pretrain
+from model import ModelConfig
 
 from helpers import (REL_TOL, ROOT, _HYGIENE_SHAPE, _assert_checkpoints_equal, _assert_one_error_line, _ckpt_argv,
                      _ckpt_dist_argv, _clean_env, _dist_data_file, _free_port, _hygiene_argv, _launch,
@@ -430,3 +431,61 @@ def test_checkpoint_carries_its_tokenizer_so_sample_needs_no_data(tmp_path, monk
     assert len(err) == 1 and err[0].startswith(f"error: --checkpoint {path}: cannot decode") and str(data) in err[0], err
     moved.rename(data)
     assert sample_text() == with_data
+
+
+# A model dict as checkpoints held it before the MoE flags were renamed (--router-aux-loss-coef, ...): the
+# manifest of the run test_checkpoint_of_the_old_format_loads_resumes_and_samples trains, written by that code.
+OLD_FORMAT_MODEL = {
+    "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_seq_length": 16, "dropout": 0.1, "num_experts": 4, "num_experts_per_token": 2,
+    "moe_layer_interval": 1, "expert_intermediate_size": None, "router_aux_loss_coef": 0.02,
+    "router_z_loss_coef": 0.001, "router_normalize_topk": False, "moe_expert_impl": "auto",
+    "moe_capacity_factor": 0.0, "moe_drop_policy": "position", "moe_renorm_after_drop": False,
+    "moe_router_score": "sigmoid", "moe_bias_update_rate": 0.0, "moe_routing": "token-choice", "moe_gate": "soft",
+    "rope_theta": 10000.0}
+OLD_ARG_NAMES = {"moe_aux_loss_coef": "router_aux_loss_coef", "moe_z_loss_coef": "router_z_loss_coef",
+                 "moe_normalize_topk": "router_normalize_topk"}
+
+
+def test_old_format_model_dict_reads_as_the_new_config():
+    cfg = ModelConfig.from_dict(OLD_FORMAT_MODEL)
+    assert (cfg.moe.aux_loss_coef, cfg.moe.normalize_topk, cfg.moe.router_score, cfg.dropout) == \
+        (0.02, False, "sigmoid", 0.1)
+    flat = cfg.to_dict()
+    assert flat["moe_aux_loss_coef"] == 0.02 and flat["moe_normalize_topk"] is False
+    assert not set(OLD_ARG_NAMES.values()) & set(flat)
+    assert ModelConfig.from_dict(flat) == cfg
+    with pytest.raises(ValueError, match="unknown keys"):
+        ModelConfig.from_dict({**OLD_FORMAT_MODEL, "no_such_field": 1})
+
+
+def test_checkpoint_of_the_old_format_loads_resumes_and_samples(tmp_path, monkeypatch, capsys):
+    """A checkpoint written before the rename (its manifest's model dict OLD_FORMAT_MODEL, its flags under
+    their old names and forms) resumes bit-exact taking its model from the checkpoint (a renamed model flag
+    is compared under its new name), reports a changed renamed flag, and samples the same text."""
+    import sample
+    flags = ["--no-moe-normalize-topk", "--moe-router-score", "sigmoid", "--moe-aux-loss-coef", "0.02"]
+    straight = _train_in_process(_ckpt_argv(tmp_path / "a", "--max-steps", "4", "--save-interval", "2", *flags),
+                                 monkeypatch)
+    half = tmp_path / "a" / "checkpoints" / "step_00000002"
+    sample_argv = ["--checkpoint", str(half), "--device", "cpu", "--max-new-tokens", "6", "--temperature", "0"]
+    capsys.readouterr()
+    assert sample.main(sample_argv) == 0
+    text = capsys.readouterr().out
+    manifest = json.loads((half / ckpt.MANIFEST).read_text())
+    assert ModelConfig.from_dict(manifest["model"]) == ModelConfig.from_dict(OLD_FORMAT_MODEL)
+    args = {OLD_ARG_NAMES.get(k, k): v for k, v in manifest["args"].items()}
+    args.update(moe_bf16_weights="on", no_progress=not args.pop("progress"), no_save=not args.pop("save"))
+    (half / ckpt.MANIFEST).write_text(json.dumps({**manifest, "model": OLD_FORMAT_MODEL, "args": args}))
+    resumed = _train_in_process(_ckpt_argv(tmp_path / "b", "--max-steps", "4", "--router-aux-loss-coef", "0.02",
+                                           "--resume", str(half)), monkeypatch)
+    assert resumed.losses == straight.losses[2:]
+    _assert_checkpoints_equal(tmp_path / "a" / "checkpoints" / "step_00000004",
+                              tmp_path / "b" / "checkpoints" / "step_00000004")
+    capsys.readouterr()
+    _train_in_process(_ckpt_argv(tmp_path / "c", "--max-steps", "4", "--moe-aux-loss-coef", "0.03", "--eval-only",
+                                 "--resume", str(half)), monkeypatch)
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("resuming from")]
+    assert line == [f"resuming from {half} at step 2; changed: --moe-aux-loss-coef 0.02 -> 0.03"], line
+    assert sample.main(sample_argv) == 0
+    assert capsys.readouterr().out == text

@@ -93,3 +93,43 @@ def test_fault_flags_exit_2(flags, needle, tmp_path):
     _assert_one_error_line(r, 2, needle)
     if (tmp_path / "afile").exists():
         assert (tmp_path / "afile").read_text() == "keep me"
+
+
+# Old spellings (before the MoE flags took one prefix and the booleans one style) and their new ones.
+OLD_SPELLINGS = [
+    (["--router-aux-loss-coef", "0.5"], ["--moe-aux-loss-coef", "0.5"]),
+    (["--router-z-loss-coef", "0"], ["--moe-z-loss-coef", "0"]),
+    (["--no-router-normalize-topk"], ["--no-moe-normalize-topk"]),
+    (["--moe-bf16-weights", "off"], ["--no-moe-bf16-weights"]),
+    (["--moe-bf16-weights", "off", "--moe-bf16-weights", "on"], ["--no-moe-bf16-weights", "--moe-bf16-weights"]),
+    (["--moe-bf16-weights=off"], ["--no-moe-bf16-weights"]),
+    (["--moe-renorm-after-drop", "--moe-capacity-factor", "1"],
+     ["--moe-capacity-factor", "1", "--moe-renorm-after-drop"]),
+    (["--no-progress", "--no-save", "--compile", "--wandb"], ["--no-progress", "--no-save", "--compile", "--wandb"]),
+]
+
+
+@pytest.mark.parametrize("old,new", OLD_SPELLINGS, ids=[" ".join(o) for o, _ in OLD_SPELLINGS])
+def test_old_spellings_parse_to_the_same_config(old, new):
+    """Every old spelling of a renamed flag still parses, to what its new spelling gives."""
+    import config
+    parser = config.build_parser()
+    got, want = (vars(parser.parse_args(argv)) for argv in (old, new))
+    assert got == want and (got != vars(parser.parse_args([])) or "on" in old)  # the flag did something
+    assert config.model_config(parser.parse_args(old), 256) == config.model_config(parser.parse_args(new), 256)
+
+
+def test_boolean_flags_are_switches_and_errors_name_the_old_spelling(capsys):
+    """Every boolean is --x / --no-x; a bad value of the old on|off form is argparse's one-line error; an
+    error about a renamed flag names its old spelling too (what an old command typed)."""
+    import config
+    from errors import InputError
+    parser = config.build_parser()
+    assert vars(parser.parse_args(["--no-compile", "--save", "--progress", "--no-moe-renorm-after-drop"])) == \
+        vars(parser.parse_args([]))
+    for argv in (["--moe-bf16-weights", "maybe"], ["--no-moe-bf16-weights", "off"], ["--compile", "yes"]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        assert e.value.code == 2 and argv[-1] in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"^--moe-z-loss-coef \(old spelling --router-z-loss-coef\) must be >= 0"):
+        config.validate(parser.parse_args(["--router-z-loss-coef", "-1"]), 1)

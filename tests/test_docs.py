@@ -14,7 +14,7 @@ import config  # noqa: E402
 import minimal_pretrain  # noqa: E402
 
 FLAGS_BEGIN = ("<!-- generated from the trainer's parser (config.py) by `python tests/test_docs.py`: "
-               "edit the help texts there, not this table -->")
+               "edit the options' help texts (their dataclass fields), not this table -->")
 FLAGS_END = "<!-- end of the generated flag table -->"
 
 
@@ -40,13 +40,14 @@ def flag_table(parser: argparse.ArgumentParser) -> str:
     """Markdown table of every flag: a bold row per argument group, then flag, default and help text."""
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     for group in parser._action_groups:  # argparse has no public way to list the groups
-        actions = [a for a in group._group_actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+        actions = [a for a in group._group_actions if a.option_strings and a.help != argparse.SUPPRESS
+                   and not isinstance(a, argparse._HelpAction)]  # an old spelling is hidden (its flag's help names it)
         if not actions:
             continue
         rows.append(f"| **{group.title}** | | |")
         for a in actions:
-            if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                default = "off"
+            if isinstance(a.default, bool):  # a --x / --no-x switch
+                default = "on" if a.default else "off"
             else:
                 default = "-" if a.default is None else _markdown(str(a.default))
             flag = ", ".join(f"`{s}`" for s in a.option_strings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_config import MoEConfig
 from moe_layers import SparseMoE
 from parallel import Topology
 
@@ -16,7 +17,7 @@ from helpers import _assert_checkpoints_equal, _base_argv, _ckpt_argv, _launch, 
 def _bf16_moe_microbatches(copies: bool):
     from mixed_precision import ExpertWeightCopies
     torch.manual_seed(0)
-    moe = SparseMoE(16, 8, 4, 2, Topology())
+    moe = SparseMoE(MoEConfig(num_experts=4, num_experts_per_token=2), 16, 8, Topology())
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0.0, 0.2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model import GPT, MLP, ModelConfig, count_parameters
+from moe_config import MoEConfig
 from moe_layers import SparseMoE
 from parallel import Topology
 
@@ -12,11 +13,11 @@ from helpers import tiny_cfg
 
 
 def test_layer_pattern():
-    assert ModelConfig(num_layers=6, moe_layer_interval=2).layer_pattern() == "D M D M D M"
-    assert ModelConfig(num_layers=6, moe_layer_interval=1).layer_pattern() == "M M M M M M"
-    assert ModelConfig(num_layers=6, moe_layer_interval=3).layer_pattern() == "D D M D D M"
-    assert ModelConfig(num_layers=6, num_experts=0).layer_pattern() == "D D D D D D"
-    assert ModelConfig(num_layers=6, moe_layer_interval=2).moe_layer_ids() == [1, 3, 5]
+    assert ModelConfig(num_layers=6, moe=MoEConfig(layer_interval=2)).layer_pattern() == "D M D M D M"
+    assert ModelConfig(num_layers=6, moe=MoEConfig(layer_interval=1)).layer_pattern() == "M M M M M M"
+    assert ModelConfig(num_layers=6, moe=MoEConfig(layer_interval=3)).layer_pattern() == "D D M D D M"
+    assert ModelConfig(num_layers=6, moe=MoEConfig(num_experts=0)).layer_pattern() == "D D D D D D"
+    assert ModelConfig(num_layers=6, moe=MoEConfig(layer_interval=2)).moe_layer_ids() == [1, 3, 5]
 
 
 @pytest.mark.parametrize("interval,moe_ids", [(1, [0, 1, 2, 3, 4, 5]), (2, [1, 3, 5]), (3, [2, 5]), (6, [5])])
@@ -43,7 +44,7 @@ def test_count_parameters(kw):
     numel = sum(p.numel() for p in model.parameters())
     total, active = count_parameters(cfg)
     assert total == numel
-    E, k, d, f = cfg.num_experts, cfg.num_experts_per_token, cfg.hidden_size, cfg.expert_ffn_size
+    E, k, d, f = cfg.moe.num_experts, cfg.moe.num_experts_per_token, cfg.hidden_size, cfg.expert_ffn_size
     per_expert = d * 2 * f + f * d  # w_gate_up + w_down
     n_moe = len(cfg.moe_layer_ids())
     expert_params = n_moe * E * per_expert

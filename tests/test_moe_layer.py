@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model import GPT, ModelConfig
+from moe_config import MoEConfig
 from moe_layers import SparseMoE, load_balancing_loss, router_z_loss
 from moe_stats import StepStats
 from parallel import Topology
@@ -69,7 +70,7 @@ def test_no_drop_uneven_with_idle_experts(E, k, favourite, kw):
 def test_no_drop_with_gpt_init_weights():
     """The same check on a SparseMoE initialised by GPT.init_weights (small init scale)."""
     cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_seq_length=16, num_experts=4, num_experts_per_token=2)
+                      num_key_value_heads=1, max_seq_length=16, moe=MoEConfig(num_experts=4, num_experts_per_token=2))
     model = GPT(cfg, Topology())
     model.init_weights(7)
     moe = model.moe_layers()[1]
@@ -129,7 +130,7 @@ def test_grouped_matches_loop(case):
 
 def test_expert_impl_rejects_unknown():
     with pytest.raises(ValueError):
-        SparseMoE(16, 16, 4, 2, Topology(), expert_impl="fast")
+        SparseMoE(MoEConfig(num_experts=4, num_experts_per_token=2, expert_impl="fast"), 16, 16, Topology())
 
 
 # --------------------------------------------------------------------------------------------------

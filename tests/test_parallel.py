@@ -96,17 +96,19 @@ def test_pp_uneven_split_matches_single_process(tmp_path, tmp_path_factory):
 def _router_grad_worker(out_path: str, disable_fix: str) -> None:
     import torch.distributed as dist
     import moe_layers
+    from moe_config import MoEConfig
     from parallel import Topology, init_topology, shard_of
     if disable_fix == "1":  # negative control: what the gradient looks like without the fix
         moe_layers.all_reduce_grad_tp = lambda w, topo: w
     topo = init_topology(2, 1, "cpu")
     torch.manual_seed(0)
     d, f, E, k = 16, 24, 4, 2
-    ref = moe_layers.SparseMoE(d, f, E, k, Topology(), aux_loss_coef=0.1, z_loss_coef=0.01)
+    moe = MoEConfig(num_experts=E, num_experts_per_token=k, aux_loss_coef=0.1, z_loss_coef=0.01)
+    ref = moe_layers.SparseMoE(moe, d, f, Topology())
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.5)
-    tp = moe_layers.SparseMoE(d, f, E, k, topo, aux_loss_coef=0.1, z_loss_coef=0.01)
+    tp = moe_layers.SparseMoE(moe, d, f, topo)
     with torch.no_grad():
         for (_, p_ref), (_, p) in zip(ref.named_parameters(), tp.named_parameters()):
             p.copy_(shard_of(p_ref, p, topo.tp_rank, topo.tp))

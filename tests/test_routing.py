@@ -15,9 +15,9 @@ import minimal_pretrain
 from moe_layers import TopKRouter, capacity_mask, expert_capacity, route_topk, update_expert_biases
 from parallel import Topology
 
-from helpers import (MILD, _assert_checkpoints_equal, _ckpt_argv, _close, _cuda_moe_for_sync_check, _detailed_argv,
-                     _expected_kept, _run_against_one_process, _train_in_process, assert_same_run, dense_expert,
-                     make_moe, run_without_host_sync, skewed_router_case)
+from helpers import (MILD, _assert_checkpoints_equal, _base_argv, _ckpt_argv, _close, _cuda_moe_for_sync_check,
+                     _detailed_argv, _expected_kept, _reference, _run_against_one_process, _train_in_process,
+                     assert_same_run, dense_expert, make_moe, run_without_host_sync, skewed_router_case)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,13 +326,55 @@ def test_resume_with_capacity_and_bias_is_bit_exact(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
+# Router input jitter (--moe-input-jitter-eps)
+# --------------------------------------------------------------------------------------------------
+def test_input_jitter_scales_the_router_input_in_training_only():
+    """With the identity as router weight the logits are the router's input: in training each element is x
+    times its own noise in [1 - eps, 1 + eps]; in eval mode exactly x."""
+    d, eps = 6, 0.1
+    router = TopKRouter(d, d, 2, input_jitter_eps=eps)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(d))
+    x = torch.rand(200, d) + 1.0  # away from 0: the ratio is the noise
+    noise = router.logits(x) / x
+    assert noise.min() >= 1 - eps - 1e-6 and noise.max() <= 1 + eps + 1e-6, (noise.min(), noise.max())
+    assert noise.std() > eps / 3 and noise.unique().numel() > 1000  # uniform: std eps / sqrt(3); one draw each
+    router.eval()
+    assert torch.equal(router.logits(x), x)
+
+
+def test_input_jitter_off_is_the_plain_layer_and_on_changes_the_routing_only():
+    """eps 0 draws nothing and computes what the layer without the option computes; eps > 0 changes a
+    training forward (its routing) but not the experts' input, and leaves eval forwards alone."""
+    x = torch.randn(2, 20, 16)
+    plain, off, on = make_moe(), make_moe(input_jitter_eps=0.0), make_moe(input_jitter_eps=0.3)  # the same weights
+    state = torch.get_rng_state()
+    out_plain, loss_plain = plain(x)
+    out_off, loss_off = off(x)
+    assert torch.equal(torch.get_rng_state(), state)  # no draw: dropout and every later draw are unchanged
+    assert torch.equal(out_off, out_plain) and torch.equal(loss_off, loss_plain)
+    inputs = []
+    on.experts.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    out_on, loss_on = on(x)
+    assert not torch.equal(out_on, out_plain) and not torch.equal(loss_on, loss_plain)
+    rows = inputs[0]  # every row the experts got is a token's own hidden state, unjittered
+    assert (rows[:, None, :] == x.reshape(-1, 16)[None]).all(-1).any(-1).all()
+    on.eval(), plain.eval()
+    assert torch.equal(on(x)[0], plain(x)[0])
+
+
+# --------------------------------------------------------------------------------------------------
 # Routing flags
 # --------------------------------------------------------------------------------------------------
 ROUTING_BAD_FLAGS = [(["--moe-capacity-factor", "nan"], "--moe-capacity-factor"),
                      (["--moe-capacity-factor", "inf"], "--moe-capacity-factor"),
                      (["--moe-capacity-factor", "-1"], "--moe-capacity-factor"),
                      (["--moe-bias-update-rate", "nan"], "--moe-bias-update-rate"),
-                     (["--moe-bias-update-rate", "-0.1"], "--moe-bias-update-rate")]
+                     (["--moe-bias-update-rate", "-0.1"], "--moe-bias-update-rate"),
+                     (["--moe-input-jitter-eps", "1"], "--moe-input-jitter-eps"),
+                     (["--moe-input-jitter-eps", "-0.1"], "--moe-input-jitter-eps"),
+                     (["--moe-input-jitter-eps", "nan"], "--moe-input-jitter-eps"),
+                     (["--moe-routing", "hash", "--moe-input-jitter-eps", "0.1"], "--moe-input-jitter-eps")]
 
 
 @pytest.mark.parametrize("flags,name", ROUTING_BAD_FLAGS, ids=[" ".join(f) for f, _ in ROUTING_BAD_FLAGS])
@@ -408,3 +450,15 @@ def test_capacity_and_bias_same_under_layouts(case, world_size, flags, tmp_path,
         for key in keys:
             assert _close(g[key], r[key]), f"step {r['step']} {key}: got {g[key]}, single {r[key]}"
         assert 0 <= r["moe/token_drop_rate"] <= r["moe/drop_rate"] * 2
+
+
+@pytest.mark.multiprocess
+def test_input_jitter_same_under_tp2(tmp_path, tmp_path_factory):
+    """TP ranks share the dropout seed, so they draw the same jitter, and the same as one process (DP1, PP1):
+    TP2/EP2 trains as one process does. The jitter acts: one process differs from the run without it."""
+    argv = _base_argv("mixed") + ["--moe-input-jitter-eps", "0.1"]
+    ref, got = _run_against_one_process(_ROUTING_REFERENCE, "input-jitter", argv, 2, ["--tensor-parallel-size", "2"],
+                                        tmp_path, tmp_path_factory)
+    assert_same_run(got, ref)
+    plain = _reference("mixed", tmp_path_factory)
+    assert all(a != b for a, b in zip(ref["grad_norms"], plain["grad_norms"])), (ref["grad_norms"], plain["grad_norms"])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import checkpoint as ckpt
 import minimal_pretrain
 from model import GPT, ModelConfig
+from moe_config import MoEConfig
 from moe_layers import (EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR, HashRouter, SparseMoE, capacity_statistics,
                         expert_choice_capacity, gate_statistics, route_topk)
 from moe_stats import StatsLayout, moe_metrics
@@ -35,7 +36,8 @@ def _strategy_moe(routing: str = "token-choice", gate: str = "soft", d: int = 16
                   k: int = 2, vocab: int = 32, seed: int = 0, std: float = 0.5, **kw) -> SparseMoE:
     """A SparseMoE on one process with N(0, std) parameters (hash routing: no router weight to draw)."""
     torch.manual_seed(seed)
-    moe = SparseMoE(d, f, E, k, Topology(), routing=routing, gate=gate, vocab_size=vocab, **kw)
+    moe = SparseMoE(MoEConfig(num_experts=E, num_experts_per_token=k, routing=routing, gate=gate, **kw), d, f,
+                    Topology(), vocab_size=vocab)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0.0, std)
@@ -195,8 +197,8 @@ def test_kv_cache_and_generation_with_new_routers(routing, gate, one_thread):
     from generate import generate
     from model import KVCache
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_seq_length=16, num_experts=4, num_experts_per_token=2,
-                      moe_routing=routing, moe_gate=gate)
+                      num_key_value_heads=2, max_seq_length=16,
+                      moe=MoEConfig(num_experts=4, num_experts_per_token=2, routing=routing, gate=gate))
     model = GPT(cfg, Topology())
     model.init_weights(0)
     with torch.no_grad():

@@ -20,9 +20,9 @@ from helpers import ROOT, _base_argv, _ckpt_argv, _clean_env, _greedy_by_recompu
 def _sampling_model(num_experts: int, seed: int = 0, **cfg_kw) -> GPT:
     """A tiny whole model in eval mode whose matrices are scaled up from the init (std 0.02 -> 0.1), so
     attention is far from uniform and the logits spread: a wrong position or mask changes them visibly."""
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_seq_length=16, num_experts=num_experts, num_experts_per_token=2,
-                      **cfg_kw)
+    cfg = ModelConfig.from_dict(dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, max_seq_length=16,
+                                     num_experts=num_experts, num_experts_per_token=2, **cfg_kw))
     model = GPT(cfg, Topology())
     model.init_weights(seed)
     with torch.no_grad():
