@@ -68,6 +68,10 @@ class ParallelConfig:
     pipeline_parallel_size: int = option(1, "PP stages")
     pipeline_schedule: str = option("1f1b", "pipeline schedule", choices=("gpipe", "1f1b"))
     ddp_bucket_size_mb: float = option(25.0, "DP gradient all-reduce bucket size", check=POSITIVE)
+    grad_reduce_dtype: str = option("fp32", "dtype the DP gradient all-reduce sends: bf16 halves its bytes and "
+                                            "rounds the sum over DP ranks to bf16 once (the accumulation over "
+                                            "microbatches stays fp32; Megatron's --grad-reduce-in-bf16)",
+                                    choices=("fp32", "bf16"), reported=True)
 
 
 @dataclass

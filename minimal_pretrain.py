@@ -276,7 +276,8 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         f"{args.global_batch_size * T:,} tokens per step")
 
     params = list(model.parameters())
-    dp_grads = DataParallelGrads(params, topo, args.ddp_bucket_size_mb)
+    dp_grads = DataParallelGrads(params, topo, args.ddp_bucket_size_mb,
+                                 {"fp32": torch.float32, "bf16": torch.bfloat16}[args.grad_reduce_dtype])
     weight_copies = None
     if precision == "bf16" and args.moe_bf16_weights and cfg.moe.num_experts:
         weight_copies = ExpertWeightCopies([moe.experts for moe in model.moe_layers().values()], torch.bfloat16,

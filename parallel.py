@@ -418,10 +418,16 @@ class DataParallelGrads:
     backward (`sync = True`) a post-accumulate hook counts ready parameters and launches an async
     all-reduce as soon as a bucket is complete; buckets are launched strictly in index order so every
     rank issues the same sequence of collectives. `finish()` waits for them.
+
+    reduce_dtype bfloat16 (Megatron's --grad-reduce-in-bf16) sends each bucket as a bf16 copy, half the
+    bytes, and writes the sum back into the fp32 bucket: the accumulation over microbatches stays fp32, the
+    sum over ranks is rounded to bf16 (8 significant bits) once.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], topo: Topology, bucket_size_mb: float = 25.0):
+    def __init__(self, params: Sequence[nn.Parameter], topo: Topology, bucket_size_mb: float = 25.0,
+                 reduce_dtype: torch.dtype = torch.float32):
         self.topo = topo
+        self.reduce_dtype = reduce_dtype
         self.params = [p for p in params if p.requires_grad]
         self.sync = False
         self.enabled = topo.dp > 1
@@ -461,6 +467,7 @@ class DataParallelGrads:
         self.ready = [0] * len(self.buckets)
         self.next_to_launch = 0
         self.handles = []
+        self.in_flight = []  # (bucket index, the tensor being reduced: the bucket itself or its copy)
 
     def zero_grad(self) -> None:
         for flat in self.flat:
@@ -481,7 +488,9 @@ class DataParallelGrads:
             if not force and self.ready[i] < len(self.buckets[i]):
                 return
             with phase("dp/all_reduce_launch"):
-                self.handles.append(dist.all_reduce(self.flat[i], group=self.topo.dp_group, async_op=True))
+                sent = self.flat[i].to(self.reduce_dtype)  # the bucket itself when the dtypes agree
+                self.handles.append(dist.all_reduce(sent, group=self.topo.dp_group, async_op=True))
+                self.in_flight.append((i, sent))
             self.next_to_launch += 1
 
     def finish(self) -> None:
@@ -492,6 +501,9 @@ class DataParallelGrads:
         with phase("dp/all_reduce_wait"):
             for h in self.handles:
                 h.wait()
+            for i, sent in self.in_flight:
+                if sent is not self.flat[i]:
+                    self.flat[i].copy_(sent)
         self._reset_counters()
         self.sync = False
 

@@ -83,6 +83,20 @@ def test_layout_matches_single_process(world_size, flags, moe, tmp_path, tmp_pat
 
 
 @pytest.mark.multiprocess
+def test_dp_gradient_reduce_in_bf16_is_the_one_process_run_to_bf16_rounding(tmp_path, tmp_path_factory):
+    """--grad-reduce-dtype bf16: DP2's gradient sum is rounded to bf16 once per step, so the run follows one
+    process to about bf16's 2^-9 (not fp32's 1e-5: the rounding does happen, or the flag would be ignored)."""
+    ref = _reference("mixed", tmp_path_factory)
+    got = _launch(2, _base_argv("mixed") + ["--grad-reduce-dtype", "bf16"], tmp_path)
+    assert got["losses"][0] == pytest.approx(ref["losses"][0], rel=1e-6)  # the first forward precedes any reduce
+    for key in ("losses", "grad_norms"):
+        assert got[key] == pytest.approx(ref[key], rel=4e-3), key
+    errs = {name: ((got["state"][name] - b).norm() / b.norm()).item() for name, b in ref["state"].items()}
+    assert max(errs.values()) <= 1e-2, max(errs.items(), key=lambda kv: kv[1])
+    assert max(errs.values()) > 1e-5, "the parameters are those of the fp32 reduce: bf16 was not used"
+
+
+@pytest.mark.multiprocess
 def test_pp_uneven_split_matches_single_process(tmp_path, tmp_path_factory):
     """3 stages over 4 layers: the balanced split gives the remainder to the first stage (2+1+1)."""
     ref = _reference("mixed", tmp_path_factory)
