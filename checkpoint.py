@@ -368,16 +368,16 @@ def load_consolidated(path: Path, with_optimizer: bool = False) -> tuple[dict, d
 # --------------------------------------------------------------------------------------------------
 # Resuming under other flags
 # --------------------------------------------------------------------------------------------------
-def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology, defaults: Optional[dict] = None,
-                    changeable: Collection[str] = (), reported: Sequence[str] = ()) -> str:
+def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology, changeable: Collection[str] = (),
+                    reported: Sequence[str] = ()) -> str:
     """Checks that the checkpoint's model is the one these flags build (raises CheckpointError naming
-    the differing fields otherwise) and returns one line saying what resumes and what changed. defaults:
-    the model fields' default values, which a checkpoint written before a field existed was trained with
-    (so resuming it with another value is refused too); without them such a field is not compared.
+    the differing fields otherwise) and returns one line saying what resumes and what changed. The manifest's
+    model and flags are read_run_manifest's: a field or flag a checkpoint was written before holds its
+    default, the value it was trained with (so resuming it with another value is refused or reported).
     changeable: the model fields that may differ (config.CHANGEABLE_MODEL_FIELDS); the bias update rate may,
     but not between zero and non-zero (the expert-bias buffer exists only when it is on). reported: the
     flags named in the line when they differ from the checkpoint's run (config.REPORTED_FLAGS)."""
-    saved, now = {**(defaults or {}), **manifest["model"]}, meta["model"]
+    saved, now = manifest["model"], meta["model"]
     differing = [f"{k} (checkpoint {saved.get(k)}, now {now.get(k)})" for k in sorted(set(saved) | set(now))
                  if k not in changeable and k in saved and k in now and saved[k] != now[k]]
     rate = "moe_bias_update_rate"

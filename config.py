@@ -12,13 +12,13 @@ from typing import ClassVar, Optional
 
 import torch
 
-from checkpoint import check_hub, read_manifest
+from checkpoint import CheckpointError, check_hub, read_manifest
 from errors import InputError, OneLineParser
 from model import ModelConfig
 from moe_config import MoEConfig
 from options import (NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, HelpFormatter, add_options, check_flags, flag_values,
                      flags, option, renamed)
-from parallel import check_layout, env_world_size
+from parallel import REDUCE_DTYPES, check_layout, env_world_size
 from run_log import check_sinks
 
 
@@ -68,10 +68,10 @@ class ParallelConfig:
     pipeline_parallel_size: int = option(1, "PP stages")
     pipeline_schedule: str = option("1f1b", "pipeline schedule", choices=("gpipe", "1f1b"))
     ddp_bucket_size_mb: float = option(25.0, "DP gradient all-reduce bucket size", check=POSITIVE)
-    grad_reduce_dtype: str = option("fp32", "dtype the DP gradient all-reduce sends: bf16 halves its bytes and "
-                                            "rounds the sum over DP ranks to bf16 once (the accumulation over "
-                                            "microbatches stays fp32; Megatron's --grad-reduce-in-bf16)",
-                                    choices=("fp32", "bf16"), reported=True)
+    grad_reduce_dtype: str = option("fp32", "dtype of the DP gradient all-reduce: bf16 halves its bytes; each "
+                                            "rank's gradient is rounded to bf16 and summed in bf16, the accumulation "
+                                            "over microbatches stays fp32 (Megatron's --grad-reduce-in-bf16; needs "
+                                            "DP > 1)", choices=tuple(REDUCE_DTYPES), reported=True)
 
 
 @dataclass
@@ -163,6 +163,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise InputError(f"--expert-parallel-size {args.expert_parallel_size} must equal --tensor-parallel-size {tp}: "
                           f"expert parallelism is tied to TP (leave it unset)")
     dp = check_layout(world_size, tp, pp)
+    if args.grad_reduce_dtype != "fp32" and dp == 1:
+        raise InputError(f"--grad-reduce-dtype {args.grad_reduce_dtype} needs data parallelism: DP is 1 here (world "
+                         f"size {world_size} / (TP {tp} x PP {pp})), so no gradient is all-reduced (valid: fp32)")
     if args.resume is None:
         check_model_flags(args)
     args.micro_batch_size, args.num_microbatches = batch_sizes(args, dp)
@@ -239,11 +242,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def read_run_manifest(path: Path) -> dict:
     """A checkpoint's manifest with its model config and flags under today's names: one written before a flag
-    was renamed holds the old name (router_aux_loss_coef), one written before a model field existed lacks it
-    (it was trained with the default, which it gets here)."""
+    was renamed holds the old name (router_aux_loss_coef), one written before an option existed lacks it (it
+    was trained with the default, which it gets here). A model field this code does not know (a checkpoint
+    of a newer version) is refused: CheckpointError, one line."""
     manifest = read_manifest(path)
-    return {**manifest, "model": ModelConfig.from_dict(manifest["model"]).to_dict(),
-            "args": renamed(manifest.get("args", {}), ALL_OPTIONS)}
+    try:
+        model = ModelConfig.from_dict(manifest["model"]).to_dict()
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot build its model here ({e}; written by a newer version?)") from None
+    defaults = {f.dest: f.default for cls in ALL_OPTIONS for f in flags(cls)}
+    return {**manifest, "model": model, "args": {**defaults, **renamed(manifest.get("args", {}), ALL_OPTIONS)}}
 
 
 def take_model_flags(args: argparse.Namespace, saved_model: Optional[dict]) -> None:

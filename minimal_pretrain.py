@@ -31,7 +31,7 @@ from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
 from mixed_precision import ExpertWeightCopies
 from moe_stats import StatsLayout, StepStats, moe_metrics, pack_step_stats
-from parallel import (DataParallelGrads, PipeComm, StepFunctions, Topology, all_reduce_, clip_grads_,
+from parallel import (REDUCE_DTYPES, DataParallelGrads, PipeComm, StepFunctions, Topology, all_reduce_, clip_grads_,
                       destroy_topology, full_state_dict, grad_norm, init_topology, run_forward_only, run_schedule,
                       stage_layer_ids)
 from profiling import phase, start_profiler
@@ -276,8 +276,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         f"{args.global_batch_size * T:,} tokens per step")
 
     params = list(model.parameters())
-    dp_grads = DataParallelGrads(params, topo, args.ddp_bucket_size_mb,
-                                 {"fp32": torch.float32, "bf16": torch.bfloat16}[args.grad_reduce_dtype])
+    dp_grads = DataParallelGrads(params, topo, args.ddp_bucket_size_mb, REDUCE_DTYPES[args.grad_reduce_dtype])
     weight_copies = None
     if precision == "bf16" and args.moe_bf16_weights and cfg.moe.num_experts:
         weight_copies = ExpertWeightCopies([moe.experts for moe in model.moe_layers().values()], torch.bfloat16,

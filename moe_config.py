@@ -18,6 +18,8 @@ GATES = ("soft", "hard")
 DROP_POLICIES = ("position", "probs")
 ROUTER_SCORES = ("softmax", "sigmoid")
 EXPERT_IMPLS = ("auto", "grouped", "loop")
+# Expert choice always has a capacity (C tokens per expert); --moe-capacity-factor 0 means this factor.
+EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR = 1.0
 
 
 @dataclass
@@ -58,7 +60,7 @@ class MoEConfig:
                                      changeable=True, reported=True)
     routing: str = option("token-choice", "token-choice: each token takes its top-k experts; expert-choice (Zhou et "
                                           "al. 2022): in training each expert takes its top C = capacity factor "
-                                          "(default 1.0) * tokens * k / experts tokens of the microbatch, later "
+                                          f"(default {EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR}) * tokens * k / experts tokens of the microbatch, later "
                                           "positions included, while evaluation and generation route by top-k over "
                                           "the same scores; hash (Roller et al. 2021): a fixed random map from token "
                                           "id to k experts, no learned router", choices=ROUTINGS)
@@ -84,7 +86,8 @@ class MoEConfig:
             raise InputError(f"--moe-bias-update-rate {self.bias_update_rate} needs --moe-routing token-choice: bias "
                               f"balancing steers a top-k choice ({routing} routing has none to steer)")
         if routing == "hash" and self.input_jitter_eps > 0:
-            raise InputError("--moe-input-jitter-eps: --moe-routing hash has no router input to jitter")
+            raise InputError(f"--moe-input-jitter-eps {self.input_jitter_eps}: --moe-routing hash has no router input to "
+                              f"jitter (valid: 0, the default)")
         if routing == "hash" and self.router_score != "softmax":
             raise InputError("--moe-router-score sigmoid: --moe-routing hash has no router scores (valid: softmax, "
                               "the default)")

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_config import DROP_POLICIES, GATES, MoEConfig
+from moe_config import (DROP_POLICIES, EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR, EXPERT_IMPLS, GATES, ROUTER_SCORES,
+                        MoEConfig)
 from moe_ops import permute_tokens, swiglu, unpermute_combine
 from parallel import (Topology, all_reduce_, all_reduce_grad_tp, compute_dtype, copy_to_tp, mark_sharded,
                       reduce_from_tp)
@@ -26,8 +27,6 @@ from profiling import phase
 # --------------------------------------------------------------------------------------------------
 # Router
 # --------------------------------------------------------------------------------------------------
-# Expert choice always has a capacity (C tokens per expert); --moe-capacity-factor 0 means this factor.
-EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR = 1.0
 HASH_SEED = 20211  # hash routing's map of layer l is drawn from seed HASH_SEED + l (Roller et al. 2021)
 
 
@@ -71,7 +70,7 @@ def router_scores(logits: torch.Tensor, score: str = "softmax") -> tuple[torch.T
     if score == "sigmoid":
         scores = logits.sigmoid()
         return scores, scores / scores.sum(dim=-1, keepdim=True)
-    raise ValueError(f"router score must be softmax or sigmoid, got {score}")
+    raise ValueError(f"router score must be one of {ROUTER_SCORES}, got {score}")
 
 
 def route_topk(logits: torch.Tensor, top_k: int, score: str = "softmax", normalize_topk: bool = True,
@@ -123,7 +122,7 @@ class TopKRouter(nn.Module):
                  input_jitter_eps: float = 0.0):
         super().__init__()
         if score not in ("softmax", "sigmoid"):
-            raise ValueError(f"router score must be softmax or sigmoid, got {score}")
+            raise ValueError(f"router score must be one of {ROUTER_SCORES}, got {score}")
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate}")
         self.num_experts, self.top_k, self.normalize_topk, self.score = num_experts, top_k, normalize_topk, score
@@ -322,7 +321,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, num_local: int, hidden_size: int, ffn_size: int,
                  init_std: float = 0.02, out_init_std: float = 0.02, impl: str = "auto"):
         super().__init__()
-        if impl not in ("auto", "grouped", "loop"):
+        if impl not in EXPERT_IMPLS:
             raise ValueError(f"expert impl must be auto, grouped or loop, got {impl}")
         self.num_local, self.hidden_size, self.ffn_size, self.impl = num_local, hidden_size, ffn_size, impl
         # Sharded over the EP (= TP) group along the expert dimension.

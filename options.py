@@ -234,7 +234,7 @@ def from_flat(cls: type, d: dict) -> Any:
     d = renamed(d, _classes(cls))
     unknown = set(d) - set(to_flat(cls()))
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        raise ValueError(f"unknown fields {', '.join(sorted(unknown))}")
     return _build(cls, d)
 
 

@@ -409,6 +409,9 @@ def full_state_dict(model: nn.Module, topo: Topology) -> Optional[dict]:
 # --------------------------------------------------------------------------------------------------
 # Data parallel: bucketed gradient all-reduce overlapped with the backward pass
 # --------------------------------------------------------------------------------------------------
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --grad-reduce-dtype
+
+
 class DataParallelGrads:
     """Sums gradients over the DP group once per optimizer step (the trainer scales each rank's loss by 1/DP,
     so the sum is the global batch's mean gradient with no extra pass over it).
@@ -420,8 +423,8 @@ class DataParallelGrads:
     rank issues the same sequence of collectives. `finish()` waits for them.
 
     reduce_dtype bfloat16 (Megatron's --grad-reduce-in-bf16) sends each bucket as a bf16 copy, half the
-    bytes, and writes the sum back into the fp32 bucket: the accumulation over microbatches stays fp32, the
-    sum over ranks is rounded to bf16 (8 significant bits) once.
+    bytes, and writes the sum back into the fp32 bucket: the accumulation over microbatches stays fp32; each
+    rank's share is rounded to bf16 (8 significant bits) and the all-reduce adds in bf16.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], topo: Topology, bucket_size_mb: float = 25.0,

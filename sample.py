@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                               else "cpu")
         try:
             model = load_model(meta, state, device)
-        except (TypeError, RuntimeError) as e:  # a config field or a tensor this code does not know
+        except (TypeError, ValueError, RuntimeError) as e:  # a config field or a tensor this code does not know
             raise InputError(f"--checkpoint {path}: cannot build its model here "
                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     except checkpoint.CheckpointError as e:  # its messages start with the path (a subclass: caught first)

@@ -57,7 +57,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import profiling  # noqa: E402
 from errors import InputError, OneLineParser  # noqa: E402
-from moe_config import DROP_POLICIES, MoEConfig  # noqa: E402
+from moe_config import DROP_POLICIES, ROUTER_SCORES, MoEConfig  # noqa: E402
 from moe_layers import SparseMoE, capacity_mask, expert_capacity, route_topk  # noqa: E402
 from parallel import Topology  # noqa: E402
 
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="token dtype")
         s.add_argument("--seed", type=int, default=17, help="seed of logits and tokens")
         s.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
-        s.add_argument("--router-score", choices=["softmax", "sigmoid"], default="softmax", help="router scores")
+        s.add_argument("--router-score", choices=ROUTER_SCORES, default="softmax", help="router scores")
         s.add_argument("--out", default=None, help="append the JSON lines to this file")
         if name in ("pack", "combine", "routing"):
             s.add_argument("--capacity-factor", type=float, default=0.0, help="expert capacity factor (0 = no-drop)")

@@ -32,8 +32,7 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from errors import InputError, OneLineParser  # noqa: E402
-
-EXPERT_CHOICE_DEFAULT_CF = 1.0  # moe_layers.EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR (not imported: no torch here)
+from moe_config import EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR  # noqa: E402  (moe_config needs no torch)
 
 
 def _num(text) -> Optional[float]:
@@ -64,7 +63,7 @@ def drop_series(path: str) -> dict:
             strategy = r.get("strategy") or "soft-topk"
             cf = _num(r["capacity_factor"])
             if cf == 0 and strategy == "expert-choice":
-                cf = EXPERT_CHOICE_DEFAULT_CF
+                cf = EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR
             drop, token_drop = _num(r["drop_rate"]), _num(r.get("token_drop_rate"))
             if not cf or drop is None:
                 continue

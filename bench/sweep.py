@@ -55,6 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from errors import InputError, OneLineParser  # noqa: E402
+from moe_config import ROUTER_SCORES  # noqa: E402
 
 GRID_FLAGS = {  # sweep flag -> minimal_pretrain flag
     "num_experts": "--num-experts", "top_k": "--num-experts-per-token", "capacity_factor": "--moe-capacity-factor",
@@ -151,8 +152,9 @@ def parse(argv: list) -> tuple:
     for flag, values in (("--capacity-factors", args.capacity_factors), ("--bias-update", args.bias_update)):
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise InputError(f"{flag} must hold finite numbers >= 0, got {values}")
-    if any(r not in ("softmax", "sigmoid") for r in args.router):
-        raise InputError(f"--router must be a comma-separated subset of softmax,sigmoid, got {','.join(args.router)}")
+    if any(r not in ROUTER_SCORES for r in args.router):
+        raise InputError(f"--router must be a comma-separated subset of {','.join(ROUTER_SCORES)}, got "
+                         f"{','.join(args.router)}")
     if any(st not in STRATEGIES for st in args.strategies):
         raise InputError(f"--strategies must be a comma-separated subset of {','.join(STRATEGIES)}, "
                          f"got {','.join(args.strategies)}")

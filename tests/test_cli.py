@@ -22,6 +22,8 @@ BAD_FLAGS = {
     "tp_exceeds_world": (["--tensor-parallel-size", "3"], "--tensor-parallel-size"),
     "argparse_bad_choice": (["--moe-expert-impl", "fast"], "--moe-expert-impl"),  # argparse's own error path
     "ep_not_tp": (["--expert-parallel-size", "2"], "--expert-parallel-size"),
+    "switch_given_a_value": (["--compile", "yes"], "--compile"),  # argparse alone: "unrecognized arguments: yes"
+    "grad_reduce_without_dp": (["--grad-reduce-dtype", "bf16"], "--grad-reduce-dtype"),  # one process: DP 1
 }
 UNTOUCHED_CASES = ("missing_data", "dropout_out_of_range")  # these also get an existing --output-dir
 
@@ -117,6 +119,15 @@ def test_old_spellings_parse_to_the_same_config(old, new):
     got, want = (vars(parser.parse_args(argv)) for argv in (old, new))
     assert got == want and (got != vars(parser.parse_args([])) or "on" in old)  # the flag did something
     assert config.model_config(parser.parse_args(old), 256) == config.model_config(parser.parse_args(new), 256)
+
+
+def test_old_spelling_of_a_fixed_model_flag_counts_as_given_on_resume(monkeypatch):
+    """With --resume, model flags left out become None (the checkpoint's values come later); a fixed model flag
+    given by its old spelling was given: it keeps its value, to be compared with the checkpoint's."""
+    import config
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = config.parse_args(["--resume", "auto", "--no-router-normalize-topk", "--device", "cpu"])
+    assert args.moe_normalize_topk is False and args.hidden_size is None
 
 
 def test_boolean_flags_are_switches_and_errors_name_the_old_spelling(capsys):

@@ -37,14 +37,15 @@ def _markdown(text: str) -> str:
 
 
 def flag_table(parser: argparse.ArgumentParser) -> str:
-    """Markdown table of every flag: a bold row per argument group, then flag, default and help text."""
-    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    """Markdown table of every flag: a bold row per argument group, then flag, default, what --resume does with
+    it (fixed: a model flag the checkpoint fixes, config.SHAPE_FLAGS; every other flag may change) and help."""
+    rows = ["| flag | default | on `--resume` | meaning |", "|---|---|---|---|"]
     for group in parser._action_groups:  # argparse has no public way to list the groups
         actions = [a for a in group._group_actions if a.option_strings and a.help != argparse.SUPPRESS
                    and not isinstance(a, argparse._HelpAction)]  # an old spelling is hidden (its flag's help names it)
         if not actions:
             continue
-        rows.append(f"| **{group.title}** | | |")
+        rows.append(f"| **{group.title}** | | | |")
         for a in actions:
             if isinstance(a.default, bool):  # a --x / --no-x switch
                 default = "on" if a.default else "off"
@@ -52,7 +53,8 @@ def flag_table(parser: argparse.ArgumentParser) -> str:
                 default = "-" if a.default is None else _markdown(str(a.default))
             flag = ", ".join(f"`{s}`" for s in a.option_strings)
             choices = f" (one of {', '.join(f'`{c}`' for c in a.choices)})" if a.choices else ""
-            rows.append(f"| {flag} | {default} | {_markdown(a.help)}{choices} |")
+            resume = "fixed" if a.dest in config.SHAPE_FLAGS else ""
+            rows.append(f"| {flag} | {default} | {resume} | {_markdown(a.help)}{choices} |")
     return "\n".join(rows)
 
 
