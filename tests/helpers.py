@@ -81,12 +81,12 @@ def _clean_env() -> dict:
             if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
-def _cuda_moe_for_sync_check(**kw) -> tuple:
-    """A small SparseMoE on CUDA (E8, top-2) with initialised weights, a bf16 input and its StepStats; skips
-    where the grouped GEMM (the path without host reads) is not available."""
+def _cuda_moe_for_sync_check(vocab_size: Optional[int] = None, **kw) -> tuple:
+    """A small SparseMoE on CUDA (E8, top-2; kw: MoEConfig fields) with initialised weights, a bf16 input and
+    its StepStats; skips where the grouped GEMM (the path without host reads) is not available."""
     torch.manual_seed(0)
     moe = SparseMoE(MoEConfig(num_experts=8, num_experts_per_token=2, **kw), 128, 256,
-                    Topology(device=torch.device("cuda"))).cuda()
+                    Topology(device=torch.device("cuda")), vocab_size=vocab_size).cuda()
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0.0, 0.02)
