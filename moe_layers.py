@@ -121,7 +121,7 @@ class TopKRouter(nn.Module):
                  init_std: float = 0.02, score: str = "softmax", expert_bias: bool = False, gate: str = "soft",
                  input_jitter_eps: float = 0.0):
         super().__init__()
-        if score not in ("softmax", "sigmoid"):
+        if score not in ROUTER_SCORES:
             raise ValueError(f"router score must be one of {ROUTER_SCORES}, got {score}")
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate}")
@@ -322,7 +322,7 @@ class GroupedExperts(nn.Module):
                  init_std: float = 0.02, out_init_std: float = 0.02, impl: str = "auto"):
         super().__init__()
         if impl not in EXPERT_IMPLS:
-            raise ValueError(f"expert impl must be auto, grouped or loop, got {impl}")
+            raise ValueError(f"expert impl must be one of {EXPERT_IMPLS}, got {impl}")
         self.num_local, self.hidden_size, self.ffn_size, self.impl = num_local, hidden_size, ffn_size, impl
         # Sharded over the EP (= TP) group along the expert dimension.
         self.w_gate_up = mark_sharded(nn.Parameter(torch.empty(num_local, hidden_size, 2 * ffn_size)), 0, [num_experts])

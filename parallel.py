@@ -469,8 +469,7 @@ class DataParallelGrads:
     def _reset_counters(self) -> None:
         self.ready = [0] * len(self.buckets)
         self.next_to_launch = 0
-        self.handles = []
-        self.in_flight = []  # (bucket index, the tensor being reduced: the bucket itself or its copy)
+        self.in_flight = []  # (bucket index, the tensor being reduced: the bucket or its copy, the work handle)
 
     def zero_grad(self) -> None:
         for flat in self.flat:
@@ -492,8 +491,7 @@ class DataParallelGrads:
                 return
             with phase("dp/all_reduce_launch"):
                 sent = self.flat[i].to(self.reduce_dtype)  # the bucket itself when the dtypes agree
-                self.handles.append(dist.all_reduce(sent, group=self.topo.dp_group, async_op=True))
-                self.in_flight.append((i, sent))
+                self.in_flight.append((i, sent, dist.all_reduce(sent, group=self.topo.dp_group, async_op=True)))
             self.next_to_launch += 1
 
     def finish(self) -> None:
@@ -502,9 +500,8 @@ class DataParallelGrads:
             return
         self._launch_ready(force=True)
         with phase("dp/all_reduce_wait"):
-            for h in self.handles:
-                h.wait()
-            for i, sent in self.in_flight:
+            for i, sent, handle in self.in_flight:
+                handle.wait()
                 if sent is not self.flat[i]:
                     self.flat[i].copy_(sent)
         self._reset_counters()
