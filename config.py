@@ -16,8 +16,8 @@ from checkpoint import CheckpointError, check_hub, read_manifest
 from errors import InputError, OneLineParser
 from model import ModelConfig
 from moe_config import MoEConfig
-from options import (NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, HelpFormatter, add_options, check_flags, flag_values,
-                     flags, option, renamed)
+from options import (NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, HelpFormatter, add_options, check_flags, flag_defaults,
+                     flag_values, flags, option, renamed)
 from parallel import REDUCE_DTYPES, check_layout, env_world_size
 from run_log import check_sinks
 
@@ -250,15 +250,15 @@ def read_run_manifest(path: Path) -> dict:
         model = ModelConfig.from_dict(manifest["model"]).to_dict()
     except ValueError as e:
         raise CheckpointError(f"{path}: cannot build its model here ({e}; written by a newer version?)") from None
-    defaults = {f.dest: f.default for cls in ALL_OPTIONS for f in flags(cls)}
-    return {**manifest, "model": model, "args": {**defaults, **renamed(manifest.get("args", {}), ALL_OPTIONS)}}
+    args = {**flag_defaults(ALL_OPTIONS), **renamed(manifest.get("args", {}), ALL_OPTIONS)}
+    return {**manifest, "model": model, "args": args}
 
 
 def take_model_flags(args: argparse.Namespace, saved_model: Optional[dict]) -> None:
     """--resume: the model flags parse_args left unset (None) take the checkpoint's values (saved_model, as
     read_run_manifest gives it), or their defaults when there is no checkpoint (--resume auto, a fresh start);
     then the flags are checked together."""
-    defaults = {f.dest: f.default for cls in MODEL_OPTIONS for f in flags(cls)}
+    defaults = flag_defaults(MODEL_OPTIONS)
     for name in SHAPE_FLAGS:
         if getattr(args, name) is None:
             setattr(args, name, saved_model[name] if saved_model is not None else defaults[name])

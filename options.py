@@ -178,6 +178,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
                                    help=argparse.SUPPRESS)
 
 
+def flag_defaults(classes: Iterable[type]) -> dict:
+    """{dest: the flag's default} of every option of classes."""
+    return {f.dest: f.default for cls in classes for f in flags(cls)}
+
+
 def flag_values(args: argparse.Namespace, cls: type) -> dict:
     """{field: value} of cls's options as parsed into args."""
     return {f.field: getattr(args, f.dest) for f in flags(cls)}

@@ -88,9 +88,11 @@ def nanogpt(repo: str, dataset: str, iters: int, real_run: bool = False) -> dict
     if proc.returncode != 0:
         raise SystemExit(f"nanoGPT failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     times = [(int(m.group(1)), float(m.group(2))) for m in re.finditer(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", proc.stdout)]
-    timed = [t for i, t in times if i >= 10]
-    if real_run:  # past the first evaluation (and its compilation); an evaluating iteration's time includes it
-        timed = [t for i, t in times if i >= REAL_RUN_EVAL_INTERVAL + 10]
+    # A real run is timed past the first evaluation (and its compilation); an evaluating iteration's time
+    # includes the evaluation.
+    first = REAL_RUN_EVAL_INTERVAL + 10 if real_run else 10
+    timed = [t for i, t in times if i >= first]
+    if real_run:
         seconds = sum(timed) / 1e3
         print(f"nanoGPT: {len(timed)} iterations in {seconds:.1f} s, evaluations included", flush=True)
         return {"name": "nanoGPT train.py", "tokens_per_sec": len(timed) * SMALL_TOKENS_PER_ITER / seconds,
