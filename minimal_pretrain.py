@@ -146,9 +146,12 @@ def train(args: argparse.Namespace, return_state: bool = False) -> TrainResult:
     topo = init_topology(args.tensor_parallel_size, args.pipeline_parallel_size, device_type)
     with contextlib.ExitStack() as cleanup:  # closes the run log even when training fails
         try:
-            return _train(args, topo, precision, return_state, cleanup)
-        finally:
+            result = _train(args, topo, precision, return_state, cleanup)
+        except BaseException:
             destroy_topology()
+            raise
+        destroy_topology(finished=topo)
+        return result
 
 
 def _train(args, topo: Topology, precision: str, return_state: bool, cleanup: contextlib.ExitStack) -> TrainResult:

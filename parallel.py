@@ -131,9 +131,15 @@ def init_topology(tp: int, pp: int, device_type: str) -> Topology:
     return topo
 
 
-def destroy_topology() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_topology(finished: Optional[Topology] = None) -> None:
+    """Tears every process group down. `finished`: the topology of a run that ended normally on every rank;
+    the ranks then meet at a barrier first, so none shuts its connections while a peer is still inside its
+    last collective. After a failure there is no barrier: a rank that failed would leave the others waiting."""
+    if not dist.is_initialized():
+        return
+    if finished is not None and finished.world_size > 1:
+        dist.barrier(group=finished.control_group)
+    dist.destroy_process_group()
 
 
 def all_reduce_(t: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.ReduceOp.SUM) -> torch.Tensor:

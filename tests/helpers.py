@@ -250,13 +250,16 @@ def _dist_worker(argv_json: str, out_path: str) -> None:
 
 
 def _launch(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> dict:
+    """Runs `world_size` ranks of minimal_pretrain.train and returns rank 0's result. As under torchrun, the
+    rendezvous store lives in the launcher, not in rank 0, so no rank's exit takes it from a rank still stopping."""
+    import torch.distributed as dist
     out = tmp / "result.pt"
-    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # port 0: the system picks one
     procs = []
     code = f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; t._dist_worker(sys.argv[1], sys.argv[2])"
     for rank in range(world_size):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",
+                   RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(argv + ["--output-dir", str(tmp / "run")]),
                                        str(out)], env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     logs = []
@@ -266,8 +269,10 @@ def _launch(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> dict:
     finally:
         for p in procs:
             p.kill()
+        del store  # every rank has exited
     if any(p.returncode != 0 for p in procs):
-        raise AssertionError("a rank failed:\n" + "\n".join(l[-3000:] for l in logs))
+        raise AssertionError("a rank failed:\n" + "\n".join(f"--- rank {r}, exit code {p.returncode}:\n{l[-3000:]}"
+                                                             for r, (p, l) in enumerate(zip(procs, logs))))
     return torch.load(out)
 
 
