@@ -3,11 +3,11 @@ training runs (flags, in-process runs, command-line runs) and the distributed la
 multi-process test uses (real gloo processes on the CPU)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -233,12 +233,6 @@ def _base_argv(moe: str) -> list:
     return argv + ["--num-experts", "8", "--num-key-value-heads", "4", "--moe-layer-interval", "1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(argv_json: str, out_path: str) -> None:
     """Entry point of one rank (run as a subprocess): train and let rank 0 save losses and parameters."""
     import minimal_pretrain
@@ -249,27 +243,36 @@ def _dist_worker(argv_json: str, out_path: str) -> None:
                     "state": result.state_dict, "records": result.records}, out_path)
 
 
-def _launch(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> dict:
-    """Runs `world_size` ranks of minimal_pretrain.train and returns rank 0's result. As under torchrun, the
-    rendezvous store lives in the launcher, not in rank 0, so no rank's exit takes it from a rank still stopping."""
+@contextlib.contextmanager
+def rank_envs(world_size: int, base: Optional[dict] = None):
+    """For ranks started by hand: yields `env_of(rank)`, each rank's environment for an env:// rendezvous. As
+    under torchrun, the rendezvous store lives here, in the launcher, for the whole block, not in rank 0: no
+    rank's exit takes it from a rank still stopping. Start the ranks and wait for them inside the block."""
     import torch.distributed as dist
-    out = tmp / "result.pt"
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # port 0: the system picks one
-    procs = []
-    code = f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; t._dist_worker(sys.argv[1], sys.argv[2])"
-    for rank in range(world_size):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",
-                   RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(argv + ["--output-dir", str(tmp / "run")]),
-                                       str(out)], env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    logs = []
+    common = dict(os.environ if base is None else base, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                  TORCHELASTIC_USE_AGENT_STORE="True", WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+        yield lambda rank: dict(common, RANK=str(rank), LOCAL_RANK=str(rank))
     finally:
-        for p in procs:
-            p.kill()
-        del store  # every rank has exited
+        del store
+
+
+def _launch(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> dict:
+    """Runs `world_size` ranks of minimal_pretrain.train and returns rank 0's result."""
+    out = tmp / "result.pt"
+    code = f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; t._dist_worker(sys.argv[1], sys.argv[2])"
+    logs = []
+    with rank_envs(world_size) as env_of:
+        procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(argv + ["--output-dir", str(tmp / "run")]),
+                                   str(out)], env=env_of(rank), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for rank in range(world_size)]
+        try:
+            for p in procs:
+                logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+        finally:
+            for p in procs:
+                p.kill()
     if any(p.returncode != 0 for p in procs):
         raise AssertionError("a rank failed:\n" + "\n".join(f"--- rank {r}, exit code {p.returncode}:\n{l[-3000:]}"
                                                              for r, (p, l) in enumerate(zip(procs, logs))))

@@ -16,8 +16,8 @@ import minimal_pretrain
 from model import ModelConfig
 
 from helpers import (REL_TOL, ROOT, _HYGIENE_SHAPE, _assert_checkpoints_equal, _assert_one_error_line, _ckpt_argv,
-                     _ckpt_dist_argv, _clean_env, _dist_data_file, _free_port, _hygiene_argv, _launch,
-                     _main_in_process, _run_cli, _train_in_process, _wait_for_line, needs_tokenizers)
+                     _ckpt_dist_argv, _clean_env, _dist_data_file, _hygiene_argv, _launch,
+                     _main_in_process, _run_cli, _train_in_process, _wait_for_line, needs_tokenizers, rank_envs)
 
 
 def test_resume_is_bit_exact_single_process(tmp_path, monkeypatch):
@@ -316,23 +316,19 @@ def test_reshard_dp2_tp2_pp2_checkpoint(dp2_tp2_pp2_checkpoints, tmp_path):
 @pytest.mark.multiprocess
 def test_sigterm_to_one_rank_stops_all_ranks(tmp_path):
     import signal
-    port = _free_port()
     argv = _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "400", "--warmup-steps", "400",
                            "--output-dir", str(tmp_path / "run"))
-    procs = []
-    for rank in range(2):
-        env = dict(_clean_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                   LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "minimal_pretrain.py"), *argv,
-                                       "--pipeline-parallel-size", "2"], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        _wait_for_line(procs[0], "step     2 |")
-        procs[1].send_signal(signal.SIGTERM)  # only the last stage hears it
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    with rank_envs(2, _clean_env()) as env_of:
+        procs = [subprocess.Popen([sys.executable, str(ROOT / "minimal_pretrain.py"), *argv, "--pipeline-parallel-size",
+                                   "2"], cwd=ROOT, env=env_of(rank), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for rank in range(2)]
+        try:
+            _wait_for_line(procs[0], "step     2 |")
+            procs[1].send_signal(signal.SIGTERM)  # only the last stage hears it
+            outs = [p.communicate(timeout=240)[0] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "stopped by" in outs[0]
     path = ckpt.resolve_checkpoint(str(tmp_path / "ckpts"))

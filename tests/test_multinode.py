@@ -14,7 +14,7 @@ import torch
 
 import checkpoint as ckpt
 
-from helpers import (MODULE, ROOT, TESTS, _base_argv, _ckpt_dist_argv, _clean_env, _dist_data_file, _free_port,
+from helpers import (MODULE, ROOT, TESTS, _base_argv, _ckpt_dist_argv, _clean_env, _dist_data_file,
                      _reference, _train_in_process, _wait_for_line, assert_same_run)
 
 
@@ -28,8 +28,8 @@ def _torchrun_agents(nproc: int, tail: list, cwds: list, timeout: int = 300) -> 
     hosted it exited first, the other agent lost the store while its rank was still stopping, and torchrun
     then killed that rank mid-exit (a traceback from the rank, a RendezvousConnectionError from the agent)."""
     import torch.distributed as dist
-    port = _free_port()
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # port 0: the system picks one
+    port = store.port
     outs = [tempfile.TemporaryFile(mode="w+") for _ in cwds]
     agents = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(cwds)), "--nproc-per-node", str(nproc),

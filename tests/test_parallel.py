@@ -15,7 +15,7 @@ import torch
 
 import minimal_pretrain
 
-from helpers import ROOT, TESTS, _base_argv, _free_port, _launch, _reference, assert_same_run
+from helpers import ROOT, TESTS, _base_argv, _launch, _reference, assert_same_run, rank_envs
 
 
 MODULE = Path(__file__).stem  # the worker subprocesses import this file by name
@@ -139,14 +139,12 @@ def _router_grad_worker(out_path: str, disable_fix: str) -> None:
 
 
 def _launch_router_case(tmp: Path, disable_fix: bool) -> list:
-    port = _free_port()
     code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; "
             f"t._router_grad_worker(sys.argv[1], sys.argv[2])")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp / "r"), "1" if disable_fix else "0"],
-                              env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                                       WORLD_SIZE="2", OMP_NUM_THREADS="1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    logs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    with rank_envs(2) as env_of:
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp / "r"), "1" if disable_fix else "0"],
+                                  env=env_of(r), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+        logs = [p.communicate(timeout=120)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     return [torch.load(tmp / f"r.{r}") for r in range(2)]
 

@@ -11,7 +11,7 @@ import pytest
 
 import minimal_pretrain
 
-from helpers import ROOT, _base_argv, _clean_env, _free_port, _load_trace
+from helpers import ROOT, _base_argv, _clean_env, _load_trace, rank_envs
 
 
 def _our_ranges(names) -> set:
@@ -74,17 +74,14 @@ def test_trace_dir_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch):
 
 def _launch_cli(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> list:
     """Runs minimal_pretrain.py as `world_size` ranks; returns each rank's output."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "minimal_pretrain.py"), *argv],
-                              env=dict(_clean_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(r), OMP_NUM_THREADS="1"),
-                              cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world_size)]
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    with rank_envs(world_size, _clean_env()) as env_of:
+        procs = [subprocess.Popen([sys.executable, str(ROOT / "minimal_pretrain.py"), *argv], env=env_of(r), cwd=tmp,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world_size)]
+        try:
+            logs = [p.communicate(timeout=timeout)[0] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
     return logs
 

@@ -14,8 +14,8 @@ import checkpoint as ckpt
 import run_control
 from errors import InputError
 
-from helpers import (ROOT, _HYGIENE_SHAPE, _clean_env, _free_port, _hygiene_argv, _main_in_process, _train_in_process,
-                     _wait_for_line)
+from helpers import (ROOT, _HYGIENE_SHAPE, _clean_env, _hygiene_argv, _main_in_process, _train_in_process,
+                     _wait_for_line, rank_envs)
 
 
 def _tree(root: Path) -> dict:
@@ -85,12 +85,9 @@ def test_second_run_into_a_busy_output_dir_exits_2_naming_the_holder(tmp_path, m
 def test_busy_output_dir_stops_every_rank_with_one_line(tmp_path):
     """The verdict of rank 0's lock reaches every rank: each prints the same line and exits 2."""
     run = tmp_path / "run"
-    with run_control.dir_lock(str(run), "--output-dir"):
-        port = _free_port()
+    with run_control.dir_lock(str(run), "--output-dir"), rank_envs(2, _clean_env()) as env_of:
         procs = [subprocess.Popen([sys.executable, str(ROOT / "minimal_pretrain.py"), *_HYGIENE_SHAPE,
-                                   *_hygiene_argv("--max-steps", "1", "--output-dir", str(run))],
-                                  env=dict(_clean_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                                           WORLD_SIZE="2", LOCAL_RANK=str(r), OMP_NUM_THREADS="1"),
+                                   *_hygiene_argv("--max-steps", "1", "--output-dir", str(run))], env=env_of(r),
                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for r in range(2)]
         try:

@@ -21,7 +21,7 @@ from moe_stats import (StatsLayout, StepStats, held_after_events, moe_metrics, o
                        routing_metrics)
 from parallel import StepFunctions, Topology, run_schedule
 
-from helpers import ROOT, TESTS, _base_argv, _close, _free_port, _launch, make_moe, tiny_cfg
+from helpers import ROOT, TESTS, _base_argv, _close, _launch, make_moe, rank_envs, tiny_cfg
 
 
 MODULE = Path(__file__).stem  # the worker subprocesses import this file by name
@@ -545,19 +545,17 @@ def _collective_count_worker(argv_json: str, out_path: str) -> None:
 
 
 def _launch_collective_count(tmp: Path, argv: list, world_size: int, timeout: int = 180) -> list:
-    port = _free_port()
     code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; "
             f"t._collective_count_worker(sys.argv[1], sys.argv[2])")
     argv_json = json.dumps(argv + ["--output-dir", str(tmp / "run")])
-    procs = [subprocess.Popen([sys.executable, "-c", code, argv_json, str(tmp / "c")],
-                              env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                                       WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1"),
-                              cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world_size)]
-    try:
-        logs = [p.communicate(timeout=timeout)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    with rank_envs(world_size) as env_of:
+        procs = [subprocess.Popen([sys.executable, "-c", code, argv_json, str(tmp / "c")], env=env_of(r),
+                                  cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world_size)]
+        try:
+            logs = [p.communicate(timeout=timeout)[0].decode(errors="replace") for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
     return [torch.load(tmp / f"c.{r}") for r in range(world_size)]
 
