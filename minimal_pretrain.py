@@ -148,9 +148,9 @@ def train(args: argparse.Namespace, return_state: bool = False) -> TrainResult:
         try:
             result = _train(args, topo, precision, return_state, cleanup)
         except BaseException:
-            destroy_topology()
+            destroy_topology(topo, finished=False)
             raise
-        destroy_topology(finished=topo)
+        destroy_topology(topo, finished=True)
         return result
 
 

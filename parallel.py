@@ -7,6 +7,7 @@ group. With world size 1 every group is None and every collective below is a no-
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -131,15 +132,20 @@ def init_topology(tp: int, pp: int, device_type: str) -> Topology:
     return topo
 
 
-def destroy_topology(finished: Optional[Topology] = None) -> None:
-    """Tears every process group down. `finished`: the topology of a run that ended normally on every rank;
-    the ranks then meet at a barrier first, so none shuts its connections while a peer is still inside its
-    last collective. After a failure there is no barrier: a rank that failed would leave the others waiting."""
+def destroy_topology(topo: Topology, finished: bool) -> None:
+    """Tears every process group down. `finished`: the run ended normally on every rank; the ranks then meet at
+    a barrier first, so none shuts its connections while a peer is still inside its last collective (after a
+    failure a rank that failed would leave the others waiting there). Then the topology lets go of its groups and
+    they are collected now, while the interpreter is whole: destroy_process_group leaves a group that something still
+    references alive, gloo threads and all, and the interpreter's own teardown would end them in an order nothing
+    controls (the likely cause of a gloo test rank that aborted at exit: 'terminate called without an active exception')."""
     if not dist.is_initialized():
         return
-    if finished is not None and finished.world_size > 1:
-        dist.barrier(group=finished.control_group)
+    if finished and topo.world_size > 1:
+        dist.barrier(group=topo.control_group)
     dist.destroy_process_group()
+    topo.tp_group = topo.dp_group = topo.pp_group = topo.control_group = None
+    gc.collect()
 
 
 def all_reduce_(t: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.ReduceOp.SUM) -> torch.Tensor:

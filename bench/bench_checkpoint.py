@@ -75,7 +75,7 @@ def main() -> int:
                 s_old, s_new = t.optimizer.state[p_old], fresh.optimizer.state[p_new]
                 same = same and all(torch.equal(s_old[k].to(s_new[k].device), s_new[k]) for k in s_old)
     finally:
-        destroy_topology()
+        destroy_topology(topo, finished=False)
     gpu = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     res = {"parameters": n_params, "checkpoint_bytes": size, "bytes_per_parameter": size / n_params,
            "save_s": save_s, "load_s": load_s, "save_GBps": size / save_s / 1e9, "load_GBps": size / load_s / 1e9,

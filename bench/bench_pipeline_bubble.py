@@ -73,7 +73,7 @@ def main() -> None:
     # Gather every stage's samples before the trainer tears the process group down.
     original_destroy = minimal_pretrain.destroy_topology
 
-    def report_then_destroy(finished=None):
+    def report_then_destroy(topo, finished):
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = samples[SKIP:]
         busy = sum(b for b, _ in mine) / max(len(mine), 1)
@@ -91,7 +91,7 @@ def main() -> None:
                       f"idle {idle:.3f}  (theory (p-1)/(m+p-1) = {theory:.3f}, p={p}, m={m}, {args.pipeline_schedule})")
             json.dump({"schedule": args.pipeline_schedule, "p": p, "m": m, "theory": theory, "ranks": rows,
                        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}, open(out_path, "w"), indent=2)
-        original_destroy(finished)
+        original_destroy(topo, finished)
 
     minimal_pretrain.destroy_topology = report_then_destroy
     minimal_pretrain.train(args)

@@ -233,11 +233,20 @@ def _base_argv(moe: str) -> list:
     return argv + ["--num-experts", "8", "--num-key-value-heads", "4", "--moe-layer-interval", "1"]
 
 
+def _os_threads() -> list:
+    """The names of this process's OS threads (Linux), C++ ones included."""
+    return sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+
+
 def _dist_worker(argv_json: str, out_path: str) -> None:
     """Entry point of one rank (run as a subprocess): train and let rank 0 save losses and parameters."""
     import minimal_pretrain
     args = minimal_pretrain.parse_args(json.loads(argv_json))
+    threads_before = _os_threads()
     result = minimal_pretrain.train(args, return_state=True)
+    # The process groups' gloo threads end inside train(), not at interpreter exit, where tearing them down is
+    # out of order (destroy_topology).
+    assert _os_threads() == threads_before, f"train() left threads behind: {_os_threads()} vs {threads_before}"
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"losses": result.losses, "grad_norms": [r["grad_norm"] for r in result.records],
                     "state": result.state_dict, "records": result.records}, out_path)
@@ -261,7 +270,8 @@ def rank_envs(world_size: int, base: Optional[dict] = None):
 def _launch(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> dict:
     """Runs `world_size` ranks of minimal_pretrain.train and returns rank 0's result."""
     out = tmp / "result.pt"
-    code = f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; t._dist_worker(sys.argv[1], sys.argv[2])"
+    code = (f"import faulthandler, sys; faulthandler.enable(all_threads=True); "  # a fatal signal prints the Python stacks
+            f"sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; t._dist_worker(sys.argv[1], sys.argv[2])")
     logs = []
     with rank_envs(world_size) as env_of:
         procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(argv + ["--output-dir", str(tmp / "run")]),
