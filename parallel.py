@@ -7,7 +7,6 @@ group. With world size 1 every group is None and every collective below is a no-
 """
 from __future__ import annotations
 
-import gc
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ class Topology:
     dp_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp_group: Optional[dist.ProcessGroup] = None
+    tp_group_name: Optional[str] = None  # what the model's compiled code uses: a name, so no graph keeps the group
     dp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     pp_ranks: list = field(default_factory=lambda: [0])  # global ranks of my pipeline, by stage
@@ -121,6 +121,8 @@ def init_topology(tp: int, pp: int, device_type: str) -> Topology:
             group = dist.new_group(ranks) if sizes[axis] > 1 else None
             if rank in ranks:
                 setattr(topo, f"{axis}_group", group)
+                if axis == "tp" and group is not None:
+                    topo.tp_group_name = group.group_name
                 if axis == "pp":
                     topo.pp_ranks = ranks
     # Host-side decisions (stop after this step?) go over gloo, never through the GPU stream.
@@ -136,16 +138,16 @@ def destroy_topology(topo: Topology, finished: bool) -> None:
     """Tears every process group down. `finished`: the run ended normally on every rank; the ranks then meet at
     a barrier first, so none shuts its connections while a peer is still inside its last collective (after a
     failure a rank that failed would leave the others waiting there). Then the topology lets go of its groups and
-    they are collected now, while the interpreter is whole: destroy_process_group leaves a group that something still
-    references alive, gloo threads and all, and the interpreter's own teardown would end them in an order nothing
-    controls (the likely cause of a gloo test rank that aborted at exit: 'terminate called without an active exception')."""
+    they end now, while the interpreter is whole: destroy_process_group leaves a group that something still
+    references alive, gloo threads and all, and the interpreter's own teardown would end them in an order
+    nothing controls (the likely cause of a gloo rank that aborted at exit: "terminate called without an
+    active exception"). tests/helpers._dist_worker checks that no gloo thread outlives train()."""
     if not dist.is_initialized():
         return
     if finished and topo.world_size > 1:
         dist.barrier(group=topo.control_group)
     dist.destroy_process_group()
     topo.tp_group = topo.dp_group = topo.pp_group = topo.control_group = None
-    gc.collect()
 
 
 def all_reduce_(t: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -155,15 +157,17 @@ def all_reduce_(t: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.Red
     return t
 
 
-def all_reduced(t: torch.Tensor, group: Optional[dist.ProcessGroup], op: str = "sum") -> torch.Tensor:
-    """Out-of-place all-reduce (op "sum" or "max"): a new tensor, t is left as it was (with no group, t itself,
-    so never write into the result). The model's autograd functions use this functional collective and no
-    in-place op: torch.compile traces it as a plain op, while an in-place op inside an autograd.Function
-    makes torch 2.11's compile route the gradient to the wrong output (pytorch/pytorch#180642: wrong TP
-    gradients under --compile)."""
-    if group is None:
+def all_reduced(t: torch.Tensor, group_name: Optional[str], op: str = "sum") -> torch.Tensor:
+    """Out-of-place all-reduce (op "sum" or "max") over the group of that name: a new tensor, t is left as it
+    was (with no group, t itself, so never write into the result). The model's autograd functions use this
+    functional collective and no in-place op: torch.compile traces it as a plain op, while an in-place op
+    inside an autograd.Function makes torch 2.11's compile route the gradient to the wrong output
+    (pytorch/pytorch#180642: wrong TP gradients under --compile). They pass the group's name (topo.tp_group_name),
+    never the group: a ProcessGroup that compiled code reads is kept by the compiled graphs and outlives
+    destroy_topology, gloo threads and all, until the interpreter's own teardown."""
+    if group_name is None:
         return t
-    out = torch.ops._c10d_functional.all_reduce(t.contiguous(), op, group.group_name)
+    out = torch.ops._c10d_functional.all_reduce(t.contiguous(), op, group_name)
     return torch.ops._c10d_functional.wait_tensor(out)  # orders the current stream after it; no host sync
 
 
@@ -180,23 +184,23 @@ class _CopyToTP(torch.autograd.Function):
     """Identity forward, all-reduce of the gradient backward."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group_name):
+        ctx.group_name = group_name
         return x
 
     @staticmethod
     def backward(ctx, grad):
         with phase("tp/all_reduce_bwd"):
-            return all_reduced(grad, ctx.group), None
+            return all_reduced(grad, ctx.group_name), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     """All-reduce forward, identity backward."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group_name):
         with phase("tp/all_reduce_fwd"):
-            return all_reduced(x, group)
+            return all_reduced(x, group_name)
 
     @staticmethod
     def backward(ctx, grad):
@@ -204,11 +208,11 @@ class _ReduceFromTP(torch.autograd.Function):
 
 
 def copy_to_tp(x: torch.Tensor, topo: Topology) -> torch.Tensor:
-    return _CopyToTP.apply(x, topo.tp_group) if topo.tp > 1 else x
+    return _CopyToTP.apply(x, topo.tp_group_name) if topo.tp > 1 else x
 
 
 def reduce_from_tp(x: torch.Tensor, topo: Topology) -> torch.Tensor:
-    return _ReduceFromTP.apply(x, topo.tp_group) if topo.tp > 1 else x
+    return _ReduceFromTP.apply(x, topo.tp_group_name) if topo.tp > 1 else x
 
 
 # The routing weights are replicated, but each EP rank only sees the gradient of its own experts'
@@ -325,17 +329,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy over logits whose vocabulary is split across TP ranks."""
 
     @staticmethod
-    def forward(ctx, logits, target, vocab_start, group):
+    def forward(ctx, logits, target, vocab_start, group_name):
         # No in-place ops here or in backward (see all_reduced).
         logits = logits.float()
-        logits_max = all_reduced(logits.max(dim=-1).values, group, "max")
+        logits_max = all_reduced(logits.max(dim=-1).values, group_name, "max")
         shifted = logits - logits_max.unsqueeze(-1)
         local_t = target - vocab_start
         inside = (local_t >= 0) & (local_t < logits.shape[-1])
         local_t = local_t.masked_fill(~inside, 0)
-        target_logit = all_reduced(shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * inside, group)
+        target_logit = all_reduced(shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * inside, group_name)
         exp = shifted.exp()
-        sum_exp = all_reduced(exp.sum(dim=-1), group)
+        sum_exp = all_reduced(exp.sum(dim=-1), group_name)
         loss = sum_exp.log() - target_logit
         ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local_t, inside)  # the softmax
         return loss
@@ -351,7 +355,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, top
     """Per-token loss; full logits are never gathered on one rank."""
     if topo.tp == 1:
         return F.cross_entropy(logits.float(), target, reduction="none")
-    return _VocabParallelCrossEntropy.apply(logits, target, topo.tp_rank * logits.shape[-1], topo.tp_group)
+    return _VocabParallelCrossEntropy.apply(logits, target, topo.tp_rank * logits.shape[-1], topo.tp_group_name)
 
 
 # --------------------------------------------------------------------------------------------------
