@@ -2,17 +2,23 @@
 
 A checkpoint is a directory `<checkpoint-dir>/step_XXXXXXXX` (XXXXXXXX = optimizer steps completed):
 
-    manifest.json          every tensor's full shape, dtype, how it is split over TP, and the files
-                           holding its shards; the step, the model config, the flags, the layout, and
-                           every other file with its size (`files`, checked by checkpoint_damage)
-    shard_pp{P}_tp{T}.pt   what the (pipeline stage P, TP rank T) ranks own: parameters, persistent
-                           buffers and AdamW state, written once by DP rank 0 of that stage and TP rank
+    manifest.json          every tensor's full shape, dtype, how it is split (over TP, or the experts over EP),
+                           and the files holding its shards; the step, the model config, the flags, the layout,
+                           and every other file with its size (`files`, checked by checkpoint_damage)
+    shard_pp{P}_tp{T}.pt   stage P's parameters and persistent buffers other than the experts, with their AdamW
+                           state: TP shard T's, written by DP rank 0 of that stage (replicated ones by TP rank 0)
+    experts_pp{P}_ep{G}.pt stage P's expert weights of EP shard G (experts G*E/EP .. (G+1)*E/EP - 1) and their
+                           AdamW state, written by the first rank holding them (expert-data-parallel rank 0)
+    optim_rank{R}.pt       with --shard-optimizer: rank R's slices of the AdamW moments (fragments), each
+                           written by the rank that owns it, no gathering
     rng_rank{R}.pt         each rank's RNG states (dropout)
     tokenizer.json         (BPE runs) the run's tokenizer; the manifest's `codec` says how tokens decode
 
 Tensor keys are layout-independent: `model/<parameter name>` (layers are keyed by their global index),
-`optim/<parameter name>/{exp_avg,exp_avg_sq,step}`. Loading builds, one tensor at a time, this rank's
-shard under the *current* layout from the saved shards, so any DP x TP x PP layout loads into any other.
+`optim/<parameter name>/{exp_avg,exp_avg_sq,step}`. A tensor is stored whole per shard (`files`, one per shard)
+or, sharded-optimizer moments, as `fragments`: per shard, the element ranges of its flattened tensor and the
+files holding them. Loading builds, one tensor at a time, this rank's shard under the *current* layout from
+the saved shards, so any DP x TP x EP x PP layout, with or without a sharded optimizer, loads into any other.
 
 Atomicity: every rank writes into `.tmp-step_XXXXXXXX`, fsyncs its files, and after a barrier rank 0
 writes the manifest, fsyncs, renames the directory to `step_XXXXXXXX`, and only then rewrites the
@@ -23,11 +29,13 @@ Files are plain `torch.save` archives (see MOE_GUIDE.md for why), read back with
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import threading
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Optional, Sequence
 
@@ -36,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from errors import InputError
-from parallel import Topology, full_shape, shard_of, split_spec, unshard
+from parallel import Topology, full_shape, is_expert_param, shard_axis, shard_coords, shard_of, split_spec, unshard
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -169,16 +177,57 @@ def _barrier(topo: Topology) -> None:
         dist.barrier()
 
 
-def _owned_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """{key: (tensor, split spec)} of everything this rank owns, parameters first."""
+@dataclass
+class _Owned:
+    """One tensor (or sharded-optimizer fragment) this rank writes."""
+    tensor: torch.Tensor
+    shape: list            # the full (unsplit) tensor's shape
+    spec: Optional[tuple]  # split_spec of the full tensor (None: replicated)
+    axis: Optional[str]    # "tp" or "ep" for a split tensor
+    shard: int             # which shard of the split it is (0 for a replicated tensor)
+    file: str
+    fragment: Optional[tuple] = None  # (first, end) elements of the shard's flattened tensor, for a fragment
+
+
+def _writer(p: torch.Tensor, topo: Topology) -> tuple[bool, str, int]:
+    """(does this rank write p's whole tensor, the file, p's shard index): one copy of each shard is written, by
+    the first data-parallel replica holding it (a replicated tensor by TP rank 0 of DP rank 0)."""
+    rank, _ = shard_coords(p, topo)
+    if is_expert_param(p):
+        return topo.edp_rank == 0, f"experts_pp{topo.pp_rank}_ep{topo.ep_rank}.pt", rank
+    writes = topo.dp_rank == 0 and (shard_axis(p) is not None or topo.tp_rank == 0)
+    return writes, f"shard_pp{topo.pp_rank}_tp{topo.tp_rank}.pt", rank
+
+
+def _owned_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, topo: Topology) -> dict:
+    """{key: _Owned} of everything this rank writes, parameters first. The state of a sharded optimizer's slice
+    (parallel optimizer param with `zero_of`) is written by its own rank as a fragment of the parameter's moment."""
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        out[f"model/{name}"] = (t.detach(), split_spec(t))
-    for name, p in model.named_parameters():
-        for slot, value in optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value):
-                spec = split_spec(p) if value.shape == p.shape else None  # moments follow the parameter
-                out[f"optim/{name}/{slot}"] = (value.detach(), spec)
+        writes, file, shard = _writer(t, topo)
+        if writes:
+            out[f"model/{name}"] = _Owned(t.detach(), full_shape(t), split_spec(t), shard_axis(t), shard, file)
+    names = {p: n for n, p in model.named_parameters()}
+    for q in (q for g in optimizer.param_groups for q in g["params"]):
+        p, first, end = getattr(q, "zero_of", (q, 0, q.numel()))
+        writes, file, shard = _writer(p, topo)
+        sliced = hasattr(q, "zero_of")
+        if sliced:  # every rank owns its slices; of a replicated parameter TP rank 0's copy is written
+            writes, file = shard_axis(p) is not None or topo.tp_rank == 0, f"optim_rank{topo.rank}.pt"
+        if not writes:
+            continue
+        for slot, value in optimizer.state.get(q, {}).items():
+            if not torch.is_tensor(value):
+                continue
+            key = f"optim/{names[p]}/{slot}"
+            if value.shape != q.shape:  # the step count, a scalar: one copy, from the slice at the start
+                if not sliced or first == 0:
+                    out[key] = _Owned(value.detach(), list(value.shape), None, None, 0, file)
+            elif sliced:  # moments follow the parameter's split
+                out[f"{key}@{first}"] = _Owned(value.detach(), full_shape(p), split_spec(p), shard_axis(p), shard, file,
+                                               (first, end))
+            else:
+                out[key] = _Owned(value.detach(), full_shape(p), split_spec(p), shard_axis(p), shard, file)
     return out
 
 
@@ -187,6 +236,26 @@ def _rng_state(device: torch.device) -> dict:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def _manifest_entry(pieces: list) -> dict:
+    """The manifest's entry of one tensor from what the ranks wrote of it: its full shape, dtype and split, and per
+    shard either the file holding it (`files`) or the fragments covering its flattened elements in order
+    (`fragments`: [file, first, end] each)."""
+    first = pieces[0]
+    spec = first["spec"]
+    entry = {"shape": first["shape"], "dtype": first["dtype"], "pp": first["pp"],
+             "tp_split": [spec[0], list(spec[1])] if spec is not None else None}
+    if first["axis"] is not None:
+        entry["axis"] = first["axis"]
+    shards = sorted({e["shard"] for e in pieces})
+    if first["fragment"] is None:
+        by_shard = {e["shard"]: e["file"] for e in pieces}
+        entry["files"] = [by_shard[s] for s in shards]
+    else:
+        entry["fragments"] = [sorted(([e["file"], *e["fragment"]] for e in pieces if e["shard"] == s),
+                                     key=lambda f: f[1]) for s in shards]
+    return entry
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -208,24 +277,22 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
         tmp.mkdir()
     _barrier(topo)
 
-    writes_model = topo.dp_rank == 0  # DP replicas hold the same tensors: one writes them
-    shard_file = f"shard_pp{topo.pp_rank}_tp{topo.tp_rank}.pt"
-    entries = {}
-    if writes_model:
-        owned = _owned_tensors(model, optimizer)
-        torch.save({k: t.to("cpu", copy=True) for k, (t, _) in owned.items()}, tmp / shard_file)
-        _fsync_path(tmp / shard_file)
-        for key, (t, spec) in owned.items():
-            shape = list(t.shape)
-            if spec is not None:
-                shape[spec[0]] = sum(spec[1])
-            entries[key] = {"shape": shape, "dtype": str(t.dtype).removeprefix("torch."),
-                            "tp_split": [spec[0], list(spec[1])] if spec is not None else None,
-                            "pp": topo.pp_rank, "tp": topo.tp_rank, "file": shard_file}
+    owned = _owned_tensors(model, optimizer, topo)
+    by_file: dict = {}
+    for key, o in owned.items():
+        by_file.setdefault(o.file, {})[key] = o.tensor.to("cpu", copy=True)
+    for file, tensors in by_file.items():
+        torch.save(tensors, tmp / file)
+        _fsync_path(tmp / file)
+    entries = {}  # key -> what this rank wrote of it (one piece, or its fragments)
+    for key, o in owned.items():
+        entries.setdefault(key.rsplit("@", 1)[0], []).append(
+            {"shape": o.shape, "dtype": str(o.tensor.dtype).removeprefix("torch."), "spec": o.spec, "axis": o.axis,
+             "shard": o.shard, "file": o.file, "fragment": o.fragment, "pp": topo.pp_rank})
     rng_file = f"rng_rank{topo.rank}.pt"
     torch.save(_rng_state(topo.device), tmp / rng_file)
     _fsync_path(tmp / rng_file)
-    written = {name: (tmp / name).stat().st_size for name in ([shard_file] if writes_model else []) + [rng_file]}
+    written = {name: (tmp / name).stat().st_size for name in [*by_file, rng_file]}
     if topo.rank == 0:
         for name, content in (extra_files or {}).items():  # complete or absent with the rest of the checkpoint
             (tmp / name).write_bytes(content)
@@ -240,14 +307,13 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
         tensors, file_sizes = {}, {}
         for part, sizes in gathered:
             file_sizes.update(sizes)
-            for key, e in part.items():
-                entry = tensors.setdefault(key, {k: e[k] for k in ("shape", "dtype", "tp_split", "pp")} | {"files": {}})
-                entry["files"][str(e["tp"])] = e["file"]
-        for entry in tensors.values():  # replicated tensors: TP rank 0's copy; sharded: every TP rank's, in order
-            files = entry.pop("files")
-            entry["files"] = [files["0"]] if entry["tp_split"] is None else [files[str(r)] for r in range(topo.tp)]
+            for key, pieces in part.items():
+                for e in pieces:
+                    tensors.setdefault(key, []).append(e)
+        tensors = {key: _manifest_entry(pieces) for key, pieces in tensors.items()}
         manifest = {"format": FORMAT_VERSION, "step": step, **meta,
-                    "layout": {"world_size": topo.world_size, "dp": topo.dp, "tp": topo.tp, "pp": topo.pp},
+                    "layout": {"world_size": topo.world_size, "dp": topo.dp, "tp": topo.tp, "pp": topo.pp,
+                               "ep": topo.ep},
                     "rng_files": [f"rng_rank{r}.pt" for r in range(topo.world_size)], "tensors": tensors,
                     "files": dict(sorted(file_sizes.items()))}  # every file with its size: checkpoint_damage
         with open(tmp / MANIFEST, "w") as f:
@@ -295,22 +361,46 @@ class _ShardReader:
                 raise CheckpointError(f"{self.path}: cannot read {name} ({e})") from None
         return self.files[name]
 
+    @staticmethod
+    def _spec(entry: dict) -> Optional[tuple]:
+        return None if entry["tp_split"] is None else (entry["tp_split"][0], list(entry["tp_split"][1]))
+
+    def _num_shards(self, entry: dict) -> int:
+        return len(entry["fragments"] if "fragments" in entry else entry["files"])
+
+    def _shard(self, key: str, i: int) -> torch.Tensor:
+        """Saved shard i of `key`: one file's tensor, or its fragments put back together."""
+        entry = self.tensors[key]
+        if "fragments" not in entry:
+            return self._file(entry["files"][i])[key]
+        shape = list(entry["shape"])
+        spec = self._spec(entry)
+        if spec is not None:
+            shape[spec[0]] //= self._num_shards(entry)
+        pieces, covered = [], 0
+        for file, first, end in entry["fragments"][i]:
+            if first != covered:
+                raise CheckpointError(f"{self.path}: {key}: shard {i}'s fragments leave elements {covered}..{first} out")
+            pieces.append(self._file(file)[f"{key}@{first}"].reshape(-1))
+            covered = end
+        if covered != math.prod(shape):
+            raise CheckpointError(f"{self.path}: {key}: shard {i}'s fragments end at {covered} of {math.prod(shape)}")
+        return torch.cat(pieces).view(shape)
+
     def full(self, key: str) -> torch.Tensor:
         entry = self.tensors[key]
-        shards = [self._file(f)[key] for f in entry["files"]]
-        spec = None if entry["tp_split"] is None else (entry["tp_split"][0], entry["tp_split"][1])
-        return unshard(shards, spec)
+        return unshard([self._shard(key, i) for i in range(self._num_shards(entry))], self._spec(entry))
 
-    def local(self, key: str, shape, spec, topo: Topology) -> torch.Tensor:
-        """This rank's shard (under `topo`, split by `spec`) of the saved tensor `key`; checks its shape."""
+    def local(self, key: str, shape, spec, rank: int, size: int) -> torch.Tensor:
+        """Shard `rank` of `size` (split by `spec`) of the saved tensor `key`, for the current layout; checks its
+        shape."""
         if key not in self.tensors:
             raise CheckpointError(f"{self.path}: no tensor {key} in the checkpoint")
         entry = self.tensors[key]
-        saved_spec = None if entry["tp_split"] is None else (entry["tp_split"][0], list(entry["tp_split"][1]))
-        if spec is not None and len(entry["files"]) == topo.tp and saved_spec == (spec[0], list(spec[1])):
-            t = self._file(entry["files"][topo.tp_rank])[key]  # the same TP split: this rank's own shard
+        if spec is not None and self._num_shards(entry) == size and self._spec(entry) == (spec[0], list(spec[1])):
+            t = self._shard(key, rank)  # the same split: this rank's own shard
         else:
-            t = shard_of(self.full(key), spec, topo.tp_rank, topo.tp)
+            t = shard_of(self.full(key), spec, rank, size)
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.path}: {key} has shape {list(t.shape)} here, {list(shape)} expected")
         return t
@@ -320,29 +410,35 @@ class _ShardReader:
 def load_checkpoint(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
                     topo: Topology, manifest: Optional[dict] = None) -> dict:
     """Loads this rank's parameters, buffers and (if optimizer is given) AdamW state from the checkpoint
-    at `path`, whatever layout it was saved under. RNG states are restored when the layout is the same.
+    at `path`, whatever layout it was saved under; a sharded optimizer's slice (an optimizer parameter with
+    `zero_of`) takes its range of the parameter's moments. RNG states are restored when the layout is the same.
     Returns the manifest (read here unless given)."""
     manifest = manifest or read_manifest(path)
     reader = _ShardReader(path, manifest)
     for name, t in model.state_dict(keep_vars=True).items():
-        t.copy_(reader.local(f"model/{name}", t.shape, split_spec(t), topo))
+        t.copy_(reader.local(f"model/{name}", t.shape, split_spec(t), *shard_coords(t, topo)))
     if optimizer is not None:
-        index = {p: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        names = {p: n for n, p in model.named_parameters()}
+        opt_params = [q for g in optimizer.param_groups for q in g["params"]]
         state = optimizer.state_dict()
-        for name, p in model.named_parameters():
-            prefix = f"optim/{name}/"
+        for index, q in enumerate(opt_params):
+            p, first, end = getattr(q, "zero_of", (q, 0, q.numel()))
+            prefix = f"optim/{names[p]}/"
             slots = {}
             for key, entry in reader.tensors.items():
-                if key.startswith(prefix):
-                    # Moments have the parameter's shape and split; the step count is a scalar.
-                    sharded_like_p = entry["shape"] == full_shape(p)
-                    slots[key[len(prefix):]] = reader.local(key, p.shape if sharded_like_p else entry["shape"],
-                                                            split_spec(p) if sharded_like_p else None, topo).clone()
+                if not key.startswith(prefix):
+                    continue
+                if entry["shape"] == full_shape(p):  # a moment: the parameter's shape and split, then q's range
+                    moment = reader.local(key, p.shape, split_spec(p), *shard_coords(p, topo))
+                    slots[key[len(prefix):]] = moment.reshape(-1)[first:end].view_as(q).clone()
+                else:  # the step count, a scalar
+                    slots[key[len(prefix):]] = reader.local(key, entry["shape"], None, 0, 1).clone()
             if slots:
-                state["state"][index[p]] = slots
+                state["state"][index] = slots
         optimizer.load_state_dict(state)
     layout = manifest["layout"]
-    if (layout["world_size"], layout["dp"], layout["tp"], layout["pp"]) == (topo.world_size, topo.dp, topo.tp, topo.pp):
+    saved = (layout["world_size"], layout["dp"], layout["tp"], layout["pp"], layout.get("ep", layout["tp"]))
+    if saved == (topo.world_size, topo.dp, topo.tp, topo.pp, topo.ep):
         rng = torch.load(path / manifest["rng_files"][topo.rank], map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and topo.device.type == "cuda":
@@ -391,9 +487,10 @@ def describe_resume(path: Path, manifest: dict, meta: dict, topo: Topology, chan
     changes = [f"--{k.replace('_', '-')} {old_args[k]} -> {new_args[k]}" for k in reported
                if k in old_args and old_args[k] != new_args.get(k)]
     lay = manifest["layout"]
-    if (lay["dp"], lay["tp"], lay["pp"]) != (topo.dp, topo.tp, topo.pp):
-        changes.append(f"layout DP{lay['dp']}xTP{lay['tp']}xPP{lay['pp']} -> DP{topo.dp}xTP{topo.tp}xPP{topo.pp} "
-                       f"(dropout RNG restarts from the seed)")
+    lay_ep = lay.get("ep", lay["tp"])  # written before EP could differ from TP
+    if (lay["dp"], lay["tp"], lay["pp"], lay_ep) != (topo.dp, topo.tp, topo.pp, topo.ep):
+        changes.append(f"layout DP{lay['dp']}xTP{lay['tp']}xPP{lay['pp']} EP{lay_ep} -> "
+                       f"DP{topo.dp}xTP{topo.tp}xPP{topo.pp} EP{topo.ep} (dropout RNG restarts from the seed)")
     return f"resuming from {path} at step {manifest['step']}" + ("; changed: " + ", ".join(changes) if changes else "")
 
 

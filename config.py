@@ -18,7 +18,8 @@ from model import ModelConfig
 from moe_config import MoEConfig
 from options import (NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, HelpFormatter, add_options, check_flags, flag_defaults,
                      flag_values, flags, option, renamed)
-from parallel import REDUCE_DTYPES, check_layout, env_world_size
+from data_parallel import REDUCE_DTYPES
+from parallel import check_layout, env_world_size
 from run_log import check_sinks
 
 
@@ -62,9 +63,14 @@ class TrainingConfig:
 @dataclass
 class ParallelConfig:
     HELP_GROUP: ClassVar[str] = "parallelism (under torchrun)"
-    tensor_parallel_size: int = option(1, "TP size; expert parallelism uses the same group")
-    expert_parallel_size: Optional[int] = option(None, "EP size; expert parallelism is tied to TP, so it must equal "
-                                                       "--tensor-parallel-size (default: TP)")
+    tensor_parallel_size: int = option(1, "TP size; expert parallelism uses the same group unless "
+                                          "--expert-parallel-size says otherwise")
+    expert_parallel_size: Optional[int] = option(None, "EP size: the experts are split over this many ranks, a multiple "
+                                                       "of --tensor-parallel-size that divides TP x DP. Equal to TP (the "
+                                                       "default) the EP group is the TP group; larger, it spans EP / TP "
+                                                       "data-parallel ranks, whose tokens travel to their experts' ranks "
+                                                       "by all-to-all (no-drop routing then reads the split sizes on the "
+                                                       "host once per MoE layer)")
     pipeline_parallel_size: int = option(1, "PP stages")
     pipeline_schedule: str = option("1f1b", "pipeline schedule", choices=("gpipe", "1f1b"))
     ddp_bucket_size_mb: float = option(25.0, "DP gradient all-reduce bucket size", check=POSITIVE)
@@ -72,6 +78,11 @@ class ParallelConfig:
                                             "rank's gradient is rounded to bf16 and summed in bf16, the accumulation "
                                             "over microbatches stays fp32 (Megatron's --grad-reduce-in-bf16; needs "
                                             "DP > 1)", choices=tuple(REDUCE_DTYPES), reported=True)
+    shard_optimizer: bool = option(False, "ZeRO-1 (Megatron's distributed optimizer): each data-parallel rank keeps the "
+                                          "AdamW moments of 1/DP of every gradient bucket, the gradients are "
+                                          "reduce-scattered and the parameters all-gathered after the step (the "
+                                          "experts' over the ranks holding them); checkpoints are saved sharded and "
+                                          "resume under any layout, with or without it (needs DP > 1)")
 
 
 @dataclass
@@ -158,17 +169,20 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise InputError(f"--min-lr {args.min_lr} must not exceed --learning-rate {args.learning_rate}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
-    if args.expert_parallel_size is not None and args.expert_parallel_size != tp:
-        raise InputError(f"--expert-parallel-size {args.expert_parallel_size} must equal --tensor-parallel-size {tp}: "
-                          f"expert parallelism is tied to TP (leave it unset)")
-    dp = check_layout(world_size, tp, pp)
-    if args.grad_reduce_dtype != "fp32" and dp == 1:
-        raise InputError(f"--grad-reduce-dtype {args.grad_reduce_dtype} needs data parallelism: DP is 1 here (world "
-                         f"size {world_size} / (TP {tp} x PP {pp})), so no gradient is all-reduced (valid: fp32)")
+    tp, pp, ep = args.tensor_parallel_size, args.pipeline_parallel_size, args.expert_parallel_size
+    dp = check_layout(world_size, tp, pp, ep)
+    for flag, on in (("--grad-reduce-dtype bf16", args.grad_reduce_dtype != "fp32"),
+                     ("--shard-optimizer", args.shard_optimizer)):
+        if on and dp == 1:
+            raise InputError(f"{flag} needs data parallelism: DP is 1 here (world size {world_size} / (TP {tp} x PP "
+                             f"{pp})), so no gradient is reduced over data-parallel ranks")
     if args.resume is None:
         check_model_flags(args)
     args.micro_batch_size, args.num_microbatches = batch_sizes(args, dp)
+    if ep is not None and ep > tp and tp > 1 and (args.micro_batch_size * args.max_seq_length) % tp:
+        raise InputError(f"--expert-parallel-size {ep} > --tensor-parallel-size {tp}: the TP ranks share a microbatch's "
+                          f"--micro-batch-size {args.micro_batch_size} x --max-seq-length {args.max_seq_length} tokens, "
+                          f"which must be divisible by {tp}")
     check_run_flags(args)
 
 
@@ -220,7 +234,8 @@ def check_run_flags(args: argparse.Namespace) -> None:
 def check_model_flags(args: argparse.Namespace) -> None:
     """The model flags against each other and against the TP / PP sizes (ModelConfig.check); raises InputError
     naming the flag. Called by validate, or with --resume by setup, once the checkpoint's values are in."""
-    model_config(args, args.vocab_size).check(args.tensor_parallel_size, args.pipeline_parallel_size)
+    model_config(args, args.vocab_size).check(args.tensor_parallel_size, args.pipeline_parallel_size,
+                                              args.expert_parallel_size)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

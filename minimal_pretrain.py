@@ -31,9 +31,9 @@ from model import GPT, ModelConfig, compile_model, count_parameters
 from moe_layers import grouped_mm_available, update_expert_biases
 from mixed_precision import ExpertWeightCopies
 from moe_stats import StatsLayout, StepStats, moe_metrics, pack_step_stats
-from parallel import (REDUCE_DTYPES, DataParallelGrads, PipeComm, StepFunctions, Topology, all_reduce_, clip_grads_,
-                      destroy_topology, full_state_dict, grad_norm, init_topology, run_forward_only, run_schedule,
-                      stage_layer_ids)
+from data_parallel import REDUCE_DTYPES, DataParallelGrads, adamw_param_groups, clip_grads_, grad_norm
+from parallel import (PipeComm, StepFunctions, Topology, all_reduce_, destroy_topology, full_state_dict, init_topology,
+                      run_forward_only, run_schedule, stage_layer_ids)
 from profiling import phase, start_profiler
 from run_log import RunLog, console_line
 from run_control import (FiniteWatch, NonFiniteError, RunControl, Throughput, check_shared_checkpoints, dir_lock,
@@ -110,7 +110,7 @@ class Trainer:
     codec: dict  # how the tokens decode (data.codec_description), recorded in every checkpoint
     codec_files: dict  # {name: bytes} the codec needs (a tokenizer.json), copied into every checkpoint (rank 0)
     model: GPT
-    params: list
+    params: list  # what the optimizer steps: the parameters, or their slices with --shard-optimizer
     optimizer: torch.optim.Optimizer
     dp_grads: DataParallelGrads
     weight_copies: Optional[ExpertWeightCopies]  # bf16 expert weights: refresh() after every change of the masters
@@ -143,7 +143,7 @@ class StepOutput:
 def train(args: argparse.Namespace, return_state: bool = False) -> TrainResult:
     device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    topo = init_topology(args.tensor_parallel_size, args.pipeline_parallel_size, device_type)
+    topo = init_topology(args.tensor_parallel_size, args.pipeline_parallel_size, device_type, args.expert_parallel_size)
     with contextlib.ExitStack() as cleanup:  # closes the run log even when training fails
         try:
             result = _train(args, topo, precision, return_state, cleanup)
@@ -278,16 +278,14 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
     say(f"batch: global {args.global_batch_size} = micro {mbs} x {m} microbatches x DP {topo.dp}, "
         f"{args.global_batch_size * T:,} tokens per step")
 
-    params = list(model.parameters())
-    dp_grads = DataParallelGrads(params, topo, args.ddp_bucket_size_mb, REDUCE_DTYPES[args.grad_reduce_dtype])
+    dp_grads = DataParallelGrads(list(model.parameters()), topo, args.ddp_bucket_size_mb,
+                                 REDUCE_DTYPES[args.grad_reduce_dtype], shard_optimizer=args.shard_optimizer)
+    params = dp_grads.optimizer_params  # the model's parameters, or this rank's slices of them (--shard-optimizer)
     weight_copies = None
     if precision == "bf16" and args.moe_bf16_weights and cfg.moe.num_experts:
         weight_copies = ExpertWeightCopies([moe.experts for moe in model.moe_layers().values()], torch.bfloat16,
                                            dp_grads.grad_ready)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
+    optimizer = torch.optim.AdamW(adamw_param_groups(params, args.weight_decay),
                                   lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                                   fused=topo.device.type == "cuda")
     uploader = None
@@ -303,7 +301,7 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
         comm=PipeComm(topo, (mbs, T, cfg.hidden_size), torch.float32) if topo.pp > 1 else None,
         step_stats=StepStats(model.moe_layers(), cfg.moe.num_experts_per_token, enabled=stats_on),
         stats_layout=StatsLayout(cfg.moe_layer_ids() if stats_on else [], cfg.moe.num_experts, m, topo.dp,
-                                 drops=cfg.has_capacity, bias=cfg.moe.bias_update_rate > 0, gates=True),
+                                 drops=cfg.has_capacity, bias=cfg.moe.bias_update_rate > 0, gates=True, ep=topo.ep),
         run_log=None, output_dir=output_dir, checkpoint_dir=checkpoint_dir, resume_from=resume_from, uploader=uploader,
         emit=say,
         flops_per_token=flops_per_token(cfg, active), peak_flops=peak_flops(topo.device, precision))
@@ -410,9 +408,10 @@ def train_step(t: Trainer, step: int, record_stats: bool) -> StepOutput:
     events = run_schedule(args.pipeline_schedule, m, StepFunctions(forward, before_backward), t.comm, topo)
     t.dp_grads.finish()
     with phase("optimizer"):
-        norm = grad_norm(t.params, topo)
+        norm = grad_norm(t.params, topo, t.dp_grads.zero_axes)
         clip_grads_(t.params, norm, args.grad_clip, t.optimizer)  # inside fused AdamW's step on CUDA
         t.optimizer.step()
+        t.dp_grads.gather_params()  # --shard-optimizer: every rank's updated slices to every rank
         if t.weight_copies is not None:
             t.weight_copies.refresh()
         update_expert_biases(t.model.moe_layers().values(), topo)  # aux-loss-free balancing (if on)

@@ -22,7 +22,7 @@ from moe_config import MoEConfig
 from moe_layers import SparseMoE
 from options import POSITIVE, UNIT_INTERVAL, check_fields, from_flat, option, to_flat
 from parallel import (ColumnParallelLinear, RowParallelLinear, Topology, VocabParallelEmbedding, full_shape,
-                      shard_of, vocab_parallel_cross_entropy)
+                      shard_coords, shard_of, vocab_parallel_cross_entropy)
 
 
 @dataclass
@@ -69,9 +69,9 @@ class ModelConfig:
         (always C tokens per expert). The drop and capacity statistics exist only then."""
         return self.moe.num_experts > 0 and (self.moe.capacity_factor > 0 or self.moe.routing == "expert-choice")
 
-    def check(self, tp: int = 1, pp: int = 1) -> None:
+    def check(self, tp: int = 1, pp: int = 1, ep: Optional[int] = None) -> None:
         """The fields' own checks, the shapes against each other (and the MoE options, MoEConfig.check) and
-        against the TP and PP sizes; raises InputError naming the flag."""
+        against the TP, PP and EP sizes (ep None: TP's); raises InputError naming the flag."""
         check_fields(self)
         if self.hidden_size % self.num_attention_heads:
             raise InputError(f"--hidden-size {self.hidden_size} must be divisible by --num-attention-heads "
@@ -88,11 +88,13 @@ class ModelConfig:
                               f"{self.num_layers}: no layer would be MoE (use --num-experts 0 for a dense model)")
         for flag, value in (("--num-attention-heads", self.num_attention_heads),
                             ("--num-key-value-heads", self.num_key_value_heads),
-                            ("--intermediate-size", self.intermediate_size),
-                            ("--num-experts", self.moe.num_experts)):
+                            ("--intermediate-size", self.intermediate_size)):
             if value % tp:
-                why = " (expert parallelism is tied to TP)" if flag == "--num-experts" else ""
-                raise InputError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}{why}")
+                raise InputError(f"{flag} {value} must be divisible by --tensor-parallel-size {tp}")
+        ep = tp if ep is None else ep
+        if self.moe.num_experts % ep:
+            raise InputError(f"--num-experts {self.moe.num_experts} must be divisible by the expert-parallel size {ep} "
+                              f"(--expert-parallel-size, which defaults to --tensor-parallel-size {tp})")
         if self.num_layers < pp:
             raise InputError(f"--num-layers {self.num_layers} must be at least --pipeline-parallel-size {pp}")
 
@@ -374,7 +376,7 @@ class GPT(nn.Module):
                 continue
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             full = torch.empty(full_shape(p)).normal_(0.0, p.init_std, generator=gen)
-            p.copy_(shard_of(full, p, self.topo.tp_rank, self.topo.tp))
+            p.copy_(shard_of(full, p, *shard_coords(p, self.topo)))
 
 
 def compile_model(model: GPT, scope: str) -> None:

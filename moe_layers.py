@@ -1,10 +1,12 @@
 """Mixture-of-Experts layers: the routers (token-choice top-k, expert choice, hash), stacked experts, SparseMoE
 and the router losses; optional expert capacity (token dropping) and auxiliary-loss-free bias balancing.
 
-Expert parallelism is tied to tensor parallelism: TP rank r owns experts [r*E/TP, (r+1)*E/TP) in full.
-The router is replicated; every rank routes all tokens, runs its local experts on the tokens sent to
-them, and one all-reduce over the TP group adds the partial outputs. The forward pass never reads a
-device value back to the host (on the grouped-GEMM path): counts and group offsets stay on the device.
+Expert parallelism: EP rank g owns experts [g*E/EP, (g+1)*E/EP) in full. By default EP is tied to tensor
+parallelism (the EP group is the TP group): the router is replicated, every rank routes all tokens, runs its
+local experts on the tokens sent to them, and one all-reduce over the TP group adds the partial outputs; the
+forward pass then never reads a device value back to the host (on the grouped-GEMM path): counts and group
+offsets stay on the device. With --expert-parallel-size > TP the EP group spans data-parallel ranks and the
+token rows travel to their experts by all-to-all (moe_dispatch.py).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from moe_config import (DROP_POLICIES, EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR, EXPERT_IMPLS, GATES, ROUTER_SCORES,
                         MoEConfig)
+from moe_dispatch import expert_choice_all_to_all, token_choice_all_to_all
 from moe_ops import permute_tokens, swiglu, unpermute_combine
 from parallel import (Topology, all_reduce_, all_reduce_grad_tp, compute_dtype, copy_to_tp, mark_sharded,
                       reduce_from_tp)
@@ -324,9 +327,11 @@ class GroupedExperts(nn.Module):
         if impl not in EXPERT_IMPLS:
             raise ValueError(f"expert impl must be one of {EXPERT_IMPLS}, got {impl}")
         self.num_local, self.hidden_size, self.ffn_size, self.impl = num_local, hidden_size, ffn_size, impl
-        # Sharded over the EP (= TP) group along the expert dimension.
-        self.w_gate_up = mark_sharded(nn.Parameter(torch.empty(num_local, hidden_size, 2 * ffn_size)), 0, [num_experts])
-        self.w_down = mark_sharded(nn.Parameter(torch.empty(num_local, ffn_size, hidden_size)), 0, [num_experts])
+        # Sharded over the EP group along the expert dimension.
+        self.w_gate_up = mark_sharded(nn.Parameter(torch.empty(num_local, hidden_size, 2 * ffn_size)), 0, [num_experts],
+                                      axis="ep")
+        self.w_down = mark_sharded(nn.Parameter(torch.empty(num_local, ffn_size, hidden_size)), 0, [num_experts],
+                                   axis="ep")
         self.w_gate_up.init_std, self.w_down.init_std = init_std, out_init_std
         # (w_gate_up, w_down) in bf16, kept by mixed_precision.ExpertWeightCopies when training under bf16:
         # used instead of casting the fp32 weights at every forward.
@@ -469,7 +474,7 @@ class SparseMoE(nn.Module):
             z = router_z_loss(r.logits) if r.logits is not None else x.new_zeros((), dtype=torch.float32)
             if self.step_load is not None and self.training:
                 self.step_load.add_(counts)
-        weights, routed, kept, drops = r.weights, counts, None, None  # routed: assignments the experts compute
+        weights, routed, kept, drops, capacity = r.weights, counts, None, None, None  # routed: what the experts compute
         if self.token_capacity_factor > 0:
             with phase("moe/capacity"):
                 capacity = expert_capacity(num_tokens, k, E, self.token_capacity_factor)
@@ -488,6 +493,12 @@ class SparseMoE(nn.Module):
             gates = gate_statistics(weights.detach(), kept_probs, kept.sum() if kept is not None else num_tokens * k)
             self.last_routing = RoutingRecord(counts, aux, z, r.probs, drops, routed if kept is not None else None,
                                               fill if kept is not None else None, gates)
+        loss = self.aux_loss_coef * aux + self.z_loss_coef * z
+        if self.topo.ep_all_to_all:
+            with phase("moe/all_to_all_experts"):
+                out = token_choice_all_to_all(x.to(compute_dtype(x)), r.indices, weights, kept, capacity, self.experts,
+                                              self.topo, E)
+            return out, loss
 
         with phase("moe/permute"):
             # Sort the T*k assignments by expert, local experts first: key = (expert - first_local) mod E
@@ -511,7 +522,7 @@ class SparseMoE(nn.Module):
             weights = all_reduce_grad_tp(weights, self.topo)
             out = unpermute_combine(y_sorted, inverse, weights, num_valid)  # [T, d] unsort + weighted sum
             out = reduce_from_tp(out, self.topo)
-        return out, self.aux_loss_coef * aux + self.z_loss_coef * z
+        return out, loss
 
     def _expert_choice(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every expert takes its top-C tokens. The assignments come out grouped by expert already (expert
@@ -528,6 +539,11 @@ class SparseMoE(nn.Module):
             z = router_z_loss(logits)
         if self.training and self.record_routing:
             self.last_routing = self._expert_choice_record(choice, scores, probs, z, capacity)
+        if self.topo.ep_all_to_all:
+            with phase("moe/all_to_all_experts"):
+                out = expert_choice_all_to_all(x.to(compute_dtype(x)), choice.tokens, choice.weights, self.experts,
+                                               self.topo)
+            return out, self.z_loss_coef * z
 
         with phase("moe/permute"):
             rows = choice.tokens[self.first_local:self.first_local + L].reshape(-1)  # [L*C] local experts' tokens

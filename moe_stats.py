@@ -34,6 +34,8 @@ class StatsLayout:
     bias: bool = False   # bias balancing on: per layer mean |expert bias|, summed over DP ranks
     gates: bool = False  # per layer [gate entropy, kept probabilities, kept assignments, tokens] sums (the trainer
     #                      always sets it; hand-made layouts may leave it out)
+    ep: int = 1  # EP size: with ep > 1, per layer the token rows each EP rank received (summed over the step's
+    #              microbatches, summed over the EP groups by the reduction; moe_metrics divides by dp)
 
     @property
     def L(self) -> int:
@@ -54,6 +56,8 @@ class StatsLayout:
             sizes["bias"] = L
         if self.gates:
             sizes["gates"] = L * 4
+        if self.ep > 1:
+            sizes["received"] = L * self.ep
         return sizes
 
     def numel(self) -> int:
@@ -64,7 +68,7 @@ class StatsLayout:
         L, E, m, dp = self.L, self.num_experts, self.num_microbatches, self.dp
         shapes = {"lm": (2,), "counts": (L, E), "losses": (L, 3), "overload": (dp, L, m), "cum_overload": (dp, L),
                   "drops": (L, 3), "overload_before_drop": (dp, L, m), "fill": (L, 2), "bias": (L,),
-                  "gates": (L, 4)}
+                  "gates": (L, 4), "received": (L, self.ep)}
         out, off = {}, 0
         for name, n in self.sizes().items():
             out[name] = flat[off:off + n].reshape(shapes[name])
@@ -189,6 +193,16 @@ class StepStats:
         return torch.stack(self.kept).view(self.num_microbatches, len(self.layers), -1).transpose(0, 1)
 
 
+def ep_group_counts(mb_counts: torch.Tensor, mb_kept: Optional[torch.Tensor],
+                    topo: Topology) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Under EP over DP: the per-microbatch counts [L, m, E] (and kept counts) of the whole EP group, whose DP ranks'
+    tokens all travel to the same experts: one all-reduce over the EP group, divided by TP (every TP rank of a DP
+    rank routes the same tokens). The counts are integers, exact in fp32."""
+    both = mb_counts if mb_kept is None else torch.stack([mb_counts, mb_kept])
+    both = all_reduce_(both.contiguous(), topo.ep_group) / topo.tp
+    return (both, None) if mb_kept is None else (both[0], both[1])
+
+
 def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_loss_sum: Optional[torch.Tensor],
                     topo: Topology, events: Sequence[tuple]) -> torch.Tensor:
     """This rank's share of the step statistics, reduced over PP then DP (two collectives in all).
@@ -212,6 +226,11 @@ def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_los
         v["counts"][rows] = mb_counts.sum(1)
         v["losses"][rows] = mb_losses.sum(1)
         mb_kept = step_stats.kept_per_microbatch()  # None without capacity
+        if topo.ep_all_to_all:  # the EP group's load is its DP ranks' tokens together
+            mb_counts, mb_kept = ep_group_counts(mb_counts, mb_kept, topo)
+        if layout.ep > 1:  # rows each EP rank received: its experts' kept (or routed) assignments
+            received = mb_counts if mb_kept is None else mb_kept
+            v["received"][rows] = received.reshape(*received.shape[:2], layout.ep, -1).sum(dim=(1, 3))
         # One EP rank with nothing dropped holds every token: 1.0 by definition, nothing to compute.
         if topo.ep > 1 or mb_kept is not None:
             held = _held_on(tuple(events), layout.num_microbatches, str(topo.device))
@@ -348,6 +367,9 @@ def moe_metrics(layout: StatsLayout, flat, detailed: bool = False, top_n: int = 
     if layout.drops:  # the same factors for the demand, before the capacity drops
         out["moe/avg_overload_factor_before_drop"] = float(v["overload_before_drop"].mean())
         out["moe/max_overload_factor_before_drop"] = float(v["overload_before_drop"].max())
+    if detailed and layout.ep > 1:  # token rows each EP rank received per layer, the mean over the EP groups
+        received = v["received"] / layout.dp
+        out["moe/ep_received_tokens"] = {str(layer_id): row for layer_id, row in zip(ids, received.tolist())}
     if detailed:
         util_mean, util_max = util.mean(axis=1), util.max(axis=1)
         overload_avg = v["overload"].mean(axis=(0, 2))  # [L]: over DP ranks and microbatches

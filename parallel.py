@@ -1,9 +1,14 @@
-"""Hand-rolled parallelism on raw torch.distributed: topology, TP (+ EP tied to it), DP and PP.
+"""Hand-rolled parallelism on raw torch.distributed: topology, TP, EP, PP and the collectives' autograd functions.
 
 Rank layout: TP is fastest, then DP, then PP, i.e.
     rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
-so a TP group is a run of consecutive ranks (inside one node). The expert-parallel group *is* the TP
-group. With world size 1 every group is None and every collective below is a no-op.
+so a TP group is a run of consecutive ranks (inside one node). Expert parallelism (EP) groups are runs of `ep`
+consecutive ranks of one pipeline stage, ep a multiple of tp dividing tp * dp: with ep = tp (the default) the EP
+group *is* the TP group (every TP rank sees all the group's tokens and the outputs are all-reduced); with ep > tp
+it spans ep / tp data-parallel ranks, whose tokens travel to the experts' ranks by all-to-all (moe_dispatch.py).
+The ranks holding the same experts form the expert-data-parallel (EDP) group, over which the expert gradients are
+summed; with ep = tp it is the DP group. With world size 1 every group is None and every collective is a no-op.
+DP gradient reduction and the sharded optimizer are in data_parallel.py.
 """
 from __future__ import annotations
 
@@ -41,14 +46,31 @@ class Topology:
     pp_group: Optional[dist.ProcessGroup] = None
     pp_ranks: list = field(default_factory=lambda: [0])  # global ranks of my pipeline, by stage
     control_group: Optional[dist.ProcessGroup] = None  # all ranks over gloo: host-side agreement (stop requests)
+    # Expert parallelism (None: tied to TP, ep = tp, and the EP / EDP groups are the TP / DP groups).
+    ep: Optional[int] = None
+    ep_rank: Optional[int] = None
+    ep_group: Optional[dist.ProcessGroup] = None
+    ep_group_name: Optional[str] = None
+    edp_rank: Optional[int] = None  # rank in the expert-data-parallel group: the ranks holding my experts
+    edp_group: Optional[dist.ProcessGroup] = None
+
+    def __post_init__(self):
+        if self.ep is None:
+            self.ep = self.tp
+        if self.ep_rank is None:
+            self.ep_rank = (self.dp_rank * self.tp + self.tp_rank) % self.ep
+        if self.edp_rank is None:
+            self.edp_rank = (self.dp_rank * self.tp + self.tp_rank) // self.ep
 
     @property
-    def ep(self) -> int:  # expert parallelism is tied to tensor parallelism
-        return self.tp
+    def edp(self) -> int:
+        """Size of the expert-data-parallel group (DP's when EP is tied to TP)."""
+        return self.dp * self.tp // self.ep
 
     @property
-    def ep_rank(self) -> int:
-        return self.tp_rank
+    def ep_all_to_all(self) -> bool:
+        """EP spans data-parallel ranks: tokens travel to their experts by all-to-all."""
+        return self.ep > self.tp
 
     @property
     def is_first_stage(self) -> bool:
@@ -67,11 +89,12 @@ class Topology:
         return self.pp_ranks[self.pp_rank + 1]
 
     def describe(self) -> str:
-        return (f"world={self.world_size} DP={self.dp} TP={self.tp} (EP={self.ep}) PP={self.pp} "
+        ep = f"EP={self.ep} all-to-all over DP" if self.ep_all_to_all else f"EP={self.ep}"
+        return (f"world={self.world_size} DP={self.dp} TP={self.tp} ({ep}) PP={self.pp} "
                 f"backend={dist.get_backend() if dist.is_initialized() else 'none'}")
 
 
-def check_layout(world_size: int, tp: int, pp: int) -> int:
+def check_layout(world_size: int, tp: int, pp: int, ep: Optional[int] = None) -> int:
     """Returns the DP size, or raises InputError naming the flag."""
     if tp < 1:
         raise InputError(f"--tensor-parallel-size must be >= 1, got {tp}")
@@ -80,17 +103,24 @@ def check_layout(world_size: int, tp: int, pp: int) -> int:
     if world_size % (tp * pp) != 0:
         raise InputError(f"--tensor-parallel-size {tp} x --pipeline-parallel-size {pp} = {tp * pp} "
                           f"must divide the world size {world_size}")
-    return world_size // (tp * pp)
+    dp = world_size // (tp * pp)
+    if ep is not None and (ep < 1 or ep % tp or (tp * dp) % ep):
+        valid = ", ".join(str(e) for e in range(tp, tp * dp + 1, tp) if (tp * dp) % e == 0)
+        raise InputError(f"--expert-parallel-size {ep} must be a multiple of --tensor-parallel-size {tp} that divides "
+                          f"TP x DP = {tp * dp} (valid here: {valid})")
+    return dp
 
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_topology(tp: int, pp: int, device_type: str) -> Topology:
-    """Starts torch.distributed from torchrun's env:// variables (if any) and builds every group."""
+def init_topology(tp: int, pp: int, device_type: str, ep: Optional[int] = None) -> Topology:
+    """Starts torch.distributed from torchrun's env:// variables (if any) and builds every group. ep: the
+    expert-parallel size (None: TP's)."""
     world_size = env_world_size()
-    dp = check_layout(world_size, tp, pp)
+    dp = check_layout(world_size, tp, pp, ep)
+    ep = tp if ep is None else ep
     if world_size == 1:
         return Topology(device=torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu"))
     rank = int(os.environ["RANK"])
@@ -106,7 +136,7 @@ def init_topology(tp: int, pp: int, device_type: str) -> Topology:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
     topo = Topology(world_size=world_size, rank=rank, tp=tp, pp=pp, dp=dp, device=device,
-                    tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp))
+                    tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp), ep=ep)
 
     def rank_of(pp: int, dp: int, tp: int) -> int:
         return pp * topo.dp * topo.tp + dp * topo.tp + tp
@@ -125,10 +155,26 @@ def init_topology(tp: int, pp: int, device_type: str) -> Topology:
                     topo.tp_group_name = group.group_name
                 if axis == "pp":
                     topo.pp_ranks = ranks
+    if ep == tp:  # the tied layout: EP is TP, the ranks holding the same experts are the DP group
+        topo.ep_group, topo.ep_group_name, topo.edp_group = topo.tp_group, topo.tp_group_name, topo.dp_group
+    else:  # per stage: EP groups of ep consecutive ranks; EDP groups of the ranks at the same place in them
+        block, edp = dp * tp, dp * tp // ep
+        for stage in range(pp):
+            for j in range(edp):
+                ranks = [stage * block + j * ep + i for i in range(ep)]
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    topo.ep_group, topo.ep_group_name = group, group.group_name
+        for stage in range(pp):
+            for i in range(ep):
+                ranks = [stage * block + j * ep + i for j in range(edp)]
+                group = dist.new_group(ranks) if edp > 1 else None
+                if rank in ranks:
+                    topo.edp_group = group
     # Host-side decisions (stop after this step?) go over gloo, never through the GPU stream.
     topo.control_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     # A first collective on each group, so later point-to-point calls find the communicators ready.
-    for g in (topo.tp_group, topo.dp_group, topo.pp_group):
+    for g in (topo.tp_group, topo.dp_group, topo.pp_group, topo.ep_group, topo.edp_group):
         if g is not None:
             dist.all_reduce(torch.zeros(1, device=device), group=g)
     return topo
@@ -147,7 +193,7 @@ def destroy_topology(topo: Topology, finished: bool) -> None:
     if finished and topo.world_size > 1:
         dist.barrier(group=topo.control_group)
     dist.destroy_process_group()
-    topo.tp_group = topo.dp_group = topo.pp_group = topo.control_group = None
+    topo.tp_group = topo.dp_group = topo.pp_group = topo.control_group = topo.ep_group = topo.edp_group = None
 
 
 def all_reduce_(t: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -169,6 +215,21 @@ def all_reduced(t: torch.Tensor, group_name: Optional[str], op: str = "sum") -> 
         return t
     out = torch.ops._c10d_functional.all_reduce(t.contiguous(), op, group_name)
     return torch.ops._c10d_functional.wait_tensor(out)  # orders the current stream after it; no host sync
+
+
+def all_gathered(t: torch.Tensor, group_name: str, group_size: int) -> torch.Tensor:
+    """Out-of-place all-gather along dim 0 over the group of that name (functional, as all_reduced):
+    [n, ...] on each of the group_size ranks -> [group_size * n, ...] in rank order."""
+    out = torch.ops._c10d_functional.all_gather_into_tensor(t.contiguous(), group_size, group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
+def all_to_all(t: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int], group_name: str) -> torch.Tensor:
+    """Out-of-place all-to-all along dim 0 (functional, as all_reduced): the first in_splits[0] rows go to rank 0 of
+    the group, the next in_splits[1] to rank 1, ...; the result holds out_splits[j] rows from each rank j, in
+    rank order. Split sizes are host numbers."""
+    out = torch.ops._c10d_functional.all_to_all_single(t.contiguous(), list(out_splits), list(in_splits), group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -220,20 +281,114 @@ def reduce_from_tp(x: torch.Tensor, topo: Topology) -> torch.Tensor:
 all_reduce_grad_tp = copy_to_tp
 
 
+class _SplitToTP(torch.autograd.Function):
+    """Forward: this TP rank's contiguous share of the rows (dim 0) of a tensor replicated over TP. Backward: the
+    shares' gradients all-gathered, so the replicated input gets its whole gradient on every rank (Megatron's
+    scatter_to_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x, tp_rank, tp, group_name):
+        ctx.tp, ctx.group_name = tp, group_name
+        n = x.shape[0] // tp
+        return x[tp_rank * n:(tp_rank + 1) * n]
+
+    @staticmethod
+    def backward(ctx, grad):
+        with phase("tp/all_gather_bwd"):
+            return all_gathered(grad, ctx.group_name, ctx.tp), None, None, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Forward: every TP rank's rows all-gathered (dim 0), the result replicated over TP. Backward: this rank's
+    share of the gradient, which is replicated over TP as the forward's result is (Megatron's
+    gather_from_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x, tp_rank, tp, group_name):
+        ctx.tp_rank, ctx.n = tp_rank, x.shape[0]
+        with phase("tp/all_gather_fwd"):
+            return all_gathered(x, group_name, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.tp_rank * ctx.n:(ctx.tp_rank + 1) * ctx.n], None, None, None
+
+
+def split_to_tp(x: torch.Tensor, topo: Topology) -> torch.Tensor:
+    return _SplitToTP.apply(x, topo.tp_rank, topo.tp, topo.tp_group_name) if topo.tp > 1 else x
+
+
+def gather_from_tp(x: torch.Tensor, topo: Topology) -> torch.Tensor:
+    return _GatherFromTP.apply(x, topo.tp_rank, topo.tp, topo.tp_group_name) if topo.tp > 1 else x
+
+
 # --------------------------------------------------------------------------------------------------
-# Sharded parameters. Each sharded parameter carries `tp_split = (dim, segments)`: its full tensor is
-# the concatenation of `segments` (full sizes) along `dim`, and TP rank r keeps the r-th chunk of each.
-# Replicated parameters carry no tp_split. Initialisation builds the full tensor and keeps the shard,
-# so a model is the same function of the seed under every layout.
+# Expert parallel over DP: the all-to-all of token rows
 # --------------------------------------------------------------------------------------------------
-def mark_sharded(p: nn.Parameter, dim: int, segments: Sequence[int]) -> nn.Parameter:
+class _AllToAll(torch.autograd.Function):
+    """Forward: all_to_all (in_splits[j] rows to rank j, out_splits[j] rows from it). Backward: the gradients
+    travel back the same way, the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group_name):
+        ctx.splits, ctx.group_name = (list(out_splits), list(in_splits)), group_name
+        with phase("ep/all_to_all_fwd"):
+            return all_to_all(x, out_splits, in_splits, group_name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        with phase("ep/all_to_all_bwd"):
+            return all_to_all(grad, in_splits, out_splits, ctx.group_name), None, None, None
+
+
+def exchange_rows(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int], topo: Topology) -> torch.Tensor:
+    """x's rows to the ranks of the EP group (in_splits[j] rows to EP rank j); returns the rows received
+    (out_splits[j] from EP rank j), differentiable."""
+    return _AllToAll.apply(x, out_splits, in_splits, topo.ep_group_name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded parameters. Each sharded parameter carries `tp_split = (dim, segments)`: its full tensor is the
+# concatenation of `segments` (full sizes) along `dim`, and rank r of its group keeps the r-th chunk of each.
+# `shard_axis` names the group: "tp" (the TP layers) or "ep" (the experts, split over the EP group, which is
+# the TP group unless --expert-parallel-size spans DP ranks). Replicated parameters carry neither.
+# Initialisation builds the full tensor and keeps the shard, so a model is the same function of the seed
+# under every layout.
+# --------------------------------------------------------------------------------------------------
+def mark_sharded(p: nn.Parameter, dim: int, segments: Sequence[int], axis: str = "tp") -> nn.Parameter:
     p.tp_split = (dim, list(segments))
+    p.shard_axis = axis
     return p
 
 
 def split_spec(p: torch.Tensor) -> Optional[tuple]:
-    """(dim, full segment sizes) of a TP-sharded tensor, None for a replicated one."""
+    """(dim, full segment sizes) of a sharded tensor, None for a replicated one."""
     return getattr(p, "tp_split", None)
+
+
+def shard_axis(p: torch.Tensor) -> Optional[str]:
+    """"tp" or "ep" for a sharded parameter, None for a replicated one."""
+    return getattr(p, "shard_axis", "tp") if split_spec(p) is not None else None
+
+
+def shard_coords(p: torch.Tensor, topo: Topology) -> tuple[int, int]:
+    """(this rank's index, the number of shards) of p's split (0, 1 for a replicated parameter)."""
+    axis = shard_axis(p)
+    if axis == "ep":
+        return topo.ep_rank, topo.ep
+    if axis == "tp":
+        return topo.tp_rank, topo.tp
+    return 0, 1
+
+
+def shard_group(p: torch.Tensor, topo: Topology) -> Optional[dist.ProcessGroup]:
+    """The group p is split over (None: replicated, or a group of one)."""
+    return {"tp": topo.tp_group, "ep": topo.ep_group}.get(shard_axis(p))
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    return shard_axis(p) == "ep"
 
 
 def full_shape(p: torch.Tensor) -> list:
@@ -245,26 +400,26 @@ def full_shape(p: torch.Tensor) -> list:
     return shape
 
 
-def shard_of(full: torch.Tensor, p, tp_rank: int, tp: int) -> torch.Tensor:
-    """TP rank tp_rank's shard of `full`; p is the parameter (or its split spec, a tuple or None)."""
+def shard_of(full: torch.Tensor, p, rank: int, size: int) -> torch.Tensor:
+    """Shard `rank` of `size` of `full`; p is the parameter (or its split spec, a tuple or None)."""
     spec = p if p is None or isinstance(p, tuple) else split_spec(p)
     if spec is None:
         return full
     dim, segments = spec
-    chunks = [seg.chunk(tp, dim=dim)[tp_rank] for seg in full.split(list(segments), dim=dim)]
+    chunks = [seg.chunk(size, dim=dim)[rank] for seg in full.split(list(segments), dim=dim)]
     return torch.cat(chunks, dim=dim)
 
 
 def unshard(shards: Sequence[torch.Tensor], p) -> torch.Tensor:
-    """Inverse of shard_of: shards[r] is TP rank r's shard; p as in shard_of."""
+    """Inverse of shard_of: shards[r] is shard r; p as in shard_of."""
     spec = p if p is None or isinstance(p, tuple) else split_spec(p)
     if spec is None:
         return shards[0]
     dim, segments = spec
-    tp = len(shards)
-    local_segments = [s // tp for s in segments]
+    n = len(shards)
+    local_segments = [s // n for s in segments]
     per_rank = [s.split(local_segments, dim=dim) for s in shards]
-    return torch.cat([torch.cat([per_rank[r][i] for r in range(tp)], dim=dim)
+    return torch.cat([torch.cat([per_rank[r][i] for r in range(n)], dim=dim)
                       for i in range(len(segments))], dim=dim)
 
 
@@ -361,39 +516,6 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, top
 # --------------------------------------------------------------------------------------------------
 # Whole-model utilities across TP and PP
 # --------------------------------------------------------------------------------------------------
-def grad_norm(params: Sequence[nn.Parameter], topo: Topology) -> torch.Tensor:
-    """Global L2 norm of the gradients: sharded parameters summed over TP, stages summed over PP.
-    Replicated parameters are counted once. DP ranks hold identical (averaged) gradients."""
-    dev = topo.device
-    sharded = [p.grad for p in params if p.grad is not None and hasattr(p, "tp_split")]
-    replicated = [p.grad for p in params if p.grad is not None and not hasattr(p, "tp_split")]
-
-    def sq(grads):
-        if not grads:
-            return torch.zeros((), device=dev, dtype=torch.float32)
-        # One multi-tensor kernel for all the norms instead of two kernels per parameter: this runs every
-        # step, and a small model's step is bound by kernel launches.
-        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).pow(2).sum()
-
-    total = all_reduce_(sq(sharded), topo.tp_group) + sq(replicated)
-    return all_reduce_(total, topo.pp_group).sqrt()
-
-
-def clip_grads_(params: Sequence[nn.Parameter], norm: torch.Tensor, max_norm: float,
-                optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-    """Scales gradients on the device (no host sync) so their global norm is at most max_norm. A fused torch
-    optimizer (`fused=True`) given as `optimizer` is told the scale instead, as its `grad_scale` (the attribute
-    AMP's GradScaler sets): its kernel divides each gradient by it on the way in, so the clip costs no pass
-    over the gradients of its own (it writes the clipped gradients back, as the plain clip leaves them)."""
-    if max_norm <= 0:
-        return
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    if optimizer is not None and optimizer.defaults.get("fused"):
-        optimizer.grad_scale = coef.float().reciprocal()  # 1 when not clipped: the step is then unchanged
-        return
-    torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
-
-
 def full_state_dict(model: nn.Module, topo: Topology) -> Optional[dict]:
     """Unsharded parameters and persistent buffers (e.g. the routers' expert biases, replicated over TP)
     of the whole model on global rank 0 (None elsewhere). Names are global (layers are keyed by their
@@ -402,9 +524,10 @@ def full_state_dict(model: nn.Module, topo: Topology) -> Optional[dict]:
     saved = model.state_dict(keep_vars=True)  # parameters and persistent buffers
     for name, p in model.named_parameters():
         t = p.detach()
-        if topo.tp > 1 and hasattr(p, "tp_split"):
-            shards = [torch.empty_like(t) for _ in range(topo.tp)]
-            dist.all_gather(shards, t.contiguous(), group=topo.tp_group)
+        _, size = shard_coords(p, topo)
+        if size > 1:  # split over TP, or the experts over EP
+            shards = [torch.empty_like(t) for _ in range(size)]
+            dist.all_gather(shards, t.contiguous(), group=shard_group(p, topo))
             t = unshard(shards, p)
         local[name] = t.float().cpu().clone()
     for name, buf in model.named_buffers():
@@ -420,108 +543,6 @@ def full_state_dict(model: nn.Module, topo: Topology) -> Optional[dict]:
     for part in gathered:
         merged.update(part)
     return merged
-
-
-# --------------------------------------------------------------------------------------------------
-# Data parallel: bucketed gradient all-reduce overlapped with the backward pass
-# --------------------------------------------------------------------------------------------------
-REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --grad-reduce-dtype
-
-
-class DataParallelGrads:
-    """Sums gradients over the DP group once per optimizer step (the trainer scales each rank's loss by 1/DP,
-    so the sum is the global batch's mean gradient with no extra pass over it).
-
-    Gradients live in flat fp32 buckets (each param's .grad is a view into one), filled in reverse
-    parameter order so buckets complete roughly in backward order. During the last microbatch's
-    backward (`sync = True`) a post-accumulate hook counts ready parameters and launches an async
-    all-reduce as soon as a bucket is complete; buckets are launched strictly in index order so every
-    rank issues the same sequence of collectives. `finish()` waits for them.
-
-    reduce_dtype bfloat16 (Megatron's --grad-reduce-in-bf16) sends each bucket as a bf16 copy, half the
-    bytes, and writes the sum back into the fp32 bucket: the accumulation over microbatches stays fp32; each
-    rank's share is rounded to bf16 (8 significant bits) and the all-reduce adds in bf16.
-    """
-
-    def __init__(self, params: Sequence[nn.Parameter], topo: Topology, bucket_size_mb: float = 25.0,
-                 reduce_dtype: torch.dtype = torch.float32):
-        self.topo = topo
-        self.reduce_dtype = reduce_dtype
-        self.params = [p for p in params if p.requires_grad]
-        self.sync = False
-        self.enabled = topo.dp > 1
-        cap = max(1, int(bucket_size_mb * 1024 * 1024 / 4))
-        self.buckets: list[list[nn.Parameter]] = []
-        current, size = [], 0
-        for p in reversed(self.params):
-            if current and size + p.numel() > cap:
-                self.buckets.append(current)
-                current, size = [], 0
-            current.append(p)
-            size += p.numel()
-        if current:
-            self.buckets.append(current)
-        self.flat = [torch.zeros(sum(p.numel() for p in b), device=p.device, dtype=torch.float32)
-                     for b in self.buckets]
-        self.bucket_of = {}
-        for i, b in enumerate(self.buckets):
-            for p in b:
-                self.bucket_of[p] = i
-        self._attach_views()
-        self._reset_counters()
-        if self.enabled:
-            for p in self.params:
-                p.register_post_accumulate_grad_hook(self.grad_ready)
-
-    def _attach_views(self) -> None:
-        for flat, b in zip(self.flat, self.buckets):
-            offset = 0
-            for p in b:
-                n = p.numel()
-                if p.grad is None or p.grad.data_ptr() != flat[offset:].data_ptr():
-                    p.grad = flat[offset:offset + n].view_as(p)
-                offset += n
-
-    def _reset_counters(self) -> None:
-        self.ready = [0] * len(self.buckets)
-        self.next_to_launch = 0
-        self.in_flight = []  # (bucket index, the tensor being reduced: the bucket or its copy, the work handle)
-
-    def zero_grad(self) -> None:
-        for flat in self.flat:
-            flat.zero_()
-        self._attach_views()
-
-    def grad_ready(self, p: nn.Parameter) -> None:
-        """p's gradient of this microbatch is complete (a post-accumulate hook; ExpertWeightCopies calls it
-        for the masters it accumulates into by hand)."""
-        if not (self.sync and self.enabled):
-            return
-        self.ready[self.bucket_of[p]] += 1
-        self._launch_ready()
-
-    def _launch_ready(self, force: bool = False) -> None:
-        while self.next_to_launch < len(self.buckets):
-            i = self.next_to_launch
-            if not force and self.ready[i] < len(self.buckets[i]):
-                return
-            with phase("dp/all_reduce_launch"):
-                sent = self.flat[i].to(self.reduce_dtype)  # the bucket itself when the dtypes agree
-                self.in_flight.append((i, sent, dist.all_reduce(sent, group=self.topo.dp_group, async_op=True)))
-            self.next_to_launch += 1
-
-    def finish(self) -> None:
-        """Completes the gradient all-reduce of this step (launching buckets no hook completed)."""
-        if not self.enabled:
-            return
-        self._launch_ready(force=True)
-        with phase("dp/all_reduce_wait"):
-            for i, sent, handle in self.in_flight:
-                handle.wait()
-                if sent is not self.flat[i]:
-                    self.flat[i].copy_(sent)
-        self._reset_counters()
-        self.sync = False
 
 
 # --------------------------------------------------------------------------------------------------

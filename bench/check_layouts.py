@@ -17,7 +17,9 @@ one (a compiler that gets the gradient wrong on one device would otherwise go un
           step 1 (the first) and 5% after (Adam turns bf16 rounding into slightly different updates)
 
 Prints one table and exits 1 if any row is off (2 on bad flags). Layouts for N devices: every
-TP x PP x DP = N with TP, PP in {1, 2, 4, 8}, each PP > 1 under both schedules (GPipe, 1F1B). With
+TP x PP x DP = N with TP, PP in {1, 2, 4, 8}, each PP > 1 under both schedules (GPipe, 1F1B), each EP size
+beyond TP that divides TP x DP (all-to-all over DP ranks), and each layout without PP that has DP > 1 also
+with --shard-optimizer. With
 --nproc 1 (a machine with one GPU) only the compiled one-device run is checked against the eager one.
 """
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Layout:
     pp: int = 1
     dp: int = 1
     schedule: str = "1f1b"
+    ep: Optional[int] = None  # None: tied to TP; larger: all-to-all over DP ranks
+    shard_optimizer: bool = False
 
     @property
     def world(self) -> int:
@@ -59,21 +63,31 @@ class Layout:
         if self.world == 1:
             return "1 device"
         parts = [f"{a}{n}" for a, n in (("DP", self.dp), ("TP", self.tp), ("PP", self.pp)) if n > 1]
-        return " ".join(parts) + (f" {self.schedule}" if self.pp > 1 else "")
+        if self.ep is not None:
+            parts.append(f"EP{self.ep}")
+        return " ".join(parts) + (f" {self.schedule}" if self.pp > 1 else "") + (" ZeRO" if self.shard_optimizer else "")
 
     def flags(self) -> list:
-        return ["--tensor-parallel-size", str(self.tp), "--pipeline-parallel-size", str(self.pp),
-                "--pipeline-schedule", self.schedule]
+        return (["--tensor-parallel-size", str(self.tp), "--pipeline-parallel-size", str(self.pp),
+                 "--pipeline-schedule", self.schedule]
+                + (["--expert-parallel-size", str(self.ep)] if self.ep is not None else [])
+                + (["--shard-optimizer"] if self.shard_optimizer else []))
 
 
 def layouts_for(n: int) -> list:
-    """Every multi-device layout of exactly n ranks (TP and PP powers of two up to 8)."""
+    """Every multi-device layout of exactly n ranks (TP and PP powers of two up to 8), each EP size beyond TP
+    that the layout allows (all-to-all over DP ranks), and, for the layouts without pipeline stages that have
+    data parallelism, the same with the sharded optimizer."""
     found = []
     for tp, pp in itertools.product((1, 2, 4, 8), repeat=2):
         if n % (tp * pp):
             continue
+        dp = n // (tp * pp)
         for schedule in (("gpipe", "1f1b") if pp > 1 else ("1f1b",)):
-            found.append(Layout(tp, pp, n // (tp * pp), schedule))
+            for ep in [None] + [e for e in range(2 * tp, tp * dp + 1, tp) if (tp * dp) % e == 0]:
+                found.append(Layout(tp, pp, dp, schedule, ep))
+                if dp > 1 and pp == 1:
+                    found.append(Layout(tp, pp, dp, schedule, ep, shard_optimizer=True))
     return [l for l in found if l.world > 1]
 
 
@@ -84,9 +98,10 @@ def model_flags(n: int, steps: int) -> list:
     3). Small, so that compiling it is quick."""
     tp_max = max([l.tp for l in layouts_for(n)] + [1])
     pp_max = max([l.pp for l in layouts_for(n)] + [1])
+    ep_max = max([l.ep or l.tp for l in layouts_for(n)] + [1])
     return ["--num-layers", str(max(2, pp_max)), "--moe-layer-interval", "2", "--hidden-size", "256",
             "--intermediate-size", "512", "--expert-intermediate-size", "256", "--num-attention-heads", "8",
-            "--num-key-value-heads", str(max(4, tp_max)), "--num-experts", str(max(8, tp_max)),
+            "--num-key-value-heads", str(max(4, tp_max)), "--num-experts", str(max(8, ep_max)),
             "--num-experts-per-token", "2", "--max-seq-length", "128", "--micro-batch-size", "2",
             "--global-batch-size", str(2 * n * -(-8 // n)), "--max-steps", str(steps), "--warmup-steps", "1",
             "--learning-rate", "1e-3", "--min-lr", "1e-4", "--dropout", "0", "--seed", "5", "--eval-iters", "0",

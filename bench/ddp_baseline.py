@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import batch_offsets, get_batch, load_corpus  # noqa: E402
 from minimal_pretrain import lr_at, model_config, parse_args  # noqa: E402
 from model import GPT  # noqa: E402
-from parallel import Topology, clip_grads_, grad_norm  # noqa: E402
+from data_parallel import clip_grads_, grad_norm  # noqa: E402
+from parallel import Topology  # noqa: E402
 
 
 def main() -> None:

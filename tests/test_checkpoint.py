@@ -41,10 +41,13 @@ def test_save_format_is_sharded_with_manifest(tmp_path, monkeypatch):
     assert path.name == "step_00000002" and (tmp_path / "checkpoints" / "latest").read_text().strip() == path.name
     manifest = ckpt.read_manifest(path)
     assert manifest["step"] == 2 and manifest["model"]["num_experts"] == 4 and manifest["args"]["max_steps"] == 2
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "rng_rank0.pt", "shard_pp0_tp0.pt"]
+    assert sorted(p.name for p in path.iterdir()) == ["experts_pp0_ep0.pt", "manifest.json", "rng_rank0.pt",
+                                                      "shard_pp0_tp0.pt"]
     experts = manifest["tensors"]["model/layers.0.ffn.experts.w_gate_up"]
-    assert experts["shape"] == [4, 32, 128] and experts["tp_split"] == [0, [4]]
+    assert experts["shape"] == [4, 32, 128] and experts["tp_split"] == [0, [4]] and experts["axis"] == "ep"
+    assert experts["files"] == ["experts_pp0_ep0.pt"]
     assert manifest["tensors"]["optim/layers.0.ffn.experts.w_gate_up/exp_avg"]["tp_split"] == [0, [4]]
+    assert manifest["tensors"]["model/layers.0.attn.qkv.weight"]["files"] == ["shard_pp0_tp0.pt"]
     assert manifest["tensors"]["optim/layers.0.ffn.experts.w_gate_up/step"]["shape"] == []
 
 

@@ -453,7 +453,12 @@ def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_pat
             assert r[key] == 1.0, f"single process, step {step}: {key} = {r[key]}, expected exactly 1.0"
         moe_keys = {k for k in r if k.startswith("moe/")} - overload_keys
         assert len(moe_keys) >= 20 and "moe/counts" in moe_keys and "moe/layer_3/cv" in moe_keys, sorted(moe_keys)
-        assert {k for k in g if k.startswith("moe/")} - overload_keys == moe_keys
+        received = "moe/ep_received_tokens"  # the rows each EP rank received, logged when EP > 1
+        assert {k for k in g if k.startswith("moe/")} - overload_keys - {received} == moe_keys
+        assert (received in g) == (ep > 1)
+        if ep > 1:  # one EP group (TP2): each rank's rows are its experts' counts
+            assert g[received] == {l: [float(sum(c[i * 4 // ep:(i + 1) * 4 // ep])) for i in range(ep)]
+                                   for l, c in g["moe/counts"].items()}, (g[received], g["moe/counts"])
         assert g["moe/counts"] == r["moe/counts"], f"step {step}: counts {g['moe/counts']} vs single {r['moe/counts']}"
         for key in sorted(moe_keys - {"moe/counts"}):
             assert _close(g[key], r[key]), f"step {step} {key}: got {g[key]}, single {r[key]}"

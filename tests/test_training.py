@@ -84,11 +84,11 @@ def test_non_finite_gradient_exits_3_and_keeps_the_checkpoint(tmp_path, monkeypa
     real_grad_norm = minimal_pretrain.grad_norm
     calls = []
 
-    def poisoned(params, topo):  # step 4's gradient goes NaN, as a numerical blow-up would
+    def poisoned(params, topo, *args):  # step 4's gradient goes NaN, as a numerical blow-up would
         calls.append(1)
         if len(calls) == 4:
             params[0].grad.fill_(float("nan"))
-        return real_grad_norm(params, topo)
+        return real_grad_norm(params, topo, *args)
 
     monkeypatch.setattr(minimal_pretrain, "grad_norm", poisoned)
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
