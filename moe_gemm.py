@@ -113,7 +113,8 @@ if triton is not None:
             e = tl.sum((g_tiles_end <= row_tile).to(tl.int32))  # empty groups end where the last did
             in_e = g == e
             row_end = tl.sum(tl.where(in_e, g_end, 0))
-            row0 = tl.sum(tl.where(in_e, g_start, 0)) + (row_tile - tl.sum(tl.where(in_e, g_tiles_end - g_tiles, 0))) * BM
+            first_tile = tl.sum(tl.where(in_e, g_tiles_end - g_tiles, 0))  # the group's first row tile
+            row0 = tl.sum(tl.where(in_e, g_start, 0)) + (row_tile - first_tile) * BM
             rows = row0 + tl.arange(0, BM)
             row_ok = rows < row_end
             cols = col_tile * BN + tl.arange(0, BN)
@@ -275,8 +276,8 @@ def bench_variants(xs: list, gs: list, w_n: list, offs: torch.Tensor, sets: int)
     """Callables per product and input set i, each returning its output: fwd x @ W, dX g @ W^T (the transposed
     view of W [E, K, N]), dW x^T g into a preallocated fp32 buffer (overwritten, or accumulated into). xs[i]
     [M, K], gs[i] [M, N], w_n[i] [E, K, N] bf16 CUDA tensors, offs [E] int32 ends. The accumulate variant's
-    buffer starts at zero, so its first call returns x^T g."""
-    if triton is None or not xs[0].is_cuda:
+    buffer starts at zero, so its first call returns x^T g. Empty where the kernels cannot run."""
+    if not _use_triton(xs[0]):
         return {}
     E, K, N = w_n[0].shape
     variants = {}

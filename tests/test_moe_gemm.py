@@ -255,4 +255,26 @@ def test_imports_and_falls_back_without_triton(monkeypatch):
     g = torch.Generator().manual_seed(5)
     ends = _ends([4, 0, 8])
     x, w = torch.randn(14, 8, generator=g), torch.randn(3, 8, 4, generator=g)
-    torch.testing.assert_close(module.grouped_mm(x, w, ends)[:12].double(), _reference_mm(x, w, ends), **_tolerance(x.dtype))
+    torch.testing.assert_close(module.grouped_mm(x, w, ends)[:12].double(), _reference_mm(x, w, ends),
+                               **_tolerance(x.dtype))
+
+
+@in_interpreter
+def test_bench_variants_pass_the_bench_check(interpreted):
+    """bench_grouped_gemm's wiring at a small size: every Triton variant's products against torch._grouped_mm
+    (bf16 on the CPU) through the bench's own correctness check."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_grouped_gemm
+    g = torch.Generator().manual_seed(6)
+    ends = _ends([0, 3, 37, 16, 0, 20])
+    M, K, N, E = int(ends[-1]), 32, 48, 6  # the bench's groups cover every row
+    xs = [torch.randn(M, K, generator=g).bfloat16()]
+    gs = [torch.randn(M, N, generator=g).bfloat16()]
+    w_n = [torch.randn(E, K, N, generator=g).bfloat16()]
+    variants = {"grouped": {"fwd": [lambda: torch._grouped_mm(xs[0], w_n[0], offs=ends)],
+                            "dX": [lambda: torch._grouped_mm(gs[0], w_n[0].transpose(-2, -1), offs=ends)],
+                            "dW": [lambda: torch._grouped_mm(xs[0].t(), gs[0], offs=ends)]}}
+    variants.update(interpreted.bench_variants(xs, gs, w_n, ends, 1))
+    errors = bench_grouped_gemm.check_variants(variants, ends)
+    assert {v for v, _ in errors} == {"triton", "triton BN=256", "triton dW accumulate fp32"}
+    assert max(errors.values()) < 1e-2
