@@ -242,7 +242,11 @@ class GroupedLinear(torch.autograd.Function):
     """y = grouped_mm(x, w, ends), whose backward adds dW straight into `main_grad` (fp32 [E, K, N], e.g.
     the fp32 master weight's .grad, which must exist) and then calls `on_grad_ready()` if given (the DP
     reducer's readiness count). w (the bf16 compute copy) gets no gradient of its own: its .grad stays
-    None. dX rows at and past ends[-1] are undefined, as the forward's rows are."""
+    None. dX rows at and past ends[-1] are undefined, as the forward's rows are.
+
+    The backward writes main_grad in place, by design; torch 2.11's compile mishandles autograd functions
+    that mutate tensors (tests/test_compile.py), so a compiled model should call this outside the compiled
+    graph (torch.compiler.disable). Not yet tried under torch.compile."""
 
     @staticmethod
     def forward(ctx, x, w, ends, main_grad, on_grad_ready):
