@@ -1,6 +1,7 @@
 """moe_gemm's Triton grouped GEMMs under Triton's interpreter on the CPU, against float64 per-group matmuls:
 grouped_mm (both weight layouts, fp32 and bf16), grouped_mm_wgrad (overwrite and accumulate into fp32) and
-the GroupedLinear autograd function; and the torch fallback where the kernels do not run.
+the GroupedLinear autograd function; the torch fallback where the kernels do not run; and on CUDA the
+compiled kernels, against float64, with no host sync.
 
 Triton runs a kernel interpreted only if TRITON_INTERPRET=1 when triton itself is imported (its own
 tl.sum, tl.cumsum... are jit functions too), so test_kernels_under_the_interpreter runs this file again in
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import run_without_host_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -278,3 +281,50 @@ def test_bench_variants_pass_the_bench_check(interpreted):
     errors = bench_grouped_gemm.check_variants(variants, ends)
     assert {v for v, _ in errors} == {"triton", "triton BN=256", "triton dW accumulate fp32"}
     assert max(errors.values()) < 1e-2
+
+
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="the compiled kernels need CUDA")
+
+
+@on_cuda
+@pytest.mark.parametrize("config", ["default", "wide"])
+def test_compiled_kernels_match_float64_without_a_host_sync(config):
+    """On the GPU, with groups of a few hundred rows: the forward (weights as stored), dX (their transposed
+    view) and the accumulating wgrad, run a second time (after compiling) under
+    torch.cuda.set_sync_debug_mode("error"), where a host sync raises (helpers.run_without_host_sync). bf16 outputs round to nearest on the
+    GPU: within half an ulp, 2^-8, plus the fp32 sum's rounding."""
+    pytest.importorskip("triton")
+    import moe_gemm
+    cfg = moe_gemm.BF16_CONFIG if config == "default" else moe_gemm.BF16_WIDE_CONFIG
+    g = torch.Generator().manual_seed(8)
+    sizes = [0, 100, 700, 128, 0, 1301, 5, 0]
+    ends = _ends(sizes)
+    valid = int(ends[-1])
+    K, N, E = 512, 384, len(sizes)
+    x = _poisoned_rows(valid + 300, K, valid, torch.bfloat16, g)
+    dy = _poisoned_rows(valid + 300, N, valid, torch.bfloat16, g)
+    w = (torch.randn(E, K, N, generator=g) * 0.05).bfloat16()
+    before = torch.randn(E, K, N, generator=g)
+    xc, dyc, wc, endsc = x.cuda(), dy.cuda(), w.cuda(), ends.cuda()
+
+    # Buffers made before the checked run: a copy from the host is itself a sync there (clones are not).
+    y0 = torch.full((valid + 300, N), float("nan"), dtype=torch.bfloat16).cuda()
+    main_grad0 = before.cuda()
+
+    def products():
+        y, main_grad = y0.clone(), main_grad0.clone()
+        moe_gemm.grouped_mm(xc, wc, endsc, cfg, out=y)
+        dx = moe_gemm.grouped_mm(dyc, wc.transpose(-2, -1), endsc, cfg)  # W^T: N is the contiguous dim
+        moe_gemm.grouped_mm_wgrad(xc, dyc, endsc, main_grad, True, cfg)
+        return y, dx, main_grad
+
+    y, dx, main_grad = run_without_host_sync(products)
+    y, dx, main_grad = y.cpu(), dx.cpu(), main_grad.cpu()
+    assert torch.isnan(y[valid:]).all() and not torch.isnan(y[:valid]).any()
+    bf16 = dict(rtol=2 ** -8 + 1e-4, atol=1e-4)
+    torch.testing.assert_close(y[:valid].double(), _reference_mm(x, w, ends), **bf16)
+    torch.testing.assert_close(dx[:valid].double(), _reference_mm(dy, w.transpose(-2, -1), ends), **bf16)
+    # fp32 sums of up to 1301 products of size ~1, partial sums ~36: a random walk of roundings of 2^-19
+    # each, ~7e-5 typical, a few times that at worst over 1.5M elements; a wrong row would add ~1.
+    torch.testing.assert_close(main_grad.double(), _reference_wgrad(x, dy, ends) + before.double(),
+                               rtol=1e-5, atol=1e-3)
