@@ -230,8 +230,9 @@ def grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, out:
     config = config or default_config(x.dtype)
     tiles = E * triton.cdiv(K, config.block_m) * triton.cdiv(N, config.block_n)
     programs = min(_num_programs(x.device), tiles)
-    _grouped_wgrad_kernel[(programs,)](x, dy, out, ends, K=K, N=N, E=E, NUM_PROGRAMS=programs,
-                                       ACCUMULATE=accumulate, **_launch_options(x, config))
+    if programs > 0:
+        _grouped_wgrad_kernel[(programs,)](x, dy, out, ends, K=K, N=N, E=E, NUM_PROGRAMS=programs,
+                                           ACCUMULATE=accumulate, **_launch_options(x, config))
     return out
 
 
