@@ -10,7 +10,11 @@ the same FLOPs with width F = k*f: gate_up [T, d] @ [d, 2F] and down [T, F] @ [F
   - `grouped`: torch._grouped_mm, weights [E, in, out] (GroupedExperts' layout);
   - `grouped, weights K-major`: the same weights stored [E, out, in] and passed transposed;
   - `grouped dW fp32 out`: the weight gradient written in fp32 (out_dtype), as an fp32 .grad would take it;
-  - `triton`, when the build has moe_gemm's kernels (moe_gemm.py): our grouped GEMM.
+  - `triton`, when the build has moe_gemm's kernels (moe_gemm.py): our grouped GEMM (`triton BN=256`: its
+    wider tile; `triton dW accumulate fp32`: dW added into an fp32 gradient, Megatron's accumulation fusion).
+Before timing, every variant's output on the first input set is checked against `grouped`'s: relative
+Frobenius error over the defined part (rows below ends[-1]; dW of non-empty groups), printed, and the bench
+stops with an error if one exceeds REL_TOL (bf16 outputs of sums of products: a few 1e-3 expected).
 Group sizes: balanced (--skew 0) or drawn with that coefficient of variation (log-normal, seeded), as real
 routing gives. Timing: CUDA events, warm-up first, median of --iters, inputs rotated over 3 sets so that
 no run reads its operands from L2 left by the last. Prints one table; JSON has every number.
@@ -46,6 +50,42 @@ def group_sizes(rows: int, experts: int, skew: float, seed: int = 0) -> torch.Te
     sizes = torch.floor(w / w.sum() * rows).to(torch.int64)
     sizes[torch.argsort(-w)[: rows - int(sizes.sum())]] += 1
     return sizes
+
+
+REL_TOL = 2e-2  # relative Frobenius error a correct bf16 variant stays well below
+
+
+def defined_part(out: torch.Tensor, product: str, ends: list) -> torch.Tensor:
+    """The part of a product's output that is defined: fwd, dX [M, N] rows below ends[-1]; dW [E, K, N]
+    the non-empty groups."""
+    if product == "dW":
+        sizes = [b - a for a, b in zip([0] + ends, ends)]
+        return out[[e for e, s in enumerate(sizes) if s > 0]]
+    return out[: ends[-1]]
+
+
+def check_variants(variants: dict, offs: torch.Tensor, reference: str = "grouped", tol: float = REL_TOL) -> dict:
+    """{(variant, product): relative Frobenius error} of each variant's first callable against the
+    reference variant's; SystemExit naming the failures if any exceeds tol."""
+    ends = offs.tolist()
+    refs = {p: defined_part(fns[0](), p, ends).float() for p, fns in variants[reference].items()}
+    errors, failed = {}, []
+    for vname, prods in variants.items():
+        for p, fns in prods.items():
+            if vname == reference:
+                continue
+            out = defined_part(fns[0](), p, ends).float()
+            err = float((out - refs[p]).norm() / refs[p].norm().clamp_min(1e-30))
+            errors[(vname, p)] = err
+            if not err <= tol:  # NaN fails too
+                failed.append(f"{vname} {p}: {err:.2e}")
+        cells = " ".join(f"{p} {errors[(vname, p)]:.1e}" for p in prods if (vname, p) in errors)
+        if cells:
+            print(f"check {vname:<28} relative error vs {reference}: {cells}")
+    if failed:
+        raise SystemExit(f"error: outputs differ from {reference}'s by more than {tol:.0e} (relative "
+                         f"Frobenius): {'; '.join(failed)}")
+    return errors
 
 
 def time_ms(fns, iters: int, warmup: int = 5) -> float:
@@ -105,9 +145,13 @@ def bench(T: int, d: int, f: int, E: int, k: int, skew: float, iters: int) -> li
             print(f"_grouped_mm out_dtype fp32: {str(e).splitlines()[0][:120]}")
         if moe_gemm is not None:
             variants.update(moe_gemm.bench_variants(xs, gs, w_n, offs, sets))
+        print(f"{name}, skew {skew}:")
+        errors = check_variants(variants, offs)
         for vname, prods in variants.items():
             row = {"gemm": name, "variant": vname, "skew": skew}
             for p, fns in prods.items():
+                if (vname, p) in errors:
+                    row[f"{p}_rel_err"] = errors[(vname, p)]
                 row[p] = flops / (time_ms(fns, iters) * 1e-3) / 1e12
                 row[f"{p}_of_dense"] = row[p] / dense_tf[p]
             out.append(row)

@@ -183,3 +183,31 @@ def test_real_run_side_of_the_nanogpt_bench_times_the_whole_run(monkeypatch):
     assert r["seconds"] == pytest.approx(elapsed[70] - elapsed[30])
     with pytest.raises(SystemExit, match="give more than 30"):
         bench_throughput.ours_real_run("too short", tiny, 30, eval_interval=20)
+
+
+def test_grouped_gemm_bench_checks_every_variant_against_grouped(capsys):
+    """bench_grouped_gemm's correctness check (on the CPU here): only the defined part is compared (rows below
+    ends[-1], dW of non-empty groups), and a variant off by more than the tolerance stops the bench."""
+    import bench_grouped_gemm
+    g = torch.Generator().manual_seed(0)
+    offs = torch.tensor([5, 5, 12], dtype=torch.int32)  # an empty group; rows 12..15 belong to none
+    x, w, dy = torch.randn(16, 8, generator=g), torch.randn(3, 8, 4, generator=g), torch.randn(16, 4, generator=g)
+    fwd = lambda: torch._grouped_mm(x, w, offs=offs)  # noqa: E731
+    dw = lambda: torch._grouped_mm(x.t(), dy, offs=offs)  # noqa: E731
+
+    def undefined_tail():
+        y = fwd().clone()
+        y[12:] = float("nan")
+        return y
+
+    def undefined_empty_group():
+        d = dw().clone()
+        d[1] = 1e9
+        return d
+
+    variants = {"grouped": {"fwd": [fwd], "dW": [dw]}, "same": {"fwd": [undefined_tail], "dW": [undefined_empty_group]}}
+    assert bench_grouped_gemm.check_variants(variants, offs) == {("same", "fwd"): 0.0, ("same", "dW"): 0.0}
+    variants["off by 5%"] = {"fwd": [lambda: fwd() * 1.05]}
+    with pytest.raises(SystemExit, match=r"off by 5% fwd: 5.00e-02"):
+        bench_grouped_gemm.check_variants(variants, offs)
+    assert "check off by 5%" in capsys.readouterr().out
