@@ -10,11 +10,12 @@ import contextlib
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from errors import InputError
@@ -269,9 +270,30 @@ class MLP(nn.Module):
         return self.down(F.silu(gate) * up), None
 
 
+# --recompute: the part of every layer whose activations the backward recomputes instead of keeping (Block).
+RECOMPUTE_MODES = ("none", "attention", "moe", "block")
+
+
+def recomputed(fn: Callable, *args):
+    """fn(*args), keeping for the backward only the inputs: the activations inside fn are freed after the
+    forward and recomputed by running fn again in the backward (non-reentrant torch.utils.checkpoint; under
+    torch.compile the partitioner recomputes them in the backward graph). The RNG state is replayed, so dropout
+    and router jitter draw the same noise again; a SparseMoE recomputed in eager mode counts nothing a second
+    time (moe_layers.in_recomputation)."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, topo: Topology):
+    """One transformer layer: x + attention(norm(x)), then + ffn(norm(x)), the FFN dense or MoE. `recompute`
+    (RECOMPUTE_MODES, set by GPT) picks what a training forward recomputes in the backward: "attention" the
+    attention sublayer (norm and attention), "moe" the feed-forward sublayer (norm and SparseMoE) of a MoE
+    layer (a dense layer keeps its MLP's activations), "block" the whole layer."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, topo: Topology, recompute: str = "none"):
         super().__init__()
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute}")
+        self.recompute = recompute
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaling of residual projections
         self.attn_norm = RMSNorm(cfg.hidden_size)
         self.attn = Attention(cfg, topo, out_std, layer_id)
@@ -286,24 +308,45 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, kv_cache: Optional[KVCache | StaticKVCache] = None,
                 input_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                 token_ids: Optional[torch.Tensor] = None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, kv_cache, input_pos, mask))
-        h = self.ffn_norm(x)
-        y, moe_loss = self.ffn(h, token_ids) if isinstance(self.ffn, SparseMoE) else self.ffn(h)
+        # Only a forward whose backward will run recomputes (never evaluation or decoding with its KV cache).
+        mode = self.recompute if self.training and torch.is_grad_enabled() else "none"
+        if mode == "block":
+            return recomputed(self._sublayers, x, cos, sin, kv_cache, input_pos, mask, token_ids, "none")
+        return self._sublayers(x, cos, sin, kv_cache, input_pos, mask, token_ids, mode)
+
+    def _sublayers(self, x, cos, sin, kv_cache, input_pos, mask, token_ids, mode: str):
+        """The two residual sublayers, "attention" or "moe" (mode) recomputed; the residual dropouts stay outside
+        (they keep only their masks)."""
+        x = x + self.drop(_recomputed_if(mode == "attention", self._attention, x, cos, sin, kv_cache, input_pos, mask))
+        moe = isinstance(self.ffn, SparseMoE)
+        y, moe_loss = _recomputed_if(mode == "moe" and moe, self._feed_forward, x, token_ids)
         return x + self.drop(y), moe_loss
+
+    def _attention(self, x, cos, sin, kv_cache, input_pos, mask) -> torch.Tensor:
+        return self.attn(self.attn_norm(x), cos, sin, kv_cache, input_pos, mask)
+
+    def _feed_forward(self, x, token_ids) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        h = self.ffn_norm(x)
+        return self.ffn(h, token_ids) if isinstance(self.ffn, SparseMoE) else self.ffn(h)
+
+
+def _recomputed_if(on: bool, fn: Callable, *args):
+    return recomputed(fn, *args) if on else fn(*args)
 
 
 class GPT(nn.Module):
-    """One pipeline stage of the model (the whole model when there is one stage)."""
+    """One pipeline stage of the model (the whole model when there is one stage). recompute: what every
+    layer recomputes in the backward (Block; a run option, the parameters are the same)."""
 
     def __init__(self, cfg: ModelConfig, topo: Topology, layer_ids: Optional[Sequence[int]] = None,
-                 first: bool = True, last: bool = True):
+                 first: bool = True, last: bool = True, recompute: str = "none"):
         super().__init__()
         self.cfg, self.topo, self.first, self.last = cfg, topo, first, last
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
         if first:
             self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, topo)
             self.embed_drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i, topo) for i in layer_ids})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, topo, recompute) for i in layer_ids})
         if last:
             self.norm = RMSNorm(cfg.hidden_size)
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, [cfg.vocab_size], topo)
