@@ -420,17 +420,28 @@ class GPT(nn.Module):
             p.copy_(shard_of(full, p, self.topo.tp_rank, self.topo.tp))
 
 
-def compile_model(model: GPT, scope: str) -> None:
+def compile_model(model: GPT, scope: str, backend: str = "inductor") -> None:
     """torch.compile a stage in place. 'blocks': each Block on its own; the layers of one kind share one
     compiled graph, so compilation is short, but every block is a separate call with its own guards and
     the embedding, final norm and loss run eagerly. 'model': the whole stage forward as one graph (and one
     backward graph), which removes those per-block calls and fuses across block boundaries, at the cost
-    of compiling every layer."""
+    of compiling every layer.
+
+    With --recompute, each recomputed part is traced as one checkpoint region and the partitioner recomputes it
+    in the backward graph. A MoE layer's statistics are Python side effects (its RoutingRecord), which torch.compile
+    refuses inside a region by default, since eager checkpointing replays them in the backward; here they must
+    happen once, in the forward (as moe_layers.in_recomputation makes eager code do), so that is what it is told.
+    A region that still does not trace whole (the CPU's fp32 expert GEMMs run eagerly; a torch without the option)
+    runs as eager checkpointing, at its speed, with the same results. `backend`: torch.compile's (the tests use
+    aot_eager, the same graphs and partitioner without inductor's code generation)."""
+    if any(blk.recompute != "none" for blk in model.layers.values()) and \
+            hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if scope == "model":
-        model.compile()
+        model.compile(backend=backend)
     elif scope == "blocks":
         for blk in model.layers.values():
-            blk.compile()
+            blk.compile(backend=backend)
     else:
         raise ValueError(f"compile scope must be blocks or model, got {scope}")
 
