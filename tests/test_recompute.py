@@ -1,11 +1,16 @@
 """--recompute none|attention|moe|block (activation checkpointing, model.recomputed): every mode trains as `none`
 does (losses, gradient norms, parameters, MoE statistics, bias-balanced expert biases), with dropout and router
 jitter drawing the same noise in the recomputation; the recomputed forward counts no token twice; the part
-really is recomputed in the backward and its activations are not kept; and the same holds under torch.compile
-(the partitioner's recomputation, and eager checkpointing where a region does not trace whole)."""
+really is recomputed in the backward and its activations are not kept; and the same holds under TP/EP, PP
+(1F1B), DP and torch.compile (the partitioner's recomputation, and eager checkpointing where a region does
+not trace whole)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +23,10 @@ from moe_layers import SparseMoE
 from moe_stats import StepStats
 from parallel import Topology
 
-from helpers import REL_TOL, _close, _detailed_argv, assert_same_run, tiny_cfg
+from helpers import (REL_TOL, ROOT, TESTS, _close, _detailed_argv, _run_against_one_process, assert_same_run,
+                     rank_envs, tiny_cfg)
+
+MODULE = Path(__file__).stem  # the worker subprocesses import this file by name
 
 MODES = [m for m in RECOMPUTE_MODES if m != "none"]
 NOISE = ["--dropout", "0.1", "--moe-input-jitter-eps", "0.1"]  # the recomputation must draw the same noise
@@ -273,3 +281,77 @@ def test_compiled_recompute_traces_whole_and_counts_once(one_thread):
     assert fallback["graph_breaks"] > 0
     # bf16: the MoE layer now runs as eager kernels round, not as the compiled graph does (measured 2e-3)
     _assert_same_microbatches(fallback, ref, tol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layouts and the compiled trainer: gloo processes against one eager process without recompute
+# --------------------------------------------------------------------------------------------------
+_ONE_PROCESS = {}  # one-process runs without recompute, per case
+QUIET = _detailed_argv(BIAS)  # no noise: dropout and jitter seeds differ between DP ranks and PP stages
+# TP ranks draw the jitter one process draws (not the attention dropout: a rank draws its own heads' masks)
+NOISY = _detailed_argv(BIAS + ["--moe-input-jitter-eps", "0.1"])
+LAYOUTS = [  # (id, reference argv, world size, flags)
+    ("tp2-ep2-block", "noisy", 2, ["--tensor-parallel-size", "2", "--recompute", "block"]),
+    ("pp2-1f1b-moe", "quiet", 2, ["--pipeline-parallel-size", "2", "--pipeline-schedule", "1f1b",
+                                  "--recompute", "moe"]),
+    ("dp2-attention", "quiet", 2, ["--recompute", "attention"]),
+    ("compiled-block", "quiet", 1, ["--compile", "--recompute", "block"]),  # CPU inductor, the trainer's scope
+]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case,world_size,flags", [l[1:] for l in LAYOUTS], ids=[l[0] for l in LAYOUTS])
+def test_layout_with_recompute_matches_one_process(case, world_size, flags, tmp_path, tmp_path_factory):
+    argv = NOISY if case == "noisy" else QUIET
+    ref, got = _run_against_one_process(_ONE_PROCESS, case, argv, world_size, flags, tmp_path, tmp_path_factory)
+    assert_same_run(got, ref)
+    assert_same_statistics(got, ref, other_layout=world_size > 1)
+
+
+def _tp_all_reduce_worker(out_path: str) -> None:
+    """One TP2 rank: the model's all-reduces in the forward and in the backward of one microbatch of a D M model,
+    per mode (parallel.all_reduced carries every TP all-reduce of the model)."""
+    import torch.distributed as dist
+    import parallel
+    topo = parallel.init_topology(2, 1, "cpu")
+    calls, where = Counter(), ["forward"]
+    plain = parallel.all_reduced
+
+    def counted(t, group_name, op="sum"):
+        calls[where[0]] += 1
+        return plain(t, group_name, op)
+    parallel.all_reduced = counted
+    out = {}
+    for mode in RECOMPUTE_MODES:
+        model = GPT(tiny_cfg(num_layers=2, moe_layer_interval=2, hidden_size=32, num_key_value_heads=2), topo,
+                    recompute=mode)
+        model.init_weights(0)
+        calls.clear()
+        where[0] = "forward"
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        loss, moe_loss = model(ids, ids)
+        where[0] = "backward"
+        (loss + moe_loss).backward()
+        out[mode] = dict(calls)
+    Path(f"{out_path}.{topo.rank}").write_text(json.dumps(out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_tp_recomputation_repeats_only_the_all_reduces_it_needs(tmp_path):
+    """Under TP the recomputation runs on every rank alike and stops once it has what the backward needs, so a
+    part's closing all-reduce is not repeated: attention and moe add none, block one per layer (the attention
+    projection's, whose output the feed-forward part's recomputation needs). Forward: the embedding's, 2 per
+    layer, 3 for the cross-entropy; backward: 2 per dense layer, 3 per MoE layer, 1 for the LM head."""
+    code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; "
+            f"t._tp_all_reduce_worker(sys.argv[1])")
+    with rank_envs(2) as env_of:
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "calls")], env=env_of(r),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+        logs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    for rank in range(2):
+        calls = json.loads((tmp_path / f"calls.{rank}").read_text())
+        assert calls == {"none": {"forward": 8, "backward": 6}, "attention": {"forward": 8, "backward": 6},
+                         "moe": {"forward": 8, "backward": 6}, "block": {"forward": 8, "backward": 8}}, calls
