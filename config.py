@@ -14,7 +14,7 @@ import torch
 
 from checkpoint import CheckpointError, check_hub, read_manifest
 from errors import InputError, OneLineParser
-from model import ModelConfig
+from model import RECOMPUTE_MODES, ModelConfig
 from moe_config import MoEConfig
 from options import (NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, HelpFormatter, add_options, check_flags, flag_defaults,
                      flag_values, flags, option, renamed)
@@ -52,6 +52,13 @@ class TrainingConfig:
     compile_scope: str = option("model", "with --compile: the whole stage in one graph (fewer launches and Python "
                                          "calls per step) or each transformer block on its own (one graph shared by "
                                          "the layers, shorter compilation)", choices=("blocks", "model"))
+    recompute: str = option("none", "activation recomputation in every layer: attention = the attention sublayer "
+                                    "(norm + attention), moe = the feed-forward sublayer of the MoE layers (norm + "
+                                    "MoE; dense MLP layers are not recomputed), block = the whole layer. Its "
+                                    "activations are freed after the forward and recomputed from its input in the "
+                                    "backward: one more forward of that part for less activation memory "
+                                    "(non-reentrant torch.utils.checkpoint; the same dropout and router jitter noise; "
+                                    "MoE statistics and bias-balancing loads counted once)", choices=RECOMPUTE_MODES)
     gc_interval: int = option(50, "0: Python's automatic garbage collector; N: freeze the objects of set-up, turn "
                                   "automatic collection off while training and collect the young generations every N "
                                   "steps", check=NON_NEGATIVE)

@@ -259,7 +259,8 @@ def setup(args, topo: Topology, precision: str, cleanup: contextlib.ExitStack) -
             raise InputError(f"--moe-expert-impl grouped: torch._grouped_mm does not run {precision} on {topo.device} "
                               f"with these sizes (use auto or loop)")
     layer_ids = stage_layer_ids(cfg.num_layers, topo.pp, topo.pp_rank)
-    model = GPT(cfg, topo, layer_ids, first=topo.is_first_stage, last=topo.is_last_stage)
+    model = GPT(cfg, topo, layer_ids, first=topo.is_first_stage, last=topo.is_last_stage,
+                recompute=args.recompute)
     model.init_weights(args.seed)
     model.to(topo.device)
     torch.manual_seed(args.seed + 100 * topo.pp_rank + 10_007 * topo.dp_rank)  # dropout; TP ranks share it

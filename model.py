@@ -10,11 +10,12 @@ import contextlib
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from errors import InputError
@@ -271,9 +272,30 @@ class MLP(nn.Module):
         return self.down(F.silu(gate) * up), None
 
 
+# --recompute: the part of every layer whose activations the backward recomputes instead of keeping (Block).
+RECOMPUTE_MODES = ("none", "attention", "moe", "block")
+
+
+def recomputed(fn: Callable, *args):
+    """fn(*args), keeping for the backward only the inputs: the activations inside fn are freed after the
+    forward and recomputed by running fn again in the backward (non-reentrant torch.utils.checkpoint; under
+    torch.compile the partitioner recomputes them in the backward graph). The RNG state is replayed, so dropout
+    and router jitter draw the same noise again; a SparseMoE recomputed in eager mode counts nothing a second
+    time (moe_layers.in_recomputation)."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, topo: Topology):
+    """One transformer layer: x + attention(norm(x)), then + ffn(norm(x)), the FFN dense or MoE. `recompute`
+    (RECOMPUTE_MODES, set by GPT) picks what a training forward recomputes in the backward: "attention" the
+    attention sublayer (norm and attention), "moe" the feed-forward sublayer (norm and SparseMoE) of a MoE
+    layer (a dense layer keeps its MLP's activations), "block" the whole layer."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, topo: Topology, recompute: str = "none"):
         super().__init__()
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute}")
+        self.recompute = recompute
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaling of residual projections
         self.attn_norm = RMSNorm(cfg.hidden_size)
         self.attn = Attention(cfg, topo, out_std, layer_id)
@@ -288,24 +310,45 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, kv_cache: Optional[KVCache | StaticKVCache] = None,
                 input_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                 token_ids: Optional[torch.Tensor] = None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, kv_cache, input_pos, mask))
-        h = self.ffn_norm(x)
-        y, moe_loss = self.ffn(h, token_ids) if isinstance(self.ffn, SparseMoE) else self.ffn(h)
+        # Only a forward whose backward will run recomputes (never evaluation or decoding with its KV cache).
+        mode = self.recompute if self.training and torch.is_grad_enabled() else "none"
+        if mode == "block":
+            return recomputed(self._sublayers, x, cos, sin, kv_cache, input_pos, mask, token_ids, "none")
+        return self._sublayers(x, cos, sin, kv_cache, input_pos, mask, token_ids, mode)
+
+    def _sublayers(self, x, cos, sin, kv_cache, input_pos, mask, token_ids, mode: str):
+        """The two residual sublayers, "attention" or "moe" (mode) recomputed; the residual dropouts stay outside
+        (they keep only their masks)."""
+        x = x + self.drop(_recomputed_if(mode == "attention", self._attention, x, cos, sin, kv_cache, input_pos, mask))
+        moe = isinstance(self.ffn, SparseMoE)
+        y, moe_loss = _recomputed_if(mode == "moe" and moe, self._feed_forward, x, token_ids)
         return x + self.drop(y), moe_loss
+
+    def _attention(self, x, cos, sin, kv_cache, input_pos, mask) -> torch.Tensor:
+        return self.attn(self.attn_norm(x), cos, sin, kv_cache, input_pos, mask)
+
+    def _feed_forward(self, x, token_ids) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        h = self.ffn_norm(x)
+        return self.ffn(h, token_ids) if isinstance(self.ffn, SparseMoE) else self.ffn(h)
+
+
+def _recomputed_if(on: bool, fn: Callable, *args):
+    return recomputed(fn, *args) if on else fn(*args)
 
 
 class GPT(nn.Module):
-    """One pipeline stage of the model (the whole model when there is one stage)."""
+    """One pipeline stage of the model (the whole model when there is one stage). recompute: what every
+    layer recomputes in the backward (Block; a run option, the parameters are the same)."""
 
     def __init__(self, cfg: ModelConfig, topo: Topology, layer_ids: Optional[Sequence[int]] = None,
-                 first: bool = True, last: bool = True):
+                 first: bool = True, last: bool = True, recompute: str = "none"):
         super().__init__()
         self.cfg, self.topo, self.first, self.last = cfg, topo, first, last
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
         if first:
             self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, topo)
             self.embed_drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i, topo) for i in layer_ids})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, topo, recompute) for i in layer_ids})
         if last:
             self.norm = RMSNorm(cfg.hidden_size)
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, [cfg.vocab_size], topo)
@@ -379,17 +422,28 @@ class GPT(nn.Module):
             p.copy_(shard_of(full, p, *shard_coords(p, self.topo)))
 
 
-def compile_model(model: GPT, scope: str) -> None:
+def compile_model(model: GPT, scope: str, backend: str = "inductor") -> None:
     """torch.compile a stage in place. 'blocks': each Block on its own; the layers of one kind share one
     compiled graph, so compilation is short, but every block is a separate call with its own guards and
     the embedding, final norm and loss run eagerly. 'model': the whole stage forward as one graph (and one
     backward graph), which removes those per-block calls and fuses across block boundaries, at the cost
-    of compiling every layer."""
+    of compiling every layer.
+
+    With --recompute, each recomputed part is traced as one checkpoint region and the partitioner recomputes it
+    in the backward graph. A MoE layer's statistics are Python side effects (its RoutingRecord), which torch.compile
+    refuses inside a region by default, since eager checkpointing replays them in the backward; here they must
+    happen once, in the forward (as moe_layers.in_recomputation makes eager code do), so that is what it is told.
+    A region that still does not trace whole (the CPU's fp32 expert GEMMs run eagerly; a torch without the option)
+    runs as eager checkpointing, at its speed, with the same results. `backend`: torch.compile's (the tests use
+    aot_eager, the same graphs and partitioner without inductor's code generation)."""
+    if any(blk.recompute != "none" for blk in model.layers.values()) and \
+            hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if scope == "model":
-        model.compile()
+        model.compile(backend=backend)
     elif scope == "blocks":
         for blk in model.layers.values():
-            blk.compile()
+            blk.compile(backend=backend)
     else:
         raise ValueError(f"compile scope must be blocks or model, got {scope}")
 

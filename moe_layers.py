@@ -373,6 +373,15 @@ class GroupedExperts(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # SparseMoE
 # --------------------------------------------------------------------------------------------------
+def in_recomputation() -> bool:
+    """Whether this forward is activation checkpointing's recomputation (model.recomputed, --recompute): in eager
+    mode torch.utils.checkpoint runs the layer's Python again inside the backward, where it must not count its
+    tokens again (step_load) nor leave another RoutingRecord. A forward running inside the autograd engine is
+    that (FSDP2 tells the backward the same way). Compiled code never runs Python in the backward (the
+    partitioner recomputes in the backward graph), so it is traced as False."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class SparseMoE(nn.Module):
     """Mixture-of-experts FFN: route, sort the assignments by expert -> gather -> grouped GEMM -> combine.
     Built from a MoEConfig (moe_config.py, checked there), as torchtitan's MoE(moe_args, dim, hidden_dim).
@@ -457,7 +466,8 @@ class SparseMoE(nn.Module):
     def _token_choice(self, x: torch.Tensor, shape: torch.Size,
                       token_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens, k, E = x.shape[0], self.top_k, self.num_experts
-        record = self.training and self.record_routing
+        counted = self.training and not in_recomputation()  # its tokens go into the load and statistics
+        record = counted and self.record_routing
 
         with phase("moe/router"):
             if self.routing == "hash":
@@ -472,7 +482,7 @@ class SparseMoE(nn.Module):
             aux = load_balancing_loss(r.probs, counts, k)
             # Hash routing has no router, hence no logits and no z-loss (its aux loss has no gradient).
             z = router_z_loss(r.logits) if r.logits is not None else x.new_zeros((), dtype=torch.float32)
-            if self.step_load is not None and self.training:
+            if self.step_load is not None and counted:
                 self.step_load.add_(counts)
         weights, routed, kept, drops, capacity = r.weights, counts, None, None, None  # routed: what the experts compute
         if self.token_capacity_factor > 0:
@@ -537,7 +547,7 @@ class SparseMoE(nn.Module):
             capacity = expert_choice_capacity(num_tokens, k, E, self.capacity_factor)
             choice = route_expert_choice(scores, capacity, self.gate)  # [E, C] tokens and weights
             z = router_z_loss(logits)
-        if self.training and self.record_routing:
+        if self.training and self.record_routing and not in_recomputation():
             self.last_routing = self._expert_choice_record(choice, scores, probs, z, capacity)
         if self.topo.ep_all_to_all:
             with phase("moe/all_to_all_experts"):

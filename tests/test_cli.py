@@ -21,6 +21,7 @@ BAD_FLAGS = {
     "dropout_out_of_range": (["--dropout", "1.5"], "--dropout"),
     "tp_exceeds_world": (["--tensor-parallel-size", "3"], "--tensor-parallel-size"),
     "argparse_bad_choice": (["--moe-expert-impl", "fast"], "--moe-expert-impl"),  # argparse's own error path
+    "recompute_bad_choice": (["--recompute", "foo"], "--recompute"),
     "ep_not_tp": (["--expert-parallel-size", "2"], "--expert-parallel-size"),
     "switch_given_a_value": (["--compile", "yes"], "--compile"),  # argparse alone: "unrecognized arguments: yes"
     "grad_reduce_without_dp": (["--grad-reduce-dtype", "bf16"], "--grad-reduce-dtype"),  # one process: DP 1
