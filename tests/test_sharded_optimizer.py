@@ -74,7 +74,8 @@ def test_sharded_optimizer_with_bf16_reduction_is_the_unsharded_run(tmp_path):
         (tmp_path / name).mkdir()
         runs.append(_launch(2, _base_argv("mixed") + ["--grad-reduce-dtype", "bf16"] + NO_CLIP + flags,
                             tmp_path / name))
-    assert runs[0]["losses"] == runs[1]["losses"] and runs[0]["grad_norms"] == runs[1]["grad_norms"]
+    assert runs[0]["losses"] == runs[1]["losses"]
+    assert runs[1]["grad_norms"] == pytest.approx(runs[0]["grad_norms"], rel=1e-6)  # summed in another order
     for key, t in runs[0]["state"].items():
         assert torch.equal(runs[1]["state"][key], t), key
 
