@@ -32,6 +32,7 @@ LAYOUTS = [  # (id, world size, model, model flags (the one-process run has them
     ("pp2-dp2-ep2-capacity", 4, "mixed", ["--moe-capacity-factor", "1.25", "--moe-drop-policy", "probs"], PP2 + EP2),
     ("dp2-ep2-capacity", 2, "mixed", CAPACITY, EP2),
     ("dp2-ep2-hash", 2, "mixed", ["--moe-routing", "hash"], EP2),
+    ("dp2-ep2-recompute", 2, "mixed", [], EP2 + ["--recompute", "block"]),  # the exchanges run again in the backward
 ]
 _REFERENCES = {}
 
