@@ -184,11 +184,12 @@ sys.exit(minimal_pretrain.main(sys.argv[3:]))
 """
 
 
-# Saves at steps 1 and 2 (keep-last 1). Per save: torch.save shard, torch.save rng; os.replace of the
+# Saves at steps 1 and 2 (keep-last 1). Per save: torch.save shard, experts, rng; os.replace of the
 # directory, of the `latest` marker, then (second save) of the old checkpoint to its .del- name.
 KILL_POINTS = {  # (point, nth call): the checkpoint --resume auto must find afterwards
-    "shard_write_of_2nd_save": ("save", 3, 1),
-    "rng_write_of_2nd_save": ("save", 4, 1),
+    "shard_write_of_2nd_save": ("save", 4, 1),
+    "experts_write_of_2nd_save": ("save", 5, 1),
+    "rng_write_of_2nd_save": ("save", 6, 1),
     "before_rename_of_2nd_save": ("replace", 3, 1),
     "before_latest_marker_of_2nd_save": ("replace", 4, 2),
     "while_deleting_the_1st": ("replace", 5, 2),

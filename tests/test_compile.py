@@ -65,6 +65,9 @@ def test_autograd_functions_run_no_in_place_op(one_rank_group):
         parallel._ReduceFromTP: case(lambda x: parallel._ReduceFromTP.apply(x, one_rank_group.group_name), (T, d)),
         parallel._VocabParallelCrossEntropy: case(lambda z: parallel._VocabParallelCrossEntropy.apply(
             z, torch.randint(0, V, (T,), generator=g), 0, one_rank_group.group_name), (T, V)),
+        parallel._SplitToTP: case(lambda x: parallel._SplitToTP.apply(x, 0, 1, one_rank_group.group_name), (T, d)),
+        parallel._GatherFromTP: case(lambda x: parallel._GatherFromTP.apply(x, 0, 1, one_rank_group.group_name), (T, d)),
+        parallel._AllToAll: case(lambda x: parallel._AllToAll.apply(x, [T], [T], one_rank_group.group_name), (T, d)),
         moe_ops._PermuteTokens: case(lambda x: moe_ops.permute_tokens(x, inverse, k), (T, d)),
         moe_ops._UnpermuteCombine: case(lambda y, w: moe_ops.unpermute_combine(y, inverse, w), (T * k, d), (T, k)),
         moe_ops._SwiGLU: case(moe_ops.swiglu, (T, 2 * d)),
