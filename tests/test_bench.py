@@ -211,3 +211,43 @@ def test_grouped_gemm_bench_checks_every_variant_against_grouped(capsys):
     with pytest.raises(SystemExit, match=r"off by 5% fwd: 5.00e-02"):
         bench_grouped_gemm.check_variants(variants, offs)
     assert "check off by 5%" in capsys.readouterr().out
+
+
+_MEMORY_MODEL = ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2", "--num-attention-heads", "4",
+                 "--num-key-value-heads", "2", "--max-seq-length", "16", "--num-experts", "4"]
+
+
+def test_bench_memory_states_by_hand(capsys):
+    """bench_memory's model states: 4 + 4 + 8 bytes per parameter (+2 per expert weight for the bf16 copies), the
+    moments 1/DP of it with the sharded optimizer, and the experts split over EP with EP over DP."""
+    import bench_memory
+    from model import GPT
+    from parallel import Topology, is_expert_param
+    cfg = ModelConfig.from_dict({"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_seq_length": 16,
+                                 "num_experts": 4})
+    model = GPT(cfg, Topology())
+    experts = sum(p.numel() for p in model.parameters() if is_expert_param(p))
+    total = sum(p.numel() for p in model.parameters())
+    plain = bench_memory.model_state_bytes(_MEMORY_MODEL, dp=2)
+    assert plain == {"params": 4 * total, "grads": 4 * total, "moments": 8 * total, "bf16_expert_copies": 2 * experts,
+                     "total": 16 * total + 2 * experts}
+    sharded = bench_memory.model_state_bytes(_MEMORY_MODEL, dp=2, shard=True)
+    assert sharded["moments"] == 8 * (-(-(total - experts) // 2) + -(-experts // 2))
+    ep2 = bench_memory.model_state_bytes(_MEMORY_MODEL, dp=2, ep=2)
+    assert ep2["params"] == 4 * (total - experts // 2) and ep2["bf16_expert_copies"] == experts
+
+
+@pytest.mark.multiprocess
+def test_bench_memory_check_agrees_with_what_the_ranks_hold(tmp_path):
+    """Under torchrun on the CPU every rank counts the bytes it holds (parameters, gradient buckets, AdamW moments)
+    and they equal the computed ones, with the sharded optimizer and EP over DP."""
+    for extra in (["--shard-optimizer"], ["--expert-parallel-size", "2", "--shard-optimizer"]):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(ROOT / "bench" / "bench_memory.py"), "check", "--", *_MEMORY_MODEL, "--device", "cpu",
+                            "--global-batch-size", "8", "--data", str(ROOT / "README.md"), *extra],
+                           cwd=tmp_path, env={**_clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        reports = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"rank"')]
+        assert len(reports) == 2 and all(rep["agree"] for rep in reports), reports
