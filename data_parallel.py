@@ -69,8 +69,8 @@ class DataParallelGrads:
 
     shard_optimizer (ZeRO-1, module docstring): `optimizer_params` are then the slices this rank steps (views into
     the parameters' flat buffers, each carrying `zero_of = (parameter, first, end)` and `zero_axis`, the group its
-    bucket is sharded over), and
-    `gather_params()` after the optimizer step brings every rank's parameters up to date.
+    bucket is sharded over), and `gather_params()` after the optimizer step brings every rank's parameters up to
+    date.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], topo: Topology, bucket_size_mb: float = 25.0,
