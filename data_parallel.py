@@ -7,11 +7,13 @@ expert-data-parallel (EDP) group, the ranks holding the same experts (the DP gro
 ranks when EP spans DP ranks, parallel.Topology). Each bucket belongs to one of the two groups.
 
 Sharded optimizer: every bucket (padded to a multiple of its group's size) is cut into one contiguous slice per
-rank of its group. The backward reduce-scatters each bucket, so a rank receives the summed gradient of its own
-slice only; AdamW holds moments for that slice only (1/N of them per rank) and steps it; the parameters, which
-live in a flat buffer per bucket (the model's parameters are views into it), are then all-gathered. The model's
-parameters are fp32, so they are their own master copy: sharding saves the two fp32 moments, 8 bytes per
-parameter times (N - 1) / N.
+rank of its group. The backward reduce-scatters each bucket in place, so a rank's own slice of the bucket
+receives the summed gradient (the rest keeps its local, unreduced values, which nothing reads); AdamW holds
+moments for that slice only (1/N of them per rank) and steps it; the parameters, which live in a flat buffer per
+bucket (the model's parameters are views into it), are then all-gathered in place. The model's parameters are
+fp32, so they are their own master copy, kept whole on every rank (what ZeRO-1 would shard as the fp32 master
+slice is here the parameter itself): sharding saves the two fp32 moments, 8 bytes per parameter times
+(N - 1) / N, and allocates nothing else for as long as the run lasts.
 """
 from __future__ import annotations
 
@@ -39,9 +41,8 @@ class Bucket:
     rank: int
     flat: torch.Tensor = None  # [numel padded] fp32 gradients; each parameter's .grad is a view into it
     offsets: list = field(default_factory=list)  # each parameter's first element in flat
-    # Sharded optimizer only:
-    flat_param: Optional[torch.Tensor] = None  # [numel padded] fp32 parameters; the parameters are views into it
-    reduced: Optional[torch.Tensor] = None     # [numel padded / size] this rank's slice of the summed gradients
+    # Sharded optimizer only: [numel padded] fp32 parameters; the parameters are views into it.
+    flat_param: Optional[torch.Tensor] = None
 
     @property
     def sharded(self) -> bool:
@@ -132,8 +133,6 @@ class DataParallelGrads:
         for p, off in zip(b.params, b.offsets):
             b.flat_param[off:off + p.numel()].copy_(p.detach().reshape(-1))
             p.data = b.flat_param[off:off + p.numel()].view_as(p)
-        lo, hi = b.slice
-        b.reduced = torch.zeros(hi - lo, device=b.flat.device, dtype=torch.float32)
 
     def _slices(self, b: Bucket) -> list:
         lo, hi = b.slice
@@ -143,7 +142,7 @@ class DataParallelGrads:
             if start >= end:
                 continue
             q = nn.Parameter(b.flat_param[start:end])  # shares the bucket's storage: the step updates the model
-            q.grad = b.reduced[start - lo:end - lo]
+            q.grad = b.flat[start:end]  # the reduced part of the gradient bucket
             q.zero_of, q.zero_axis = (p, start - off, end - off), b.axis
             if shard_axis(p) is not None:  # the norm sums a sharded parameter's slices over its shard group too
                 q.tp_split, q.shard_axis = p.tp_split, p.shard_axis
@@ -164,7 +163,8 @@ class DataParallelGrads:
         if not hasattr(self, "_optimizer_params"):
             whole = [p for b in self.buckets if not b.sharded for p in b.params]
             sliced = [q for b in self.buckets if b.sharded for q in self._slices(b)]
-            self._optimizer_params = sliced + [p for p in self.params if p in set(whole)]
+            whole = set(whole)
+            self._optimizer_params = sliced + [p for p in self.params if p in whole]
         return self._optimizer_params
 
     def _attach_views(self) -> None:
@@ -177,7 +177,7 @@ class DataParallelGrads:
     def _reset_counters(self) -> None:
         self.ready = [0] * len(self.buckets)
         self.next_to_launch = 0
-        self.in_flight = []  # (bucket, the tensor sent, the tensor received, the work handle)
+        self.in_flight = []  # (bucket, the tensor sent, the work handle)
 
     def zero_grad(self) -> None:
         for b in self.buckets:
@@ -202,14 +202,12 @@ class DataParallelGrads:
                 continue
             with phase("dp/all_reduce_launch"):
                 sent = b.flat.to(self.reduce_dtype)  # the bucket itself when the dtypes agree
-                if b.sharded:
-                    received = b.reduced if self.reduce_dtype == torch.float32 else \
-                        torch.empty(b.reduced.numel(), device=sent.device, dtype=self.reduce_dtype)
-                    handle = dist.reduce_scatter_tensor(received, sent, group=self._group(b), async_op=True)
+                if b.sharded:  # in place: this rank's slice of what is sent receives the sum
+                    lo, hi = b.slice
+                    handle = dist.reduce_scatter_tensor(sent[lo:hi], sent, group=self._group(b), async_op=True)
                 else:
-                    received = sent
                     handle = dist.all_reduce(sent, group=self._group(b), async_op=True)
-                self.in_flight.append((b, sent, received, handle))
+                self.in_flight.append((b, sent, handle))
 
     def finish(self) -> None:
         """Completes the gradient reduction of this step (launching buckets no hook completed)."""
@@ -217,11 +215,11 @@ class DataParallelGrads:
             return
         self._launch_ready(force=True)
         with phase("dp/all_reduce_wait"):
-            for b, sent, received, handle in self.in_flight:
+            for b, sent, handle in self.in_flight:
                 handle.wait()
-                target = b.reduced if b.sharded else b.flat
-                if received is not target:
-                    target.copy_(received)
+                if sent is not b.flat:  # the bf16 copy: the sum back into fp32 (this rank's slice when sharded)
+                    part = slice(*b.slice) if b.sharded else slice(None)
+                    b.flat[part].copy_(sent[part])
         self._reset_counters()
         self.sync = False
 
@@ -233,8 +231,8 @@ class DataParallelGrads:
         with phase("dp/all_gather_params"):
             for b in self.buckets:
                 if b.sharded:
-                    lo, hi = b.slice
-                    handles.append(dist.all_gather_into_tensor(b.flat_param, b.flat_param[lo:hi].clone(),
+                    lo, hi = b.slice  # in place: this rank's slice is already where it goes
+                    handles.append(dist.all_gather_into_tensor(b.flat_param, b.flat_param[lo:hi],
                                                                group=self._group(b), async_op=True))
             for h in handles:
                 h.wait()
