@@ -4,6 +4,11 @@ the `multiprocess` marker, so that the unit tests can run alone:
 
     python -m pytest tests -m "not multiprocess"
 
+The tests that check a parallel layout's training run against one process's (to helpers.REL_TOL) also carry
+`layout_equivalence`: test_moe.py runs them a second time with ATEN_CPU_CAPABILITY=default (other kernels,
+other fp32 rounding), as CI does. test_compile's and test_multinode's runs against one process are not marked:
+they test compilation and torchrun agents, on layouts (TP2; TP2 x PP2) that marked tests cover.
+
 Shared helpers are in helpers.py; a fixture used by several files is here, one used by one file stays there.
 """
 import sys
@@ -18,6 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts other processes (distributed gloo runs, torchrun, "
                                        "command-line runs); deselect with -m 'not multiprocess'")
+    config.addinivalue_line("markers", "layout_equivalence: a parallel layout's training run against one "
+                                       "process's (helpers.REL_TOL); test_moe.py reruns them with "
+                                       "ATEN_CPU_CAPABILITY=default")
 
 
 @pytest.fixture

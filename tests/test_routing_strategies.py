@@ -474,6 +474,7 @@ STRATEGY_METRICS = ("drop_rate", "token_drop_rate", "used_capacity", "used_capac
 
 
 @pytest.mark.multiprocess
+@pytest.mark.layout_equivalence
 @pytest.mark.parametrize("case,world_size,flags", [(c, w, f) for c, _, w, f in STRATEGY_LAYOUTS],
                          ids=[f"{c}-{i}" for c, i, _, _ in STRATEGY_LAYOUTS])
 def test_routing_strategies_same_under_layouts(case, world_size, flags, tmp_path, tmp_path_factory):
