@@ -11,6 +11,7 @@ they test compilation and torchrun agents, on layouts (TP2; TP2 x PP2) that mark
 
 Shared helpers are in helpers.py; a fixture used by several files is here, one used by one file stays there.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "layout_equivalence: a parallel layout's training run against one "
                                        "process's (helpers.REL_TOL); test_moe.py reruns them with "
                                        "ATEN_CPU_CAPABILITY=default")
+    # Inductor (torch 2.13) takes from its on-disk cache C++ it generated for this CPU's own vector ISA even when
+    # ATEN_CPU_CAPABILITY asks for another, and under "default" that code does not compile ("'at::vec' has not
+    # been declared": the TP2 --compile test, run after a run without the variable). One cache per capability.
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"  # the ranks inherit it
 
 
 @pytest.fixture
