@@ -104,14 +104,42 @@ def expert_choice_capacity(num_tokens: int, top_k: int, num_experts: int, capaci
     return min(num_tokens, expert_capacity(num_tokens, top_k, num_experts, factor))
 
 
+# Scores within this relative distance of the cut tie with it (keep_highest: expert choice, the "probs" drop
+# policy). Tokens with the same hidden state (a sequence that opens with a run of one token, sequences that open
+# with the same token) have mathematically equal scores that fp32 rounding leaves up to 1.5e-7 apart (measured
+# in the layout tests' runs), in an order that changes with the parallel layout and the CPU kernels. 2^-21
+# (4.8e-7, about 4 ulps) is above that and below the closest distinct scores those runs had at a cut (6.3e-7).
+SCORE_TIE_RTOL = 2.0 ** -21
+
+
+def keep_highest(scores: torch.Tensor, capacity: int) -> torch.Tensor:
+    """scores [R, N] (-inf: not a candidate) -> [R, N] bool: every row keeps its `capacity` highest candidates
+    (all of them if it has no more). Ties at the cut go to the lowest indices: the scores within SCORE_TIE_RTOL
+    (relative) of the row's capacity-th highest count as equal to it, and the earliest of those fill the
+    places left, so the rounding, which differs between layouts and CPU kernels, does not decide which of
+    equal tokens are kept. On the device, no host sync."""
+    candidates = scores > -math.inf
+    if capacity >= scores.shape[-1]:
+        return candidates
+    kth = scores.topk(capacity, dim=-1).values[:, -1:]  # [R, 1] the cut; -inf in a row of fewer candidates
+    tol = kth.abs() * SCORE_TIE_RTOL
+    above, tied = scores > kth + tol, (scores - kth).abs() <= tol
+    places = capacity - above.sum(dim=-1, keepdim=True)  # [R, 1] left for the tied (at least 1)
+    keep = above | (tied & (tied.cumsum(dim=-1) <= places))
+    return torch.where(kth > -math.inf, keep, candidates)
+
+
 def route_expert_choice(scores: torch.Tensor, capacity: int, gate: str = "soft") -> ExpertChoice:
     """Expert-choice routing (Zhou et al. 2022): scores [T, E] -> every expert takes the `capacity` tokens
     with its highest scores s[t, e], so every expert gets exactly C tokens and a token zero, one or several
     experts. Soft gate: token t's output from expert e is weighted s[t, e] (not renormalised); hard: 1.
-    The choice of a token depends on every token of the batch, later positions included."""
-    top = scores.t().topk(capacity, dim=-1)  # [E, C]: each expert's top-C tokens
-    weights = top.values if gate == "soft" else torch.ones_like(top.values)
-    return ExpertChoice(top.indices, weights)
+    The choice of a token depends on every token of the batch, later positions included. Ties at the cut go
+    to the earlier tokens (keep_highest)."""
+    s = scores.detach().t()  # [E, T]
+    take = keep_highest(s, capacity)  # [E, T], exactly C per expert
+    tokens = torch.where(take, s, -math.inf).topk(capacity, dim=-1).indices  # [E, C] taken, highest score first
+    weights = scores.t().gather(1, tokens) if gate == "soft" else torch.ones_like(tokens, dtype=scores.dtype)
+    return ExpertChoice(tokens, weights)
 
 
 class TopKRouter(nn.Module):
@@ -211,8 +239,13 @@ def capacity_mask(indices: torch.Tensor, scores: torch.Tensor, counts: torch.Ten
       position: the earliest positions in the sequence, across the microbatch's sequences (position 0 of
                 every sequence, then position 1, ...; ties by sequence index). seq_len: tokens per
                 sequence (default: all T tokens are one sequence).
-      probs:    the highest router scores s[t, e] (ties: the earlier token in [batch * seq] order).
-    On the device, no host sync: one or two sorts and a cumsum."""
+      probs:    the highest router scores s[t, e] (ties, to within SCORE_TIE_RTOL: the earlier token in
+                [batch * seq] order; keep_highest).
+    On the device, no host sync: a sort and a cumsum (position), keep_highest (probs)."""
+    if policy == "probs":  # each expert's row holds the scores of the tokens routed to it
+        routed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)  # [T, E]
+        keep = keep_highest(torch.where(routed, scores.detach(), -math.inf).t(), capacity)  # [E, T]
+        return keep.t().gather(1, indices)
     num_tokens, k = indices.shape
     n = num_tokens * k
     flat = indices.reshape(-1)  # [T*k]
@@ -222,10 +255,6 @@ def capacity_mask(indices: torch.Tensor, scores: torch.Tensor, counts: torch.Ten
         token = arange // k
         # Rank of each token in position-major order: t = (b, p) -> p * B + b.
         priority = (token % seq_len) * (num_tokens // seq_len) + token // seq_len
-    elif policy == "probs":
-        s = scores.detach().gather(-1, indices).reshape(-1)  # [T*k]
-        priority = torch.empty_like(arange)
-        priority[torch.argsort(-s, stable=True)] = arange  # 0 = highest score
     else:
         raise ValueError(f"drop policy must be one of {DROP_POLICIES}, got {policy}")
     # Sort by (expert, priority); keys are unique (a token is routed to an expert at most once).

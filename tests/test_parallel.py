@@ -77,6 +77,7 @@ LAYOUTS = [  # (id, world size, extra flags, model)
 
 
 @pytest.mark.multiprocess
+@pytest.mark.layout_equivalence
 @pytest.mark.parametrize("world_size,flags,moe", [l[1:] for l in LAYOUTS], ids=[l[0] for l in LAYOUTS])
 def test_layout_matches_single_process(world_size, flags, moe, tmp_path, tmp_path_factory):
     ref = _reference(moe, tmp_path_factory)
@@ -98,6 +99,7 @@ def test_dp_gradient_reduce_in_bf16_is_the_one_process_run_to_bf16_rounding(tmp_
 
 
 @pytest.mark.multiprocess
+@pytest.mark.layout_equivalence
 def test_pp_uneven_split_matches_single_process(tmp_path, tmp_path_factory):
     """3 stages over 4 layers: the balanced split gives the remainder to the first stage (2+1+1)."""
     ref = _reference("mixed", tmp_path_factory)

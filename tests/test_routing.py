@@ -432,6 +432,7 @@ _ROUTING_REFERENCE = {}
 
 
 @pytest.mark.multiprocess
+@pytest.mark.layout_equivalence
 @pytest.mark.parametrize("case,world_size,flags", [(c, w, f) for c, _, w, f in ROUTING_LAYOUTS],
                          ids=[f"{c}-{i}" for c, i, _, _ in ROUTING_LAYOUTS])
 def test_capacity_and_bias_same_under_layouts(case, world_size, flags, tmp_path, tmp_path_factory):
@@ -453,6 +454,7 @@ def test_capacity_and_bias_same_under_layouts(case, world_size, flags, tmp_path,
 
 
 @pytest.mark.multiprocess
+@pytest.mark.layout_equivalence
 def test_input_jitter_same_under_tp2(tmp_path, tmp_path_factory):
     """TP ranks share the dropout seed, so they draw the same jitter, and the same as one process (DP1, PP1):
     TP2/EP2 trains as one process does. The jitter acts: one process differs from the run without it."""

@@ -433,6 +433,7 @@ def _util_items(rec: dict) -> dict:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.layout_equivalence
 @pytest.mark.parametrize("world_size,flags,ep", [l[1:] for l in METRIC_LAYOUTS], ids=[l[0] for l in METRIC_LAYOUTS])
 def test_moe_metrics_same_under_layouts(world_size, flags, ep, tmp_path, tmp_path_factory):
     ref = _metrics_reference(tmp_path_factory)
