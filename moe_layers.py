@@ -112,21 +112,32 @@ def expert_choice_capacity(num_tokens: int, top_k: int, num_experts: int, capaci
 SCORE_TIE_RTOL = 2.0 ** -21
 
 
+def _tie_broken(scores: torch.Tensor, capacity: int) -> torch.Tensor:
+    """scores [R, N] -> [R, N] float64 keys whose top `capacity` of each row are the row's `capacity` highest
+    scores, with ties at the cut going to the lowest indices: the scores within SCORE_TIE_RTOL (relative) of the
+    row's capacity-th highest become the cut's value less index * 2^-48 of it, so that the earliest of them come
+    first. The shift (at most 2^-28 of the cut for a million columns) stays far inside the tolerance, and far above
+    float64's resolution, so no other order changes. Only elementwise ops and a top-k: no scan or sort, which
+    inductor's CUDA code generation failed on here (a cumsum along the rows, measured on an H200)."""
+    kth = scores.topk(capacity, dim=-1).values[:, -1:].double()  # [R, 1] the cut
+    tied = (scores.double() - kth).abs() <= kth.abs() * SCORE_TIE_RTOL
+    index = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.float64)
+    step = kth.abs().clamp_min(1e-30) * 2.0 ** -48
+    return torch.where(tied, kth - index * step, scores.double())
+
+
 def keep_highest(scores: torch.Tensor, capacity: int) -> torch.Tensor:
     """scores [R, N] (-inf: not a candidate) -> [R, N] bool: every row keeps its `capacity` highest candidates
-    (all of them if it has no more). Ties at the cut go to the lowest indices: the scores within SCORE_TIE_RTOL
-    (relative) of the row's capacity-th highest count as equal to it, and the earliest of those fill the
-    places left, so the rounding, which differs between layouts and CPU kernels, does not decide which of
-    equal tokens are kept. On the device, no host sync."""
+    (all of them if it has no more). Ties at the cut go to the lowest indices (_tie_broken), so the rounding, which
+    differs between layouts and CPU kernels, does not decide which of equal tokens are kept. On the device, no
+    host sync."""
     candidates = scores > -math.inf
     if capacity >= scores.shape[-1]:
         return candidates
-    kth = scores.topk(capacity, dim=-1).values[:, -1:]  # [R, 1] the cut; -inf in a row of fewer candidates
-    tol = kth.abs() * SCORE_TIE_RTOL
-    above, tied = scores > kth + tol, (scores - kth).abs() <= tol
-    places = capacity - above.sum(dim=-1, keepdim=True)  # [R, 1] left for the tied (at least 1)
-    keep = above | (tied & (tied.cumsum(dim=-1) <= places))
-    return torch.where(kth > -math.inf, keep, candidates)
+    top = _tie_broken(scores, capacity).topk(capacity, dim=-1).indices  # [R, capacity]
+    keep = torch.zeros_like(candidates).scatter(-1, top, True) & candidates
+    has_more = candidates.sum(dim=-1, keepdim=True) > capacity  # rows with fewer candidates keep them all
+    return torch.where(has_more, keep, candidates)
 
 
 def route_expert_choice(scores: torch.Tensor, capacity: int, gate: str = "soft") -> ExpertChoice:
@@ -134,10 +145,9 @@ def route_expert_choice(scores: torch.Tensor, capacity: int, gate: str = "soft")
     with its highest scores s[t, e], so every expert gets exactly C tokens and a token zero, one or several
     experts. Soft gate: token t's output from expert e is weighted s[t, e] (not renormalised); hard: 1.
     The choice of a token depends on every token of the batch, later positions included. Ties at the cut go
-    to the earlier tokens (keep_highest)."""
+    to the earlier tokens (_tie_broken)."""
     s = scores.detach().t()  # [E, T]
-    take = keep_highest(s, capacity)  # [E, T], exactly C per expert
-    tokens = torch.where(take, s, -math.inf).topk(capacity, dim=-1).indices  # [E, C] taken, highest score first
+    tokens = _tie_broken(s, capacity).topk(capacity, dim=-1).indices  # [E, C] taken, highest score first
     weights = scores.t().gather(1, tokens) if gate == "soft" else torch.ones_like(tokens, dtype=scores.dtype)
     return ExpertChoice(tokens, weights)
 
