@@ -5,10 +5,12 @@ A checkpoint is a directory `<checkpoint-dir>/step_XXXXXXXX` (XXXXXXXX = optimiz
     manifest.json          every tensor's full shape, dtype, how it is split (over TP, or the experts over EP),
                            and the files holding its shards; the step, the model config, the flags, the layout,
                            and every other file with its size (`files`, checked by checkpoint_damage)
-    shard_pp{P}_tp{T}.pt   stage P's parameters and persistent buffers other than the experts, with their AdamW
-                           state: TP shard T's, written by DP rank 0 of that stage (replicated ones by TP rank 0)
-    experts_pp{P}_ep{G}.pt stage P's expert weights of EP shard G (experts G*E/EP .. (G+1)*E/EP - 1) and their
-                           AdamW state, written by the first rank holding them (expert-data-parallel rank 0)
+    shard_pp{P}_tp{T}.pt   stage P's parameters and persistent buffers with their AdamW state: TP shard T's
+                           (and, with EP tied to TP, EP shard T's experts), written by DP rank 0 of that stage
+                           (replicated ones by TP rank 0)
+    experts_pp{P}_ep{G}.pt with EP over DP (--expert-parallel-size > TP): stage P's expert weights of EP shard G
+                           (experts G*E/EP .. (G+1)*E/EP - 1) and their AdamW state, written by the first rank
+                           holding them (expert-data-parallel rank 0)
     optim_rank{R}.pt       with --shard-optimizer: rank R's slices of the AdamW moments (fragments), each
                            written by the rank that owns it, no gathering
     rng_rank{R}.pt         each rank's RNG states (dropout)
@@ -191,9 +193,10 @@ class _Owned:
 
 def _writer(p: torch.Tensor, topo: Topology) -> tuple[bool, str, int]:
     """(does this rank write p's whole tensor, the file, p's shard index): one copy of each shard is written, by
-    the first data-parallel replica holding it (a replicated tensor by TP rank 0 of DP rank 0)."""
+    the first data-parallel replica holding it (a replicated tensor by TP rank 0 of DP rank 0). With EP tied to TP
+    the experts' shards are the TP ranks' and go into their shard files; with EP over DP into files of their own."""
     rank, _ = shard_coords(p, topo)
-    if is_expert_param(p):
+    if is_expert_param(p) and topo.ep_all_to_all:
         return topo.edp_rank == 0, f"experts_pp{topo.pp_rank}_ep{topo.ep_rank}.pt", rank
     writes = topo.dp_rank == 0 and (shard_axis(p) is not None or topo.tp_rank == 0)
     return writes, f"shard_pp{topo.pp_rank}_tp{topo.tp_rank}.pt", rank

@@ -38,14 +38,18 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
+def _group_ends(recv_counts: torch.Tensor, num_local: int) -> torch.Tensor:
+    """[L] int32 group ends of the rows regrouped by local expert, from the rows per (source, expert)."""
+    return torch.cumsum(recv_counts.view(-1, num_local).sum(0), 0).to(torch.int32)
+
+
 def _local_experts(x_recv: torch.Tensor, expert_of_row: torch.Tensor, valid: Optional[torch.Tensor],
-                   recv_counts: torch.Tensor, experts: ExpertsFn, num_local: int) -> torch.Tensor:
+                   ends: torch.Tensor, experts: ExpertsFn, num_local: int) -> torch.Tensor:
     """The received rows [R, d] through this rank's experts, returned in the received order. expert_of_row [R]:
     the local expert of each row; valid [R] (None: all rows): rows past a source's count for an expert, which
-    are not computed and come back as zeros; recv_counts [sources * L]: the valid rows per source and expert."""
+    are not computed and come back as zeros; ends [L]: the valid rows' group ends once regrouped by expert."""
     key = expert_of_row if valid is None else torch.where(valid, expert_of_row, num_local)  # invalid rows last
     order = torch.argsort(key.to(torch.int32), stable=True)
-    ends = torch.cumsum(recv_counts.view(-1, num_local).sum(0), 0).to(torch.int32)  # [L] group ends
     y = experts(x_recv.index_select(0, order), ends).index_select(0, _inverse(order))  # [R, d]
     # Rows past the last group end are left undefined by the GEMM: zeros travel back instead (a select, not a
     # product, so nothing undefined survives, and their gradient is zero).
@@ -61,7 +65,7 @@ def _exchange_no_drop(x_sorted: torch.Tensor, send_counts: torch.Tensor, recv_co
     x_recv = exchange_rows(x_sorted, recv_splits, send_splits, topo)  # [R, d] by source, then local expert
     local = torch.arange(L, device=x_sorted.device).repeat(ep)  # [ep * L] the expert of each (source, expert) run
     expert_of_row = local.repeat_interleave(recv_counts, output_size=sum(recv_splits))  # [R]
-    y_recv = _local_experts(x_recv, expert_of_row, None, recv_counts, experts, L)
+    y_recv = _local_experts(x_recv, expert_of_row, None, _group_ends(recv_counts, L), experts, L)
     return exchange_rows(y_recv, send_splits, recv_splits, topo)  # [n*k, d] back in x_sorted's order
 
 
@@ -78,7 +82,7 @@ def _exchange_capacity(x_sorted: torch.Tensor, key_sorted: torch.Tensor, send_co
     x_recv = exchange_rows(send, [L * C] * ep, [L * C] * ep, topo)  # [ep*L*C, d]: from each source, my experts' slots
     row = torch.arange(ep * L * C, device=dev)
     valid = row % C < recv_counts.repeat_interleave(C)  # [ep*L*C]
-    y_recv = _local_experts(x_recv, (row // C) % L, valid, recv_counts, experts, L)
+    y_recv = _local_experts(x_recv, (row // C) % L, valid, _group_ends(recv_counts, L), experts, L)
     y_send = exchange_rows(y_recv, [L * C] * ep, [L * C] * ep, topo)  # [E*C, d] my slots, through their experts
     # Back to the sorted rows: kept row i of expert e sits in slot i - starts[e]; dropped rows (key E) get zeros.
     kept = key_sorted < E
@@ -138,10 +142,11 @@ def expert_choice_all_to_all(x: torch.Tensor, tokens: torch.Tensor, weights: tor
     send = x.index_select(0, rows.reshape(-1))  # [E*c, d], expert-major: L experts' rows per EP rank
     x_recv = exchange_rows(send, recv_splits, [L * c] * ep, topo)
     dev = x.device
-    recv_counts = torch.tensor([cs for cs in per_source for _ in range(L)], device=dev)  # [ep*L]
-    local = torch.arange(L, device=dev).repeat(ep)
-    expert_of_row = local.repeat_interleave(recv_counts, output_size=sum(recv_splits))
-    y_recv = _local_experts(x_recv, expert_of_row, None, recv_counts, experts, L)
+    # Every count is a host number: the rows' experts and the group ends are built on the device from them,
+    # with no copy from the host (which would wait for the stream).
+    expert_of_row = torch.cat([torch.arange(L, device=dev).repeat_interleave(cs) for cs in per_source])  # [R]
+    ends = torch.arange(1, L + 1, device=dev, dtype=torch.int32) * sum(per_source)  # [L]
+    y_recv = _local_experts(x_recv, expert_of_row, None, ends, experts, L)
     y_send = exchange_rows(y_recv, [L * c] * ep, recv_splits, topo)  # [E*c, d]
     contrib = y_send.float() * w.reshape(-1, 1)  # in fp32, as the other paths combine
     out = torch.zeros(x.shape[0], x.shape[-1], device=dev, dtype=torch.float32).index_add(0, rows.reshape(-1), contrib)

@@ -418,7 +418,12 @@ def in_recomputation() -> bool:
     tokens again (step_load) nor leave another RoutingRecord. A forward running inside the autograd engine is
     that (FSDP2 tells the backward the same way). Compiled code never runs Python in the backward (the
     partitioner recomputes in the backward graph), so it is traced as False."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    if torch.compiler.is_compiling():
+        return False
+    if not hasattr(torch._C, "_current_graph_task_id"):  # private: a torch without it must not count silently twice
+        raise RuntimeError("this torch has no torch._C._current_graph_task_id: --recompute cannot tell a "
+                           "recomputation from a forward")
+    return torch._C._current_graph_task_id() != -1
 
 
 class SparseMoE(nn.Module):

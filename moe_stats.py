@@ -6,7 +6,8 @@ folds those of all local MoE layers at once, on the device and without a host sy
 small tensors (the cost does not grow with the number of layers). At a logging step `pack_step_stats`
 writes everything this rank knows into one flat tensor laid out over the *global* MoE layers; one
 all-reduce over the PP group fills in the other stages' layers, and one over the DP group sums the
-replicas. TP/EP ranks share the replicated router, so they are not reduced. `moe_metrics` then turns
+replicas. TP/EP ranks share the replicated router, so they are not reduced (with EP over DP one all-reduce over
+the EP group adds its DP ranks' counts for the overload factors). `moe_metrics` then turns
 the packed numbers into the logged metrics on the host. Formulas: MOE_GUIDE.md.
 """
 from __future__ import annotations
@@ -205,8 +206,9 @@ def ep_group_counts(mb_counts: torch.Tensor, mb_kept: Optional[torch.Tensor],
 
 def pack_step_stats(layout: StatsLayout, step_stats: Optional[StepStats], lm_loss_sum: Optional[torch.Tensor],
                     topo: Topology, events: Sequence[tuple]) -> torch.Tensor:
-    """This rank's share of the step statistics, reduced over PP then DP (two collectives in all).
-    A fixed number of batched ops whatever the number of layers: the statistics cost stays flat."""
+    """This rank's share of the step statistics, reduced over PP then DP (two collectives in all; with EP over DP a
+    third comes first, over the EP group, for its overload factors: ep_group_counts). A fixed number of batched
+    ops whatever the number of layers: the statistics cost stays flat."""
     flat = torch.zeros(layout.numel(), device=topo.device, dtype=torch.float32)
     v = layout.split(flat)
     if lm_loss_sum is not None:

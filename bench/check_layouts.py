@@ -18,8 +18,8 @@ one (a compiler that gets the gradient wrong on one device would otherwise go un
 
 Prints one table and exits 1 if any row is off (2 on bad flags). Layouts for N devices: every
 TP x PP x DP = N with TP, PP in {1, 2, 4, 8}, each PP > 1 under both schedules (GPipe, 1F1B), each EP size
-beyond TP that divides TP x DP (all-to-all over DP ranks), and each layout without PP that has DP > 1 also
-with --shard-optimizer. With
+beyond TP that divides TP x DP (all-to-all over DP ranks), and each layout with DP > 1 also with
+--shard-optimizer. With
 --nproc 1 (a machine with one GPU) only the compiled one-device run is checked against the eager one.
 """
 from __future__ import annotations
@@ -76,8 +76,8 @@ class Layout:
 
 def layouts_for(n: int) -> list:
     """Every multi-device layout of exactly n ranks (TP and PP powers of two up to 8), each EP size beyond TP
-    that the layout allows (all-to-all over DP ranks), and, for the layouts without pipeline stages that have
-    data parallelism, the same with the sharded optimizer."""
+    that the layout allows (all-to-all over DP ranks), and each layout with data parallelism also with the
+    sharded optimizer."""
     found = []
     for tp, pp in itertools.product((1, 2, 4, 8), repeat=2):
         if n % (tp * pp):
@@ -86,7 +86,7 @@ def layouts_for(n: int) -> list:
         for schedule in (("gpipe", "1f1b") if pp > 1 else ("1f1b",)):
             for ep in [None] + [e for e in range(2 * tp, tp * dp + 1, tp) if (tp * dp) % e == 0]:
                 found.append(Layout(tp, pp, dp, schedule, ep))
-                if dp > 1 and pp == 1:
+                if dp > 1:
                     found.append(Layout(tp, pp, dp, schedule, ep, shard_optimizer=True))
     return [l for l in found if l.world > 1]
 

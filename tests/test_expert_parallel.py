@@ -1,8 +1,8 @@
 """Expert parallelism over data-parallel ranks (--expert-parallel-size > TP, all-to-all token dispatch): every layout
 equals one process on the same global batch (losses, gradient norms, parameters at helpers.REL_TOL) under the
-softmax and sigmoid routers, with and without a capacity factor, and under hash routing and expert choice; the
-load statistics are the EP group's; checkpoints resume bit-exact in the same layout and load into any other;
-refused layouts are one line."""
+softmax and sigmoid routers, with and without a capacity factor, under hash routing and expert choice, with
+recompute and compiled; the load statistics are the EP group's; checkpoints resume bit-exact in the same layout
+and load into any other; refused layouts are one line."""
 from __future__ import annotations
 
 import json
@@ -24,15 +24,26 @@ SIGMOID = ["--moe-router-score", "sigmoid"]
 CAPACITY = ["--moe-capacity-factor", "1.0"]
 
 LAYOUTS = [  # (id, world size, model, model flags (the one-process run has them too), layout flags)
+    # The issue's four layouts, each with the softmax router without capacity and the sigmoid one with it.
     ("dp2-ep2", 2, "mixed", [], EP2),
+    ("dp2-ep2-sigmoid-capacity", 2, "mixed", SIGMOID + CAPACITY, EP2),
     ("dp4-ep4", 4, "all8", [], EP4),
-    ("dp4-ep2-sigmoid", 4, "all8", SIGMOID, EP2),  # two ranks hold each expert: their gradients are summed
+    ("dp4-ep4-sigmoid-capacity", 4, "all8", SIGMOID + CAPACITY, EP4),
     ("tp2-dp2-ep4", 4, "mixed", [], TP2 + EP4),  # the TP ranks send disjoint halves of their tokens
-    ("tp2-dp2-ep4-capacity-sigmoid", 4, "mixed", CAPACITY + SIGMOID, TP2 + EP4),
-    ("pp2-dp2-ep2-capacity", 4, "mixed", ["--moe-capacity-factor", "1.25", "--moe-drop-policy", "probs"], PP2 + EP2),
-    ("dp2-ep2-capacity", 2, "mixed", CAPACITY, EP2),
+    ("tp2-dp2-ep4-sigmoid-capacity", 4, "mixed", SIGMOID + CAPACITY, TP2 + EP4),
+    ("pp2-dp2-ep2", 4, "mixed", [], PP2 + EP2),
+    ("pp2-dp2-ep2-sigmoid-capacity", 4, "mixed", SIGMOID + ["--moe-capacity-factor", "1.25", "--moe-drop-policy",
+                                                              "probs"], PP2 + EP2),
+    # Two ranks hold each expert: their gradients are summed over the expert-data-parallel group.
+    ("dp4-ep2", 4, "all8", [], EP2),
+    # The other routers: fixed-shape expert choice (the TP ranks split every expert's slots) and hash routing.
+    ("dp2-ep2-expert-choice", 2, "mixed", ["--moe-routing", "expert-choice"], EP2),
+    ("tp2-dp2-ep4-expert-choice", 4, "mixed", ["--moe-routing", "expert-choice"], TP2 + EP4),
     ("dp2-ep2-hash", 2, "mixed", ["--moe-routing", "hash"], EP2),
     ("dp2-ep2-recompute", 2, "mixed", [], EP2 + ["--recompute", "block"]),  # the exchanges run again in the backward
+    # Compiled (CPU inductor): the capacity path is traced whole, the no-drop exchange runs between graphs.
+    ("dp2-ep2-compiled", 2, "mixed", [], EP2 + ["--compile"]),
+    ("dp2-ep2-capacity-compiled", 2, "mixed", CAPACITY, EP2 + ["--compile"]),
 ]
 _REFERENCES = {}
 
@@ -47,10 +58,11 @@ def _one_process(moe: str, flags: list, tmp_path_factory) -> dict:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.layout_equivalence
 @pytest.mark.parametrize("world_size,moe,model_flags,layout", [l[1:] for l in LAYOUTS], ids=[l[0] for l in LAYOUTS])
 def test_all_to_all_layout_matches_one_process(world_size, moe, model_flags, layout, tmp_path, tmp_path_factory):
     ref = _one_process(moe, model_flags, tmp_path_factory)
-    assert_same_run(_launch(world_size, _base_argv(moe) + model_flags + layout, tmp_path), ref)
+    assert_same_run(_launch(world_size, _base_argv(moe) + model_flags + layout, tmp_path, timeout=600), ref)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,6 +99,35 @@ def test_overload_and_received_rows_are_the_ep_groups(tmp_path):
         assert g["moe/max_cum_overload_factor"] == pytest.approx(cum, rel=1e-6)
         assert r["loss"] == pytest.approx(g["loss"], rel=REL_TOL)
     assert any(g["moe/max_overload_factor"] > 1.0 for g in got)
+
+
+STATS_LAYOUTS = [("tp2-dp2-ep4", 4, TP2 + EP4, 4), ("pp2-dp2-ep2", 4, PP2 + EP2, 2)]
+_STATS_REFERENCE = {}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world_size,flags,ep", [l[1:] for l in STATS_LAYOUTS], ids=[l[0] for l in STATS_LAYOUTS])
+def test_ep_group_statistics_under_tp_and_pp(world_size, flags, ep, tmp_path, tmp_path_factory):
+    """Two microbatches per DP rank, with TP (its ranks route the same tokens: the EP-group sum is divided by TP) or
+    PP (each stage's layers): the counts are one process's; with one EP group per stage each EP rank's received
+    rows are its experts' counts of the step; the overload factors lie between the step's summed-count overload
+    (a busier microbatch can only raise it) and EP."""
+    argv = _base_argv("mixed")
+    argv[argv.index("--moe-metrics") + 1] = "detailed"
+    if "ref" not in _STATS_REFERENCE:
+        _STATS_REFERENCE["ref"] = _launch(1, argv, tmp_path_factory.mktemp("ref_ep_stats"))["records"]
+    ref = _STATS_REFERENCE["ref"]
+    got = _launch(world_size, argv + flags, tmp_path)["records"]
+    per_rank = 4 // ep  # experts of each EP rank
+    for r, g in zip(ref, got):
+        counts = g["moe/counts"]
+        assert counts == r["moe/counts"], (counts, r["moe/counts"])
+        received = {l: [float(sum(c[i * per_rank:(i + 1) * per_rank])) for i in range(ep)] for l, c in counts.items()}
+        assert g["moe/ep_received_tokens"] == received, (g["moe/ep_received_tokens"], received)
+        step_level = max(max(v) / (sum(v) / ep) for v in received.values())
+        assert step_level - 1e-6 <= g["moe/max_overload_factor"] <= ep + 1e-6
+        assert 1.0 - 1e-6 <= g["moe/avg_overload_factor"] <= g["moe/max_overload_factor"] + 1e-9
+        assert 1.0 - 1e-6 <= g["moe/max_cum_overload_factor"] <= ep + 1e-6
 
 
 def test_received_rows_block_is_the_mean_over_ep_groups():
@@ -144,11 +185,12 @@ def test_ep_over_dp_checkpoint_loads_into_other_layouts(ep2_checkpoints, world_s
 @pytest.mark.multiprocess
 def test_ep_over_dp_checkpoint_continues_as_one_process(ep2_checkpoints, tmp_path):
     """From the DP2 EP2 checkpoint, two more steps (dropout off: its random streams depend on the layout) in one
-    process and in DP4 EP4 give the same losses (another layout: fp32 sums in another order)."""
+    process and in DP4 EP2 with the sharded optimizer (the experts' moments then split over the two ranks holding
+    each expert) give the same losses (another layout: fp32 sums in another order)."""
     root, _ = ep2_checkpoints
     half = root / "ckpts" / "step_00000002"
     losses = []
-    for world_size, flags in ((1, []), (4, EP4)):
+    for world_size, flags in ((1, []), (4, EP2 + ["--shard-optimizer"])):
         run = tmp_path / str(world_size)
         run.mkdir()
         losses.append(_launch(world_size, _ckpt_dist_argv(run / "c", "--max-steps", "4", "--resume", str(half),

@@ -301,6 +301,7 @@ LAYOUTS = [  # (id, reference argv, world size, flags)
 
 
 @pytest.mark.multiprocess
+@pytest.mark.layout_equivalence
 @pytest.mark.parametrize("case,world_size,flags", [l[1:] for l in LAYOUTS], ids=[l[0] for l in LAYOUTS])
 def test_layout_with_recompute_matches_one_process(case, world_size, flags, tmp_path, tmp_path_factory):
     argv = NOISY if case == "noisy" else QUIET

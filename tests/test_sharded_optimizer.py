@@ -56,10 +56,12 @@ LAYOUTS = [  # (id, world size, model, flags)
     ("tp2-dp2", 4, "mixed", SHARD + ["--tensor-parallel-size", "2"]),
     ("pp2-dp2", 4, "mixed", SHARD + ["--pipeline-parallel-size", "2"]),
     ("dp4-ep2", 4, "all8", SHARD + TINY_BUCKETS + ["--expert-parallel-size", "2"]),  # experts sharded over 2 EDP ranks
+    ("dp2-recompute", 2, "mixed", SHARD + ["--recompute", "moe"]),
 ]
 
 
 @pytest.mark.multiprocess
+@pytest.mark.layout_equivalence
 @pytest.mark.parametrize("world_size,moe,flags", [l[1:] for l in LAYOUTS], ids=[l[0] for l in LAYOUTS])
 def test_sharded_optimizer_matches_one_process(world_size, moe, flags, tmp_path, tmp_path_factory):
     assert_same_run(_launch(world_size, _base_argv(moe) + flags, tmp_path), _reference(moe, tmp_path_factory))
@@ -111,9 +113,12 @@ def test_sharded_checkpoint_is_the_unsharded_one_in_fragments(dp2_checkpoints):
 
 
 @pytest.mark.multiprocess
-def test_sharded_checkpoint_resumes_bit_exact(dp2_checkpoints, tmp_path):
+@pytest.mark.parametrize("source", ["sharded", "plain"])
+def test_checkpoint_resumes_sharded_bit_exact(dp2_checkpoints, source, tmp_path):
+    """Resumed with the sharded optimizer, its own checkpoint and the unsharded run's (its moments cut into this
+    layout's slices) go on exactly as the sharded run did."""
     root, runs = dp2_checkpoints
-    half = root / "sharded" / "ckpts" / "step_00000002"
+    half = root / source / "ckpts" / "step_00000002"
     resumed = _launch(2, _ckpt_dist_argv(tmp_path / "ckpts", "--max-steps", "4", *SHARD, *TINY_BUCKETS, *NO_CLIP,
                                          "--resume", str(half)), tmp_path)
     assert resumed["losses"] == runs["sharded"]["losses"][2:]
