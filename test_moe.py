@@ -28,6 +28,9 @@ def second_pass() -> int:
     print(f"\n=== second pass: the layout-equivalence tests with ATEN_CPU_CAPABILITY={SECOND_PASS_CAPABILITY} ===",
           flush=True)
     env = dict(os.environ, ATEN_CPU_CAPABILITY=SECOND_PASS_CAPABILITY)
+    # Inductor wrote the first pass's cache directory into os.environ when it compiled (cache_dir()): left there,
+    # it would stop tests/conftest.py from giving this capability its own cache.
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     return subprocess.run([sys.executable, "-m", "pytest", TESTS, "-q", "-m", "layout_equivalence"], env=env).returncode
 
 
