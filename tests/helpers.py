@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -250,7 +251,12 @@ def _dist_worker(argv_json: str, out_path: str) -> None:
     import minimal_pretrain
     args = minimal_pretrain.parse_args(json.loads(argv_json))
     result = minimal_pretrain.train(args, return_state=True)
-    # The process groups' threads end inside train(), not in the interpreter's teardown (destroy_topology).
+    # The process groups' threads end inside train(), not in the interpreter's teardown (destroy_topology). Gloo
+    # may join a group's TCP loop thread from the thread that drops its last reference, a moment after
+    # destroy_process_group returns: a thread still ending is given up to 5 s; a group kept alive stays.
+    deadline = time.monotonic() + 5.0
+    while _gloo_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not _gloo_threads(), f"train() left the process groups' threads behind: {_gloo_threads()}"
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"losses": result.losses, "grad_norms": [r["grad_norm"] for r in result.records],
