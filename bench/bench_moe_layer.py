@@ -12,6 +12,8 @@ Per shape (T tokens, d_model d, expert FFN f, E experts, top-k) and precision re
     (moe_ops) and as plain torch indexing, against a measured device-to-device copy, counting the strict
     bytes (2 + 2k) * d * 2 per token (each token read once, written k times sorted, k rows read back,
     one row written);
+    The same pair is also timed as one CUDA graph ("graph" columns): the kernels alone, without the
+    host's launch cost, which dominates at small shapes when each call is timed on its own;
   - peak memory of one forward + backward above what was allocated before it.
 Regimes: "autocast" = fp32 parameters and fp32 input under bf16 autocast, the expert weights cast to
 bf16 at every forward (training with --no-moe-bf16-weights); "copies" = the same under the trainer's
@@ -68,6 +70,21 @@ def time_ms(fn, iters: int, warmup: int = 5, before=None) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graph_time_ms(fn, iters: int) -> float:
+    """Median over `iters` replays of fn captured in a CUDA graph: the kernels' own time, without the host's
+    launch cost (a training step queues its kernels ahead, so they do not wait on the host there either)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture (Triton compiles, allocator settles)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, iters)
 
 
 def copy_bandwidth(iters: int) -> float:
@@ -214,6 +231,9 @@ def bench_shape(shape: str, regime: str, iters: int, copy_bw: float, do_profile:
             res[f"pack_combine_{name}_ms"] = ms
             res[f"pack_combine_{name}_gib_s"] = strict / (ms * 1e-3) / 2 ** 30
             res[f"pack_combine_{name}_of_copy"] = strict / (ms * 1e-3) / copy_bw
+            graph_ms = graph_time_ms(lambda: (pack(), combine()), iters)
+            res[f"pack_combine_{name}_graph_ms"] = graph_ms
+            res[f"pack_combine_{name}_graph_of_copy"] = strict / (graph_ms * 1e-3) / copy_bw
             res[f"pack_{name}_ms"] = time_ms(pack, iters)
             res[f"combine_{name}_ms"] = time_ms(combine, iters)
     if do_profile:
@@ -241,12 +261,16 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0)
     print(f"GPU: {gpu}, torch {torch.__version__}, copy bandwidth {copy_bw / 2 ** 30:,.0f} GiB/s (read + write)")
     print(f"{'T,d,f,E,k':<22} {'regime':<8} {'MoE ms':>7} {'TFLOP/s':>7} {'dense ms':>8} {'MoE/dense':>9} "
-          f"{'roof ms':>7} {'MoE/roof':>8} {'p+c fused':>9} {'p+c torch':>9} {'MoE GiB':>7} {'dense GiB':>9}")
+          f"{'roof ms':>7} {'MoE/roof':>8} {'p+c fused':>9} {'graph':>6} {'p+c torch':>9} {'graph':>6} {'MoE GiB':>7} "
+          f"{'dense GiB':>9}")
     for r in rows:
         fused = f"{100 * r['pack_combine_fused_of_copy']:.0f}%" if "pack_combine_fused_of_copy" in r else "n/a"
+        fused_graph = (f"{100 * r['pack_combine_fused_graph_of_copy']:.0f}%"
+                       if "pack_combine_fused_graph_of_copy" in r else "n/a")
         print(f"{r['shape']:<22} {r['regime']:<8} {r['moe_ms']:>7.2f} {r['moe_tflops']:>7.0f} {r['dense_ms']:>8.2f} "
               f"{r['moe_over_dense']:>8.2f}x {r['grouped_mm_roof_ms']:>7.2f} {r['moe_over_roof']:>7.2f}x {fused:>9} "
-              f"{100 * r['pack_combine_torch_of_copy']:>8.0f}% {r['moe_peak_gib']:>7.2f} {r['dense_peak_gib']:>9.2f}")
+              f"{fused_graph:>6} {100 * r['pack_combine_torch_of_copy']:>8.0f}% "
+              f"{100 * r['pack_combine_torch_graph_of_copy']:>5.0f}% {r['moe_peak_gib']:>7.2f} {r['dense_peak_gib']:>9.2f}")
         if "moe_compiled_ms" in r:
             print(f"{'':<22} {'compiled':<8} {r['moe_compiled_ms']:>7.2f} {'':>7} {r['dense_compiled_ms']:>8.2f} "
                   f"{r['moe_over_dense_compiled']:>8.2f}x")
