@@ -26,16 +26,11 @@ from typing import Callable, Optional
 
 import torch
 
-from moe_ops import permute_tokens, unpermute_combine
+from moe_ops import combine_expert_rows, inverse_permutation, permute_tokens, unpermute_combine
 from parallel import (Topology, all_reduce_grad_tp, all_to_all, copy_to_tp, exchange_rows, gather_from_tp,
                       reduce_from_tp, split_to_tp)
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows sorted by local expert, group ends) -> rows
-
-
-def _inverse(order: torch.Tensor) -> torch.Tensor:
-    """The inverse permutation of `order`."""
-    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
 def _group_ends(recv_counts: torch.Tensor, num_local: int) -> torch.Tensor:
@@ -50,7 +45,7 @@ def _local_experts(x_recv: torch.Tensor, expert_of_row: torch.Tensor, valid: Opt
     are not computed and come back as zeros; ends [L]: the valid rows' group ends once regrouped by expert."""
     key = expert_of_row if valid is None else torch.where(valid, expert_of_row, num_local)  # invalid rows last
     order = torch.argsort(key.to(torch.int32), stable=True)
-    y = experts(x_recv.index_select(0, order), ends).index_select(0, _inverse(order))  # [R, d]
+    y = experts(x_recv.index_select(0, order), ends).index_select(0, inverse_permutation(order))  # [R, d]
     # Rows past the last group end are left undefined by the GEMM: zeros travel back instead (a select, not a
     # product, so nothing undefined survives, and their gradient is zero).
     return y if valid is None else torch.where(valid.unsqueeze(-1), y, 0.0)
@@ -111,7 +106,7 @@ def token_choice_all_to_all(x: torch.Tensor, indices: torch.Tensor, weights: tor
     assigned = torch.ones_like(flat) if kept is None else kept.reshape(-1).long()
     key = flat if kept is None else torch.where(kept.reshape(-1), flat, num_experts)  # dropped ones after all
     order = torch.argsort(key.to(torch.int32), stable=True)  # [n*k] sorted row -> assignment
-    inverse = _inverse(order)
+    inverse = inverse_permutation(order)
     send_counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, assigned)  # [E]
     num_valid = None if kept is None else send_counts.sum().view(1)
     x_sorted = permute_tokens(x, inverse, k, num_valid)  # [n*k, d] by expert; dropped rows (last) undefined
@@ -148,6 +143,4 @@ def expert_choice_all_to_all(x: torch.Tensor, tokens: torch.Tensor, weights: tor
     ends = torch.arange(1, L + 1, device=dev, dtype=torch.int32) * sum(per_source)  # [L]
     y_recv = _local_experts(x_recv, expert_of_row, None, ends, experts, L)
     y_send = exchange_rows(y_recv, [L * c] * ep, recv_splits, topo)  # [E*c, d]
-    contrib = y_send.float() * w.reshape(-1, 1)  # in fp32, as the other paths combine
-    out = torch.zeros(x.shape[0], x.shape[-1], device=dev, dtype=torch.float32).index_add(0, rows.reshape(-1), contrib)
-    return reduce_from_tp(out.to(y_send.dtype), topo)  # [T, d]
+    return reduce_from_tp(combine_expert_rows(y_send, rows.reshape(-1), w, x.shape[0]), topo)  # [T, d]

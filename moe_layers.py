@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from moe_config import (DROP_POLICIES, EXPERT_CHOICE_DEFAULT_CAPACITY_FACTOR, EXPERT_IMPLS, GATES, ROUTER_SCORES,
                         MoEConfig)
 from moe_dispatch import expert_choice_all_to_all, token_choice_all_to_all
-from moe_ops import permute_tokens, swiglu, unpermute_combine
+from moe_ops import combine_expert_rows, inverse_permutation, permute_tokens, swiglu, unpermute_combine
 from parallel import (Topology, all_reduce_, all_reduce_grad_tp, compute_dtype, copy_to_tp, mark_sharded,
                       reduce_from_tp)
 from profiling import phase
@@ -561,8 +561,7 @@ class SparseMoE(nn.Module):
             if kept is not None:  # dropped assignments after every expert: outside all groups
                 key = torch.where(kept.view(-1), key, E)
             order = torch.argsort(key, stable=True)  # [T*k] sorted row -> assignment t*k + j
-            inverse = torch.empty_like(order)        # [T*k] assignment t*k + j -> sorted row
-            inverse.scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            inverse = inverse_permutation(order)     # [T*k] assignment t*k + j -> sorted row
             local_counts = torch.roll(routed, -self.first_local)[: self.num_local]
             ends = torch.cumsum(local_counts, 0).to(torch.int32)
             num_valid = ends[-1:] if self.tail_rows else None  # sorted rows past it: no local expert's
@@ -610,9 +609,7 @@ class SparseMoE(nn.Module):
         with phase("moe/unpermute_combine"):
             # The weights' gradient is nonzero only for this rank's experts: summed over the group, whole.
             weights = all_reduce_grad_tp(choice.weights, self.topo)[self.first_local:self.first_local + L]
-            contrib = y_sorted.float() * weights.reshape(-1, 1)  # [L*C, d] in fp32, as the token-choice combine
-            out = torch.zeros(num_tokens, x.shape[-1], device=x.device, dtype=torch.float32).index_add(0, rows, contrib)
-            out = reduce_from_tp(out.to(y_sorted.dtype), self.topo)  # [T, d]
+            out = reduce_from_tp(combine_expert_rows(y_sorted, rows, weights, num_tokens), self.topo)  # [T, d]
         # No aux loss: every expert takes exactly C tokens, so there is nothing to balance.
         return out, self.z_loss_coef * z
 

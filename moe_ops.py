@@ -277,6 +277,23 @@ class _SwiGLU(torch.autograd.Function):
         return swiglu_bwd(grad.contiguous(), h)
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """order [N] (sorted row -> assignment) -> inverse [N] (assignment -> sorted row), the index permute_tokens
+    and unpermute_combine take."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def combine_expert_rows(y_rows: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
+                        num_tokens: int) -> torch.Tensor:
+    """Expert choice's combine: y_rows [R, d], the rows of tokens[R] through their experts, weighted by weights
+    (R values) and added into their tokens -> [num_tokens, d] in y_rows' dtype. Summed in fp32, as the
+    token-choice combine; index_add, whose backward is the gather (a token taken by several experts gets the
+    sum of their gradients)."""
+    contrib = y_rows.float() * weights.reshape(-1, 1)  # [R, d]
+    out = torch.zeros(num_tokens, y_rows.shape[-1], device=y_rows.device, dtype=torch.float32)
+    return out.index_add(0, tokens, contrib).to(y_rows.dtype)
+
+
 def permute_tokens(x: torch.Tensor, inverse: torch.Tensor, k: int,
                    num_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, d] -> [T*k, d] in expert order: row inverse[t*k + j] is a copy of x[t] (rows at and past
