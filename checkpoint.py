@@ -45,8 +45,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from data_parallel import zero_source
 from errors import InputError
-from parallel import Topology, full_shape, is_expert_param, shard_axis, shard_coords, shard_of, split_spec, unshard
+from parallel import Topology, full_shape, replica_group, shard_axis, shard_coords, shard_of, split_spec, unshard
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -196,9 +197,10 @@ def _writer(p: torch.Tensor, topo: Topology) -> tuple[bool, str, int]:
     the first data-parallel replica holding it (a replicated tensor by TP rank 0 of DP rank 0). With EP tied to TP
     the experts' shards are the TP ranks' and go into their shard files; with EP over DP into files of their own."""
     rank, _ = shard_coords(p, topo)
-    if is_expert_param(p) and topo.ep_all_to_all:
-        return topo.edp_rank == 0, f"experts_pp{topo.pp_rank}_ep{topo.ep_rank}.pt", rank
-    writes = topo.dp_rank == 0 and (shard_axis(p) is not None or topo.tp_rank == 0)
+    group, _, replica = replica_group(p, topo)
+    if group == "edp":
+        return replica == 0, f"experts_pp{topo.pp_rank}_ep{topo.ep_rank}.pt", rank
+    writes = replica == 0 and (shard_axis(p) is not None or topo.tp_rank == 0)
     return writes, f"shard_pp{topo.pp_rank}_tp{topo.tp_rank}.pt", rank
 
 
@@ -212,7 +214,7 @@ def _owned_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, topo: Top
             out[f"model/{name}"] = _Owned(t.detach(), full_shape(t), split_spec(t), shard_axis(t), shard, file)
     names = {p: n for n, p in model.named_parameters()}
     for q in (q for g in optimizer.param_groups for q in g["params"]):
-        p, first, end = getattr(q, "zero_of", (q, 0, q.numel()))
+        p, first, end = zero_source(q)
         writes, file, shard = _writer(p, topo)
         sliced = hasattr(q, "zero_of")
         if sliced:  # every rank owns its slices; of a replicated parameter TP rank 0's copy is written
@@ -425,7 +427,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optional[torch.opti
         opt_params = [q for g in optimizer.param_groups for q in g["params"]]
         state = optimizer.state_dict()
         for index, q in enumerate(opt_params):
-            p, first, end = getattr(q, "zero_of", (q, 0, q.numel()))
+            p, first, end = zero_source(q)
             prefix = f"optim/{names[p]}/"
             slots = {}
             for key, entry in reader.tensors.items():

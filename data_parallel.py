@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from parallel import Topology, all_reduce_, is_expert_param, shard_axis
+from parallel import Topology, all_reduce_, replica_group, shard_axis
 from profiling import phase
 
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --grad-reduce-dtype
@@ -69,8 +69,7 @@ class DataParallelGrads:
     bf16 (8 significant bits) and the reduction adds in bf16.
 
     shard_optimizer (ZeRO-1, module docstring): `optimizer_params` are then the slices this rank steps (views into
-    the parameters' flat buffers, each carrying `zero_of = (parameter, first, end)` and `zero_axis`, the group its
-    bucket is sharded over), and `gather_params()` after the optimizer step brings every rank's parameters up to
+    the parameters' flat buffers, each carrying `zero_of = (parameter, first, end)`: zero_source), and `gather_params()` after the optimizer step brings every rank's parameters up to
     date.
     """
 
@@ -84,7 +83,7 @@ class DataParallelGrads:
         self.buckets: list[Bucket] = []
         open_buckets: dict = {}  # reduction group -> (the bucket being filled, its elements so far)
         for p in reversed(self.params):
-            axis, size, rank = self._reduction_group(p)
+            axis, size, rank = replica_group(p, topo)  # the experts' over the ranks holding them
             current, filled = open_buckets.get(axis, (None, 0))
             if current is not None and filled + p.numel() > cap:
                 self.buckets.append(current)
@@ -110,31 +109,27 @@ class DataParallelGrads:
                 self._shard(b)
         self._attach_views()
         self._reset_counters()
+        self.optimizer_params = self._optimizer_params()  # what the optimizer steps (the slices, when sharded)
+        # The groups ("dp", "edp") some bucket's optimizer state is sharded over, for grad_norm.
+        self.zero_axes = tuple(sorted({b.axis for b in self.buckets if b.sharded}))
         if self.enabled:
             for p in self.params:
                 p.register_post_accumulate_grad_hook(self.grad_ready)
-
-    def _reduction_group(self, p: nn.Parameter) -> tuple[str, int, int]:
-        """(group name, size, this rank's index in it): the experts' gradients are summed over the ranks holding
-        the same experts, which is the DP group unless EP spans data-parallel ranks."""
-        t = self.topo
-        if is_expert_param(p) and t.ep_all_to_all:
-            return "edp", t.edp, t.edp_rank
-        return "dp", t.dp, t.dp_rank
 
     def _group(self, b: Bucket) -> Optional[dist.ProcessGroup]:
         return getattr(self.topo, f"{b.axis}_group")
 
     @torch.no_grad()
     def _shard(self, b: Bucket) -> None:
-        """Moves the bucket's parameters into one flat buffer (they become views into it) and makes this rank's
-        optimizer slices: one per parameter that overlaps the rank's slice of the bucket."""
+        """Moves the bucket's parameters into one flat buffer (they become views into it); _slices then cuts this
+        rank's optimizer slices from it."""
         b.flat_param = torch.zeros_like(b.flat)
         for p, off in zip(b.params, b.offsets):
             b.flat_param[off:off + p.numel()].copy_(p.detach().reshape(-1))
             p.data = b.flat_param[off:off + p.numel()].view_as(p)
 
     def _slices(self, b: Bucket) -> list:
+        """This rank's optimizer slices of a sharded bucket: one per parameter that overlaps its part."""
         lo, hi = b.slice
         out = []
         for p, off in zip(b.params, b.offsets):
@@ -143,29 +138,18 @@ class DataParallelGrads:
                 continue
             q = nn.Parameter(b.flat_param[start:end])  # shares the bucket's storage: the step updates the model
             q.grad = b.flat[start:end]  # the reduced part of the gradient bucket
-            q.zero_of, q.zero_axis = (p, start - off, end - off), b.axis
-            if shard_axis(p) is not None:  # the norm sums a sharded parameter's slices over its shard group too
-                q.tp_split, q.shard_axis = p.tp_split, p.shard_axis
+            q.zero_of = (p, start - off, end - off)
             out.append(q)
         return out
 
-    @property
-    def zero_axes(self) -> tuple:
-        """The groups ("dp", "edp") some bucket's optimizer state is sharded over, for grad_norm."""
-        return tuple(sorted({b.axis for b in self.buckets if b.sharded}))
-
-    @property
-    def optimizer_params(self) -> list:
+    def _optimizer_params(self) -> list:
         """What the optimizer steps: the model's parameters, or with a sharded optimizer this rank's slices of
         the sharded buckets (and the whole parameters of buckets over a group of one)."""
         if not any(b.sharded for b in self.buckets):
             return self.params
-        if not hasattr(self, "_optimizer_params"):
-            whole = [p for b in self.buckets if not b.sharded for p in b.params]
-            sliced = [q for b in self.buckets if b.sharded for q in self._slices(b)]
-            whole = set(whole)
-            self._optimizer_params = sliced + [p for p in self.params if p in whole]
-        return self._optimizer_params
+        whole = {p for b in self.buckets if not b.sharded for p in b.params}
+        sliced = [q for b in self.buckets if b.sharded for q in self._slices(b)]
+        return sliced + [p for p in self.params if p in whole]
 
     def _attach_views(self) -> None:
         for b in self.buckets:
@@ -251,10 +235,10 @@ def grad_norm(params: Sequence[nn.Parameter], topo: Topology, zero_axes: Sequenc
     for p in params:
         if p.grad is None:
             continue
-        kind = shard_axis(p) or "replicated"
+        kind = shard_axis(zero_source(p)[0]) or "replicated"
         if kind == "ep" and not topo.ep_all_to_all:  # the EP group is the TP group: one kind, as TP-sharded
             kind = "tp"
-        (sliced if hasattr(p, "zero_axis") else whole)[kind].append(p.grad)
+        (sliced if hasattr(p, "zero_of") else whole)[kind].append(p.grad)
 
     def sq(grads):
         if not grads:
@@ -293,7 +277,11 @@ def clip_grads_(params: Sequence[nn.Parameter], norm: torch.Tensor, max_norm: fl
 def adamw_param_groups(params: Sequence[nn.Parameter], weight_decay: float) -> list:
     """AdamW's two groups: matrices decay, vectors (norms, biases) do not. A sharded-optimizer slice is judged by
     the parameter it is cut from."""
-    def source(p):
-        return p.zero_of[0] if hasattr(p, "zero_of") else p
-    return [{"params": [p for p in params if source(p).dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if source(p).dim() < 2], "weight_decay": 0.0}]
+    return [{"params": [p for p in params if zero_source(p)[0].dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if zero_source(p)[0].dim() < 2], "weight_decay": 0.0}]
+
+
+def zero_source(q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(the parameter, first, end): the elements of the flattened parameter that optimizer parameter q is (a
+    sharded optimizer's slice carries them as `zero_of`; any other parameter is the whole of itself)."""
+    return getattr(q, "zero_of", (q, 0, q.numel()))

@@ -48,19 +48,23 @@ class Topology:
     control_group: Optional[dist.ProcessGroup] = None  # all ranks over gloo: host-side agreement (stop requests)
     # Expert parallelism (None: tied to TP, ep = tp, and the EP / EDP groups are the TP / DP groups).
     ep: Optional[int] = None
-    ep_rank: Optional[int] = None
     ep_group: Optional[dist.ProcessGroup] = None
     ep_group_name: Optional[str] = None
-    edp_rank: Optional[int] = None  # rank in the expert-data-parallel group: the ranks holding my experts
-    edp_group: Optional[dist.ProcessGroup] = None
+    edp_group: Optional[dist.ProcessGroup] = None  # the ranks holding my experts
 
     def __post_init__(self):
         if self.ep is None:
             self.ep = self.tp
-        if self.ep_rank is None:
-            self.ep_rank = (self.dp_rank * self.tp + self.tp_rank) % self.ep
-        if self.edp_rank is None:
-            self.edp_rank = (self.dp_rank * self.tp + self.tp_rank) // self.ep
+
+    @property
+    def ep_rank(self) -> int:
+        """Rank in the EP group (the TP rank when EP is tied to TP)."""
+        return (self.dp_rank * self.tp + self.tp_rank) % self.ep
+
+    @property
+    def edp_rank(self) -> int:
+        """Rank in the expert-data-parallel group (the DP rank when EP is tied to TP)."""
+        return (self.dp_rank * self.tp + self.tp_rank) // self.ep
 
     @property
     def edp(self) -> int:
@@ -174,9 +178,10 @@ def init_topology(tp: int, pp: int, device_type: str, ep: Optional[int] = None) 
     # Host-side decisions (stop after this step?) go over gloo, never through the GPU stream.
     topo.control_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     # A first collective on each group, so later point-to-point calls find the communicators ready.
-    for g in (topo.tp_group, topo.dp_group, topo.pp_group, topo.ep_group, topo.edp_group):
-        if g is not None:
-            dist.all_reduce(torch.zeros(1, device=device), group=g)
+    # (With EP tied to TP the EP and EDP groups are the TP and DP groups: each group once.)
+    groups = (topo.tp_group, topo.dp_group, topo.pp_group, topo.ep_group, topo.edp_group)
+    for g in {id(g): g for g in groups if g is not None}.values():
+        dist.all_reduce(torch.zeros(1, device=device), group=g)
     return topo
 
 
@@ -389,6 +394,15 @@ def shard_group(p: torch.Tensor, topo: Topology) -> Optional[dist.ProcessGroup]:
 
 def is_expert_param(p: torch.Tensor) -> bool:
     return shard_axis(p) == "ep"
+
+
+def replica_group(p: torch.Tensor, topo: Topology) -> tuple[str, int, int]:
+    """("dp" or "edp", its size, this rank's index in it): the ranks holding copies of p's tensor (of p's shard).
+    An expert's copies are on the ranks holding the same experts, the DP group unless EP spans data-parallel
+    ranks; every other tensor's are on the DP group."""
+    if is_expert_param(p) and topo.ep_all_to_all:
+        return "edp", topo.edp, topo.edp_rank
+    return "dp", topo.dp, topo.dp_rank
 
 
 def full_shape(p: torch.Tensor) -> list:
