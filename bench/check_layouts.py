@@ -96,9 +96,10 @@ def model_flags(n: int, steps: int) -> list:
     pipeline stage of the deepest layout (at least two), heads, KV heads and experts divisible by the largest
     TP, the global batch by every DP times the micro-batch (2 x n x ceil(8 / n): 16 for 2, 4 and 8 ranks, 18 for
     3). Small, so that compiling it is quick."""
-    tp_max = max([l.tp for l in layouts_for(n)] + [1])
-    pp_max = max([l.pp for l in layouts_for(n)] + [1])
-    ep_max = max([l.ep or l.tp for l in layouts_for(n)] + [1])
+    layouts = layouts_for(n)
+    tp_max = max([l.tp for l in layouts] + [1])
+    pp_max = max([l.pp for l in layouts] + [1])
+    ep_max = max([l.ep or l.tp for l in layouts] + [1])
     return ["--num-layers", str(max(2, pp_max)), "--moe-layer-interval", "2", "--hidden-size", "256",
             "--intermediate-size", "512", "--expert-intermediate-size", "256", "--num-attention-heads", "8",
             "--num-key-value-heads", str(max(4, tp_max)), "--num-experts", str(max(8, ep_max)),

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pytest
 import torch
@@ -278,16 +278,17 @@ def rank_envs(world_size: int, base: Optional[dict] = None):
         del store
 
 
-def _launch(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> dict:
-    """Runs `world_size` ranks of minimal_pretrain.train and returns rank 0's result."""
-    out = tmp / "result.pt"
+def run_ranks(world_size: int, module: str, worker: str, args: Sequence[str], timeout: int,
+              cwd: Optional[Path] = None) -> None:
+    """Starts `world_size` gloo ranks, each running `module.worker(*args)` (module: a file of tests/), waits for
+    them (ranks still running after `timeout` s or a failure are killed) and raises AssertionError with every
+    rank's exit code and the end of its output if one failed."""
     code = (f"import faulthandler, sys; faulthandler.enable(all_threads=True); "  # a fatal signal prints the Python stacks
-            f"sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; t._dist_worker(sys.argv[1], sys.argv[2])")
+            f"sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {module} as t; t.{worker}(*sys.argv[1:])")
     logs = []
     with rank_envs(world_size) as env_of:
-        procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(argv + ["--output-dir", str(tmp / "run")]),
-                                   str(out)], env=env_of(rank), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                 for rank in range(world_size)]
+        procs = [subprocess.Popen([sys.executable, "-c", code, *args], env=env_of(rank), cwd=cwd,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(world_size)]
         try:
             for p in procs:
                 logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
@@ -297,6 +298,13 @@ def _launch(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> dict:
     if any(p.returncode != 0 for p in procs):
         raise AssertionError("a rank failed:\n" + "\n".join(f"--- rank {r}, exit code {p.returncode}:\n{l[-3000:]}"
                                                              for r, (p, l) in enumerate(zip(procs, logs))))
+
+
+def _launch(world_size: int, argv: list, tmp: Path, timeout: int = 240) -> dict:
+    """Runs `world_size` ranks of minimal_pretrain.train and returns rank 0's result."""
+    out = tmp / "result.pt"
+    run_ranks(world_size, MODULE, "_dist_worker", [json.dumps(argv + ["--output-dir", str(tmp / "run")]), str(out)],
+              timeout, cwd=tmp)
     return torch.load(out)
 
 

@@ -5,7 +5,6 @@ recompute and compiled; the load statistics are the EP group's; checkpoints resu
 and load into any other; refused layouts are one line."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -15,8 +14,8 @@ import minimal_pretrain
 from moe_stats import StatsLayout, moe_metrics
 from parallel import Topology, check_layout
 
-from helpers import (REL_TOL, _assert_checkpoints_equal, _base_argv, _ckpt_dist_argv, _launch, _reference,
-                     assert_same_run)
+from helpers import (REL_TOL, _assert_checkpoints_equal, _base_argv, _ckpt_dist_argv, _detailed_argv, _launch,
+                     _reference, _run_against_one_process, assert_same_run)
 
 EP2, EP4 = ["--expert-parallel-size", "2"], ["--expert-parallel-size", "4"]
 TP2, PP2 = ["--tensor-parallel-size", "2"], ["--pipeline-parallel-size", "2"]
@@ -71,8 +70,7 @@ def test_all_to_all_layout_matches_one_process(world_size, moe, model_flags, lay
 # group's one microbatch is then the whole step, whose counts the one-process run logs.
 # --------------------------------------------------------------------------------------------------
 def _stats_argv() -> list:
-    argv = _base_argv("mixed")
-    argv[argv.index("--moe-metrics") + 1] = "detailed"
+    argv = _detailed_argv([])
     argv[argv.index("--global-batch-size") + 1] = "4"
     return argv
 
@@ -112,12 +110,9 @@ def test_ep_group_statistics_under_tp_and_pp(world_size, flags, ep, tmp_path, tm
     PP (each stage's layers): the counts are one process's; with one EP group per stage each EP rank's received
     rows are its experts' counts of the step; the overload factors lie between the step's summed-count overload
     (a busier microbatch can only raise it) and EP."""
-    argv = _base_argv("mixed")
-    argv[argv.index("--moe-metrics") + 1] = "detailed"
-    if "ref" not in _STATS_REFERENCE:
-        _STATS_REFERENCE["ref"] = _launch(1, argv, tmp_path_factory.mktemp("ref_ep_stats"))["records"]
-    ref = _STATS_REFERENCE["ref"]
-    got = _launch(world_size, argv + flags, tmp_path)["records"]
+    ref, got = _run_against_one_process(_STATS_REFERENCE, "ep_stats", _detailed_argv([]), world_size, flags,
+                                        tmp_path, tmp_path_factory)
+    ref, got = ref["records"], got["records"]
     per_rank = 4 // ep  # experts of each EP rank
     for r, g in zip(ref, got):
         counts = g["moe/counts"]

@@ -246,7 +246,7 @@ def test_grouped_linear_matches_autograd(interpreted, dtype):
 def test_grouped_linear_falls_back_to_torch_on_the_cpu():
     """Not interpreted and on the CPU (no Triton kernel can run): torch._grouped_mm does the three products."""
     import moe_gemm
-    _grouped_linear_case(moe_gemm, torch.float32, [0, 3, 37, 16, 0, 20])
+    _grouped_linear_case(moe_gemm, torch.float32, HAND_SIZES)
 
 
 @not_in_interpreter
@@ -269,7 +269,7 @@ def test_bench_variants_pass_the_bench_check(interpreted):
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_grouped_gemm
     g = torch.Generator().manual_seed(6)
-    ends = _ends([0, 3, 37, 16, 0, 20])
+    ends = _ends(HAND_SIZES)
     M, K, N, E = int(ends[-1]), 32, 48, 6  # the bench's groups cover every row
     xs = [torch.randn(M, K, generator=g).bfloat16()]
     gs = [torch.randn(M, N, generator=g).bfloat16()]

@@ -15,7 +15,7 @@ import torch
 
 import minimal_pretrain
 
-from helpers import ROOT, TESTS, _base_argv, _launch, _reference, assert_same_run, rank_envs
+from helpers import ROOT, _base_argv, _launch, _reference, assert_same_run, run_ranks
 
 
 MODULE = Path(__file__).stem  # the worker subprocesses import this file by name
@@ -142,13 +142,7 @@ def _router_grad_worker(out_path: str, disable_fix: str) -> None:
 
 
 def _launch_router_case(tmp: Path, disable_fix: bool) -> list:
-    code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; "
-            f"t._router_grad_worker(sys.argv[1], sys.argv[2])")
-    with rank_envs(2) as env_of:
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp / "r"), "1" if disable_fix else "0"],
-                                  env=env_of(r), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-        logs = [p.communicate(timeout=120)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    run_ranks(2, MODULE, "_router_grad_worker", [str(tmp / "r"), "1" if disable_fix else "0"], timeout=120)
     return [torch.load(tmp / f"r.{r}") for r in range(2)]
 
 

@@ -7,8 +7,6 @@ not trace whole)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -23,8 +21,8 @@ from moe_layers import SparseMoE
 from moe_stats import StepStats
 from parallel import Topology
 
-from helpers import (REL_TOL, ROOT, TESTS, _close, _detailed_argv, _run_against_one_process, assert_same_run,
-                     rank_envs, tiny_cfg)
+from helpers import (REL_TOL, _close, _detailed_argv, _run_against_one_process, assert_same_run, run_ranks,
+                     tiny_cfg)
 
 MODULE = Path(__file__).stem  # the worker subprocesses import this file by name
 
@@ -346,13 +344,7 @@ def test_tp_recomputation_repeats_only_the_all_reduces_it_needs(tmp_path):
     part's closing all-reduce is not repeated: attention and moe add none, block one per layer (the attention
     projection's, whose output the feed-forward part's recomputation needs). Forward: the embedding's, 2 per
     layer, 3 for the cross-entropy; backward: 2 per dense layer, 3 per MoE layer, 1 for the LM head."""
-    code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; "
-            f"t._tp_all_reduce_worker(sys.argv[1])")
-    with rank_envs(2) as env_of:
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "calls")], env=env_of(r),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-        logs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_ranks(2, MODULE, "_tp_all_reduce_worker", [str(tmp_path / "calls")], timeout=180)
     for rank in range(2):
         calls = json.loads((tmp_path / f"calls.{rank}").read_text())
         assert calls == {"none": {"forward": 8, "backward": 6}, "attention": {"forward": 8, "backward": 6},

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +19,7 @@ from moe_stats import (StatsLayout, StepStats, held_after_events, moe_metrics, o
                        routing_metrics)
 from parallel import StepFunctions, Topology, run_schedule
 
-from helpers import ROOT, TESTS, _base_argv, _close, _launch, make_moe, rank_envs, tiny_cfg
+from helpers import _base_argv, _close, _launch, make_moe, run_ranks, tiny_cfg
 
 
 MODULE = Path(__file__).stem  # the worker subprocesses import this file by name
@@ -551,18 +549,8 @@ def _collective_count_worker(argv_json: str, out_path: str) -> None:
 
 
 def _launch_collective_count(tmp: Path, argv: list, world_size: int, timeout: int = 180) -> list:
-    code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; import {MODULE} as t; "
-            f"t._collective_count_worker(sys.argv[1], sys.argv[2])")
-    argv_json = json.dumps(argv + ["--output-dir", str(tmp / "run")])
-    with rank_envs(world_size) as env_of:
-        procs = [subprocess.Popen([sys.executable, "-c", code, argv_json, str(tmp / "c")], env=env_of(r),
-                                  cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world_size)]
-        try:
-            logs = [p.communicate(timeout=timeout)[0].decode(errors="replace") for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+    run_ranks(world_size, MODULE, "_collective_count_worker",
+              [json.dumps(argv + ["--output-dir", str(tmp / "run")]), str(tmp / "c")], timeout, cwd=tmp)
     return [torch.load(tmp / f"c.{r}") for r in range(world_size)]
 
 
